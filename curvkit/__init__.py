@@ -1,0 +1,71 @@
+"""curvkit: curvature analysis for PyTorch.
+
+Extraction of Kronecker factors, per-example gradients and diagonals in one
+backward pass; exact Hessian / GGN / Fisher operators beside their Kronecker,
+EKFAC and diagonal approximations; comparisons, spectra and plots; a K-FAC
+optimiser with block-diagonal and tri-diagonal inverses.
+
+Public names are loaded on first use, so ``import curvkit`` stays light and
+never imports matplotlib or seaborn.
+
+Example:
+    >>> import torch, curvkit as ck
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    >>> X, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    >>> rec = ck.extract(model, torch.nn.CrossEntropyLoss(), X, y, quantities=("kflr",))
+    >>> [tuple(r.A.shape) for r in rec]
+    [(5, 5), (4, 4)]
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # extraction and records
+    "extract": "curvkit.extraction",
+    "Records": "curvkit.records",
+    "LayerRecord": "curvkit.records",
+    # errors
+    "CurvkitError": "curvkit.errors",
+    "UnsupportedModuleError": "curvkit.errors",
+    "UnsupportedLossError": "curvkit.errors",
+    # operators
+    "CurvatureOperator": "curvkit.operators.base",
+    "DenseOperator": "curvkit.operators.base",
+    "hessian": "curvkit.operators.exact",
+    "ggn": "curvkit.operators.exact",
+    "fisher": "curvkit.operators.exact",
+    "empirical_fisher": "curvkit.operators.exact",
+    "kfac": "curvkit.operators.kronecker",
+    "ekfac": "curvkit.operators.ekfac",
+    "diag_ggn": "curvkit.operators.diagonal",
+    "diag_hessian": "curvkit.operators.diagonal",
+    # comparison and spectra
+    "compare": "curvkit.metrics",
+    "eigenvalues": "curvkit.spectral",
+    "eigenvectors": "curvkit.spectral",
+    "spectral_density": "curvkit.spectral",
+    "trace": "curvkit.spectral",
+    "diagonal": "curvkit.spectral",
+    "memory_report": "curvkit.memory",
+}
+_SUBMODULES = ("problems", "optim", "operators", "extraction", "plotting", "metrics", "spectral")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = import_module(f"curvkit.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'curvkit' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,164 @@
+r"""Plain records of what one extraction pass returns.
+
+Conventions (stated once, used everywhere; see ``docs/conventions.md``):
+
+- **Parameter order.** The parameters of a layer are ``[weight, bias]`` (bias
+  only when present and trainable). A flat vector is the concatenation of
+  ``p.flatten()`` (row-major) over ``records.params`` in that order.
+- **Loss scaling.** The loss is :math:`L = R\sum_n \ell_n` with :math:`R = 1/N`
+  for ``reduction="mean"`` and :math:`R = 1` for ``"sum"``. Every matrix carries
+  the same :math:`R`.
+- **Kronecker factors.** A layer's curvature block over the row-major
+  vectorisation of the joint matrix :math:`\bar W = [W, b]` (shape
+  ``[out, in + 1]``; ``[out, in]`` without bias or with ``separate_bias=True``)
+  is approximated by :math:`G \otimes A` (output factor first, PyTorch's
+  flatten order) with
+
+  .. math::
+     A = R \sum_n \bar a_n \bar a_n^\top, \qquad
+     G = \frac{1}{N} \sum_n \sum_c s_{n,c} s_{n,c}^\top,
+
+  where :math:`\bar a_n = [a_n; 1]` and :math:`s_{n,c}` are output gradients of
+  the *unreduced* per-example loss :math:`\ell_n` (MC samples, columns of the
+  loss Hessian's square root, or the true-label gradient, depending on the
+  kind). With ``separate_bias=True`` the bias block is
+  :math:`G \cdot (R \sum_n 1)` and ``A`` has no homogeneous coordinate.
+- **Conv layers** (KFC). ``A`` sums the unfolded patches over output locations
+  :math:`t` ("expand") and ``G`` averages over them; "reduce" averages the
+  patches and sums the gradients over :math:`t` before the outer products.
+- **Cross factors** between consecutive layers :math:`l, l+1` carry the same
+  normalisation: :math:`A_{l,l+1} = R\sum_n \bar a^{(l)}_n \bar a^{(l+1)\top}_n`,
+  :math:`G_{l,l+1} = \frac1N \sum_n\sum_c s^{(l)}_{n,c} s^{(l+1)\top}_{n,c}`, so
+  that :math:`G_{l,l+1}\otimes A_{l,l+1}` approximates the off-diagonal block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+#: Kinds of output-gradient factor ``G``.
+FACTOR_KINDS = ("kfac", "kflr", "kfra", "empirical")
+
+
+@dataclass
+class LayerRecord:
+    """What one extraction pass returns for one parametrised layer.
+
+    Attributes:
+        name: Qualified module name inside the model (``"3"``, ``"enc.0"``).
+        module: The layer itself (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``).
+        position: Index of the layer among the model's parametrised layers.
+        params: The layer's trainable parameters in flat order ``[weight, bias]``.
+        has_bias: Whether ``params`` contains a bias.
+        separate_bias: ``False``: ``A`` has the homogeneous coordinate and the
+            Kronecker block covers weight and bias jointly; ``True``: ``A`` is
+            the weight-only factor and the bias block is ``G * bias_scale``.
+        bias_scale: :math:`R\sum_n 1` (times :math:`|T|` for conv "expand"):
+            the scalar "A" of a separate bias block.
+        A: Input factor, ``[in(+1), in(+1)]`` (``in = C_in * prod(kernel)`` for conv).
+        G: Output-gradient factors by kind (``"kfac"``, ``"kflr"``, ``"kfra"``,
+            ``"empirical"``), each ``[out, out]``.
+        batch_grad: Per-example gradients, one tensor ``[N, *p.shape]`` per
+            parameter, summing over the batch to the gradient of the loss
+            (BackPACK's convention: they include the factor :math:`R`).
+        diag_ggn, diag_ggn_mc, diag_hessian: Diagonals, shaped like ``params``.
+        cross_A: :math:`A_{l,l+1}` to the next layer, or ``None`` where the
+            pair has no cross factor (see ``cross_reason``).
+        cross_G: :math:`G_{l,l+1}` by kind, ``[out_l, out_{l+1}]``.
+        cross_reason: Why there is no cross factor to the next layer, if none.
+    """
+
+    name: str
+    module: nn.Module
+    position: int
+    params: list[Tensor]
+    has_bias: bool
+    separate_bias: bool = False
+    bias_scale: float = 1.0
+    A: Tensor | None = None
+    G: dict[str, Tensor] = field(default_factory=dict)
+    batch_grad: list[Tensor] | None = None
+    diag_ggn: list[Tensor] | None = None
+    diag_ggn_mc: list[Tensor] | None = None
+    diag_hessian: list[Tensor] | None = None
+    cross_A: Tensor | None = None
+    cross_G: dict[str, Tensor] = field(default_factory=dict)
+    cross_reason: str | None = None
+
+    @property
+    def numel(self) -> int:
+        """Number of trainable parameters of the layer."""
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def out_features(self) -> int:
+        """Rows of the layer's weight matrix (``out`` or ``C_out``)."""
+        return self.params[0].shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Columns of the flattened weight matrix (``in`` or ``C_in * prod(kernel)``)."""
+        return self.params[0][0].numel()
+
+    @property
+    def joint(self) -> bool:
+        """Whether the Kronecker block covers weight and bias jointly."""
+        return self.has_bias and not self.separate_bias
+
+
+@dataclass
+class Records:
+    """Per-layer records of one extraction pass, in forward order.
+
+    Attributes:
+        layers: One :class:`LayerRecord` per parametrised layer, forward order.
+        loss: The loss value of the pass (detached).
+        batch_size: ``N``.
+        reduction_factor: ``R`` (``1/N`` for mean, ``1`` for sum).
+        kfac_approx: ``"expand"`` or ``"reduce"`` (conv layers).
+        mc_samples: Monte Carlo samples used for ``"kfac"`` / ``"diag_ggn_mc"``.
+    """
+
+    layers: list[LayerRecord]
+    loss: Tensor
+    batch_size: int
+    reduction_factor: float
+    kfac_approx: str = "expand"
+    mc_samples: int = 1
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> LayerRecord:
+        return self.layers[i]
+
+    @property
+    def params(self) -> list[Tensor]:
+        """All trainable parameters, in the flat order of every operator."""
+        return [p for rec in self.layers for p in rec.params]
+
+    def summary(self) -> list[dict]:
+        """One row per layer: shapes and traces of what was extracted."""
+        rows = []
+        for rec in self.layers:
+            row = {
+                "layer": rec.name,
+                "type": type(rec.module).__name__,
+                "params": rec.numel,
+            }
+            if rec.A is not None:
+                row["A"] = tuple(rec.A.shape)
+                row["tr A"] = float(torch.trace(rec.A))
+            for kind, G in rec.G.items():
+                row[f"G[{kind}]"] = tuple(G.shape)
+                row[f"tr G[{kind}]"] = float(torch.trace(G))
+            if rec.cross_A is not None:
+                row["cross"] = f"A{tuple(rec.cross_A.shape)}"
+            rows.append(row)
+        return rows
