@@ -22,11 +22,16 @@ def as_batches(data) -> list[tuple[Tensor, Tensor]]:
     Raises:
         ShapeError: If ``data`` is neither form, or is empty.
     """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+    ):
         return [(data[0], data[1])]
     if not isinstance(data, Iterable):
         raise ShapeError(
-            f"data must be an (X, y) tuple or an iterable of (X, y) batches, got {type(data).__name__}."
+            "data must be an (X, y) tuple or an iterable of (X, y) batches, "
+            f"got {type(data).__name__}."
         )
     batches = []
     for i, batch in enumerate(data):

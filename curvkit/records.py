@@ -45,7 +45,7 @@ FACTOR_KINDS = ("kfac", "kflr", "kfra", "empirical")
 
 @dataclass
 class LayerRecord:
-    """What one extraction pass returns for one parametrised layer.
+    r"""What one extraction pass returns for one parametrised layer.
 
     Attributes:
         name: Qualified module name inside the model (``"3"``, ``"enc.0"``).

@@ -77,13 +77,17 @@ class CurvatureOperator:
         return out
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        return (
+            f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        )
 
     # -- products ------------------------------------------------------------------
     def matmat(self, X: Tensor) -> Tensor:
         """Multiply a ``[D, k]`` matrix; counts ``k`` matrix-vector products."""
         if X.ndim != 2 or X.shape[0] != self.dim:
-            raise ShapeError(f"{type(self).__name__}: expected a [{self.dim}, k] matrix, got {tuple(X.shape)}.")
+            raise ShapeError(
+                f"{type(self).__name__}: expected a [{self.dim}, k] matrix, got {tuple(X.shape)}."
+            )
         X = X.to(device=self.device, dtype=self.dtype)
         self.matvecs += X.shape[1]
         return self._matmat(X)
@@ -107,16 +111,22 @@ class CurvatureOperator:
     def _matmul_list(self, xs: list[Tensor]) -> list[Tensor]:
         if len(xs) != len(self.param_shapes):
             raise ShapeError(
-                f"Expected {len(self.param_shapes)} tensors shaped like the parameters, got {len(xs)}."
+                f"Expected {len(self.param_shapes)} tensors shaped like the parameters, "
+                f"got {len(xs)}."
             )
         batched = xs[0].shape != self.param_shapes[0]
         for x, s in zip(xs, self.param_shapes):
             if (x.shape[:-1] if batched else x.shape) != s:
-                raise ShapeError(f"List entry of shape {tuple(x.shape)} does not match parameter {tuple(s)}.")
+                raise ShapeError(
+                    f"List entry of shape {tuple(x.shape)} does not match parameter {tuple(s)}."
+                )
         k = xs[0].shape[-1] if batched else 1
         X = torch.cat([x.reshape(-1, k) for x in xs])
         Y = self.matmat(X)
-        out = [y.reshape(*s, k) if batched else y.reshape(s) for y, s in zip(Y.split(self.param_numels), self.param_shapes)]
+        out = [
+            y.reshape(*s, k) if batched else y.reshape(s)
+            for y, s in zip(Y.split(self.param_numels), self.param_shapes)
+        ]
         return out
 
     # -- composition ---------------------------------------------------------------
@@ -169,8 +179,12 @@ class _Composite(CurvatureOperator):
         first = ops[0]
         for op in ops[1:]:
             if op.shape != first.shape:
-                raise ShapeError(f"Cannot combine operators of shapes {first.shape} and {op.shape}.")
-        super().__init__(first.param_shapes, first.dtype, first.device, first.block_sizes, first.block_names)
+                raise ShapeError(
+                    f"Cannot combine operators of shapes {first.shape} and {op.shape}."
+                )
+        super().__init__(
+            first.param_shapes, first.dtype, first.device, first.block_sizes, first.block_names
+        )
         self.ops = ops
 
 
@@ -224,9 +238,13 @@ class DenseOperator(CurvatureOperator):
         return self.matrix @ X
 
     def to_dense(self, chunk_size: int = 512) -> Tensor:
+        """A copy of the stored matrix."""
         return self.matrix.clone()
 
     def inverse(self, damping: float = 0.0, **kwargs) -> DenseOperator:
+        """``(M + damping * I)^{-1}`` by a dense solve."""
         eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
         inv = torch.linalg.inv(self.matrix + damping * eye)
-        return DenseOperator(inv, self.param_shapes, block_sizes=self.block_sizes, block_names=self.block_names)
+        return DenseOperator(
+            inv, self.param_shapes, block_sizes=self.block_sizes, block_names=self.block_names
+        )
