@@ -1,0 +1,6 @@
+"""Optimisers: K-FAC (block-diagonal and tri-diagonal) and the exact natural-gradient reference."""
+
+from curvkit.optim.kfac import KFAC
+from curvkit.optim.preconditioner import KroneckerPreconditioner
+
+__all__ = ["KFAC", "KroneckerPreconditioner"]

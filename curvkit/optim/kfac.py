@@ -1,0 +1,410 @@
+r"""K-FAC optimiser (Martens & Grosse 2015) with block-diagonal and tri-diagonal inverses.
+
+One step (M&G Algorithm 2, §5–§7):
+
+1. the closure's forward pass is captured (inputs and targets), and one
+   extraction pass (:func:`curvkit.extract`) returns the gradient and, every
+   ``T_cov`` steps, the Kronecker statistics, folded into moving averages;
+2. every ``T_inv`` steps the damped inverse is rebuilt (factored Tikhonov with
+   :math:`\gamma^2 = \lambda + \eta`, or exact eigen-based Tikhonov);
+3. the proposal :math:`\Delta = -\hat F^{-1}\nabla h` (with :math:`\ell_2` term
+   :math:`\eta\theta` in :math:`\nabla h`);
+4. either M&G §7: :math:`\delta = \alpha\Delta + \mu\delta_0` minimising the exact
+   quadratic model :math:`M(\delta) = \tfrac12\delta^\top(F + (\lambda+\eta)I)\delta
+   + \nabla h^\top\delta` with GGN-vector products on the current batch; or a fixed
+   learning rate with momentum (optionally KL-clipped, Ba et al. 2017);
+5. every ``T1`` steps the Levenberg–Marquardt rule adapts :math:`\lambda` from
+   :math:`\rho = (h(\theta+\delta) - h(\theta)) / M(\delta)` (M&G §6.5).
+
+A step whose loss, gradient or update is not finite is rejected: parameters stay
+as they were, :math:`\lambda` is raised and the event is recorded in
+:attr:`KFAC.events`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.errors import ShapeError
+from curvkit.optim import damping as dm
+from curvkit.optim.capture import capture_batch
+from curvkit.optim.preconditioner import KroneckerPreconditioner
+
+KINDS = ("kfac", "kflr", "empirical")
+FALLBACKS = ("sgd", "adam")
+
+
+class KFAC(torch.optim.Optimizer):
+    r"""K-FAC for ``nn.Sequential`` models of Linear / Conv layers.
+
+    Args:
+        model: The model (an ``nn.Sequential`` the extraction supports).
+        loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``.
+        params: Parameters or parameter groups (default: the model's trainable
+            parameters). A layer's weight and bias must sit in the same group.
+        structure: ``"block-diagonal"`` or ``"tridiagonal"``.
+        kind: Statistics: ``"kfac"`` (sampled labels; M&G), ``"kflr"`` (exact
+            GGN square root), ``"empirical"`` (true labels).
+        lr: ``None`` selects M&G §7's automatic step (:math:`\alpha`, :math:`\mu`
+            from the exact quadratic model); a float uses a fixed learning rate
+            with ``momentum`` (per parameter group).
+        momentum: Heavy-ball momentum of the fixed-lr mode.
+        damping: Initial :math:`\lambda` (M&G start at 150 for their autoencoders,
+            their value relates to the sum-reduced loss; ``1e-3`` suits mean losses).
+        damping_mode: ``"factored"`` (M&G §6.3) or ``"exact"`` (block-diagonal only).
+        adapt_damping: Levenberg–Marquardt adaptation of :math:`\lambda`
+            (default: on in the automatic mode, off with a fixed ``lr``).
+        T_cov: Steps between statistics updates (M&G: 1).
+        T_inv: Steps between inverse rebuilds (M&G: 20).
+        T1: Steps between damping adaptations (M&G: 5).
+        T2: Steps between :math:`\gamma` re-selections (M&G §6.6: 20); ``None`` uses
+            :math:`\gamma = \sqrt{\lambda + \eta}` always.
+        ema_max: Largest moving-average decay (M&G: 0.95).
+        mc_samples: Sampled labels per example for ``kind="kfac"``.
+        stats_fraction: Fraction of the batch the statistics come from (M&G use 1/8
+            of large batches); the gradient always uses the whole batch.
+        l2: :math:`\eta`, an :math:`\ell_2` term added to the objective (M&G §6.1).
+        weight_decay: Decoupled weight decay :math:`\theta \leftarrow \theta(1 -
+            \text{lr}\cdot\text{wd})` (per group; ``lr`` is 1 in the automatic mode).
+        kl_clip: KL-clipping bound :math:`\kappa` of the fixed-lr mode (Ba et al. 2017).
+        min_damping, max_damping: Bounds of :math:`\lambda`.
+        factor_dtype: Type of factors and inverses (float32 or float64).
+        seed: Seed of the label sampling.
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator ...>
+        >>> nn = torch.nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> loss_func = torch.nn.CrossEntropyLoss()
+        >>> X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> opt = ck.optim.KFAC(model, loss_func, damping=1e-2)
+        >>> losses = [float(opt.step(lambda: loss_func(model(X), y))) for _ in range(10)]
+        >>> losses[-1] < losses[0]
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: nn.Module,
+        params=None,
+        *,
+        structure: str = "block-diagonal",
+        kind: str = "kfac",
+        lr: float | None = None,
+        momentum: float = 0.0,
+        damping: float = 1e-3,
+        damping_mode: str = "factored",
+        adapt_damping: bool | None = None,
+        T_cov: int = 1,
+        T_inv: int = 20,
+        T1: int = 5,
+        T2: int | None = None,
+        ema_max: float = 0.95,
+        mc_samples: int = 1,
+        stats_fraction: float = 1.0,
+        l2: float = 0.0,
+        weight_decay: float = 0.0,
+        kl_clip: float | None = None,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e6,
+        factor_dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ):
+        if kind not in KINDS:
+            raise ShapeError(f"KFAC: kind={kind!r} is not supported; use one of {KINDS}.")
+        for name, value in [
+            ("T_cov", T_cov),
+            ("T_inv", T_inv),
+            ("T1", T1),
+            ("mc_samples", mc_samples),
+        ]:
+            if int(value) != value or value < 1:
+                raise ShapeError(f"KFAC: {name} must be a positive integer, got {value!r}.")
+        if T2 is not None and (int(T2) != T2 or T2 < 1):
+            raise ShapeError(f"KFAC: T2 must be a positive integer or None, got {T2!r}.")
+        if not 0.0 < stats_fraction <= 1.0:
+            raise ShapeError(f"KFAC: stats_fraction must lie in (0, 1], got {stats_fraction}.")
+        if damping <= 0:
+            raise ShapeError(f"KFAC: damping must be positive, got {damping}.")
+        if lr is not None and lr <= 0:
+            raise ShapeError(f"KFAC: lr must be positive or None (automatic step), got {lr}.")
+        if factor_dtype not in (torch.float32, torch.float64):
+            raise ShapeError(f"KFAC: factor_dtype must be float32 or float64, got {factor_dtype}.")
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip)
+        super().__init__(params, defaults)
+        if lr is None and len(self.param_groups) > 1:
+            groups_lr = {g["lr"] for g in self.param_groups}
+            if groups_lr != {None}:
+                raise ShapeError(
+                    "KFAC: the automatic step (lr=None) sets one step for all parameters; "
+                    "give every parameter group lr=None or use a fixed lr."
+                )
+        self.model = model
+        self.loss_func = loss_func
+        self.kind = kind
+        self.structure = structure
+        self.damping_mode = damping_mode
+        self.mc_samples = mc_samples
+        self.stats_fraction = stats_fraction
+        self.T_cov, self.T_inv, self.T1, self.T2 = T_cov, T_inv, T1, T2
+        self.l2 = l2
+        self.min_damping, self.max_damping = min_damping, max_damping
+        self.adapt_damping = (lr is None) if adapt_damping is None else adapt_damping
+        self.preconditioner = KroneckerPreconditioner(
+            structure, kind, damping_mode, ema_max, factor_dtype
+        )
+        self.generator = torch.Generator(device=_device_of(model)).manual_seed(seed)
+        self.state["kfac"] = {
+            "step": 0,
+            "damping": float(damping),
+            "gamma": math.sqrt(damping + l2),
+            "last_rho": float("nan"),
+        }
+        self.events: list[dict] = []
+        self.timers: dict[str, float] = defaultdict(float)
+
+    # -- public --------------------------------------------------------------------------
+    @property
+    def damping(self) -> float:
+        r"""Current :math:`\lambda`."""
+        return self.state["kfac"]["damping"]
+
+    @property
+    def gamma(self) -> float:
+        r"""Current :math:`\gamma` (the inverse uses damping :math:`\gamma^2`)."""
+        return self.state["kfac"]["gamma"]
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # noqa: C901
+        """One K-FAC step.
+
+        Args:
+            closure: Runs the model's forward pass on one batch and returns the loss,
+                e.g. ``lambda: loss_func(model(X), y)``. It must not call ``backward``;
+                it may be called a second time (under ``torch.no_grad``) to measure
+                the reduction ratio.
+
+        Returns:
+            The loss before the step.
+        """
+        st = self.state["kfac"]
+        k = st["step"] + 1
+        with self._timer("capture"):
+            X, y = capture_batch(self.model, self.loss_func, closure)
+        stats = (k - 1) % self.T_cov == 0 or self.preconditioner.updates == 0
+        records, stats_records, stats_scale = self._extract(X, y, stats)
+        loss = records.loss
+        params = records.params
+        grads = [p.grad for p in params]
+        if not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in grads):
+            return self._reject(k, loss, "non-finite loss or gradient")
+        if stats:
+            try:
+                with self._timer("factors"):
+                    self.preconditioner.update(stats_records, stats_scale)
+            except FloatingPointError as err:
+                return self._reject(k, loss, str(err))
+        if (k - 1) % self.T_inv == 0 or self.preconditioner.inverse is None:
+            self._refresh()
+        with self._timer("precondition"):
+            flat_p = torch.cat([p.detach().reshape(-1) for p in params])
+            flat_g = torch.cat([g.reshape(-1) for g in grads])
+            if self.l2:
+                flat_g = flat_g + self.l2 * flat_p
+            proposal = -self.preconditioner.apply(flat_g)
+        automatic = self.param_groups[0]["lr"] is None
+        if automatic:
+            with self._timer("quadratic_model"):
+                update, model_change = self._automatic_update(X, y, params, flat_g, proposal)
+        else:
+            update, model_change = self._fixed_lr_update(params, flat_g, proposal), None
+        if not bool(torch.isfinite(update).all()):
+            return self._reject(k, loss, "non-finite update")
+        self._apply(params, update)
+        st["step"] = k
+        if automatic:
+            st["prev_update"] = update
+        if self.adapt_damping and model_change is not None and k % self.T1 == 0:
+            with self._timer("rho"), torch.no_grad():
+                new_loss = float(closure())
+            rho = dm.reduction_ratio(new_loss, float(loss), model_change)
+            st["last_rho"] = rho
+            st["damping"] = dm.levenberg_marquardt(
+                st["damping"], rho, dm.lm_omega(self.T1), self.min_damping, self.max_damping
+            )
+            if self.T2 is None:
+                st["gamma"] = math.sqrt(st["damping"] + self.l2)
+        return loss
+
+    # -- pieces --------------------------------------------------------------------------
+    def _extract(self, X: Tensor, y: Tensor, stats: bool):
+        """Gradient of the whole batch and, if ``stats``, statistics of a fraction of it.
+
+        Returns:
+            ``(records, stats_records, scale)``; ``stats_records`` is ``None`` without
+            statistics, ``scale`` rescales a subset's sum-reduced factors to the batch.
+        """
+        from curvkit.extraction import extract
+
+        with self._timer("extraction"):
+            for p in self._all_params():
+                p.grad = None
+            N = X.shape[0]
+            n_stats = max(1, int(round(self.stats_fraction * N)))
+            quantities = self.preconditioner.quantities if stats else ()
+            kwargs = dict(mc_samples=self.mc_samples, generator=self.generator)
+            if not stats or n_stats == N:
+                rec = extract(self.model, self.loss_func, X, y, quantities=quantities, **kwargs)
+                return rec, (rec if stats else None), 1.0
+            full = extract(self.model, self.loss_func, X, y, quantities=())
+            grads = [p.grad for p in full.params]
+            for p in full.params:
+                p.grad = None
+            sub = extract(
+                self.model,
+                self.loss_func,
+                X[:n_stats],
+                y[:n_stats],
+                quantities=quantities,
+                **kwargs,
+            )
+            for p, g in zip(full.params, grads):
+                p.grad = g
+            scale = (full.reduction_factor * N) / (sub.reduction_factor * n_stats)
+            return full, sub, scale
+
+    def _refresh(self) -> None:
+        with self._timer("inverses"):
+            gamma = self.state["kfac"]["gamma"]
+            self.preconditioner.refresh(gamma**2)
+            if self.preconditioner.fallback_pairs and not getattr(self, "_warned_pairs", False):
+                warnings.warn(
+                    "KFAC(structure='tridiagonal'): no cross factors between "
+                    + ", ".join(
+                        f"{a}->{b} ({why})" for a, b, why in self.preconditioner.fallback_pairs
+                    )
+                    + "; these pairs are treated block-diagonally.",
+                    stacklevel=3,
+                )
+                self._warned_pairs = True
+
+    def _automatic_update(self, X, y, params, flat_g, proposal):
+        from curvkit.operators.exact import ggn
+
+        st = self.state["kfac"]
+        prev = st.get("prev_update")
+        vecs = [proposal] if prev is None else [proposal, prev]
+        G = ggn(self.model, self.loss_func, (X, y), params=params)
+        V = torch.stack(vecs, 1)
+        CV = G.matmat(V) + (st["damping"] + self.l2) * V
+        dCd = float(proposal @ CV[:, 0])
+        gd = float(flat_g @ proposal)
+        if prev is None:
+            q = dm.solve_alpha_mu(dCd, 0.0, 0.0, gd, 0.0, False)
+        else:
+            q = dm.solve_alpha_mu(
+                dCd,
+                float(proposal @ CV[:, 1]),
+                float(prev @ CV[:, 1]),
+                gd,
+                float(flat_g @ prev),
+                True,
+            )
+        update = q.alpha * proposal if prev is None else q.alpha * proposal + q.mu * prev
+        return update, q.model_change
+
+    def _fixed_lr_update(self, params, flat_g, proposal):
+        sizes = [p.numel() for p in params]
+        chunks = proposal.split(sizes)
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        out = []
+        kl = self.param_groups[0]["kl_clip"]
+        nu = 1.0
+        if kl is not None:
+            lr = self.param_groups[0]["lr"]
+            nu = dm.kl_clip_factor(lr, float(flat_g @ proposal), kl)
+        for p, d in zip(params, chunks):
+            group = group_of[p]
+            d = d.view_as(p) * nu
+            if group["momentum"]:
+                buf = self.state[p].get("momentum_buffer")
+                buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
+                self.state[p]["momentum_buffer"] = buf
+                d = buf
+            out.append((group["lr"] * d).reshape(-1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _apply(self, params, update: Tensor) -> None:
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        for p, d in zip(params, update.split([p.numel() for p in params])):
+            group = group_of[p]
+            if group["weight_decay"]:
+                p.mul_(1 - (group["lr"] or 1.0) * group["weight_decay"])
+            p.add_(d.view_as(p))
+
+    def _reject(self, k: int, loss: Tensor, reason: str) -> Tensor:
+        st = self.state["kfac"]
+        st["damping"] = min(st["damping"] / dm.lm_omega(self.T1), self.max_damping)
+        st["gamma"] = math.sqrt(st["damping"] + self.l2)
+        st["step"] = k
+        st.pop("prev_update", None)
+        for p in self._all_params():
+            p.grad = None
+        self.events.append(
+            {"step": k, "event": "rejected", "reason": reason, "damping": st["damping"]}
+        )
+        if self.preconditioner.layers:
+            self._refresh()
+        return loss
+
+    def _all_params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _timer(self, phase: str):
+        return _Timer(self.timers, phase)
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Parameter state, step counters, damping, factors, inverses and the sampler's RNG."""
+        sd = super().state_dict()
+        sd["preconditioner"] = self.preconditioner.state_dict()
+        sd["generator"] = self.generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict` so that training continues bit for bit on CPU."""
+        state_dict = dict(state_dict)
+        pre = state_dict.pop("preconditioner")
+        gen = state_dict.pop("generator")
+        super().load_state_dict(state_dict)
+        self.preconditioner.load_state_dict(pre)
+        self.generator.set_state(gen)
+
+
+class _Timer:
+    def __init__(self, timers, phase):
+        self.timers, self.phase = timers, phase
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timers[self.phase] += time.perf_counter() - self.t0
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

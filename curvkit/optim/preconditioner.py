@@ -1,0 +1,186 @@
+r"""Kronecker preconditioner: moving averages of factors and their damped inverses.
+
+The preconditioner owns no model: it folds :class:`~curvkit.records.Records` of
+successive batches into exponential moving averages (M&G §5), rebuilds the damped
+inverse from the averages on request (M&G §6.3 factored Tikhonov, or exact
+eigen-based Tikhonov), and applies it to flat gradients. Its state is plain
+tensors and numbers, so ``torch.save`` with ``weights_only=True`` can store it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvkit.errors import ShapeError
+from curvkit.operators.kronecker import BlockDiagonalKFAC, KronEigenOperator, KronLayer
+from curvkit.records import Records
+
+STRUCTURES = ("block-diagonal", "tridiagonal")
+
+
+class KroneckerPreconditioner:
+    r"""EMA Kronecker factors of the layers one extraction pass covers, and their inverse.
+
+    Args:
+        structure: ``"block-diagonal"`` (M&G §4.2) or ``"tridiagonal"`` (M&G §4.3).
+        kind: Factor kind read from the records (``"kfac"``, ``"kflr"``, ``"empirical"``).
+        damping_mode: ``"factored"`` (M&G §6.3, π-scaled) or ``"exact"``
+            (:math:`(G\otimes A + \gamma^2 I)^{-1}`; block-diagonal only).
+        ema_max: :math:`\varepsilon_{\max}` of the decay :math:`\min(1 - 1/k, \varepsilon_{\max})`.
+        factor_dtype: Type the factors and inverses are kept in.
+    """
+
+    def __init__(
+        self,
+        structure: str = "block-diagonal",
+        kind: str = "kfac",
+        damping_mode: str = "factored",
+        ema_max: float = 0.95,
+        factor_dtype: torch.dtype = torch.float32,
+    ):
+        if structure not in STRUCTURES:
+            raise ShapeError(f"structure={structure!r} is not supported; use one of {STRUCTURES}.")
+        if structure == "tridiagonal" and damping_mode != "factored":
+            raise ShapeError(
+                "structure='tridiagonal' uses M&G's factored damping of the diagonal factors; "
+                "damping_mode='exact' exists for 'block-diagonal' only."
+            )
+        self.structure = structure
+        self.kind = kind
+        self.damping_mode = damping_mode
+        self.ema_max = ema_max
+        self.factor_dtype = factor_dtype
+        self.layers: list[KronLayer] = []
+        self.A: list[Tensor] = []
+        self.G: list[Tensor] = []
+        self.cross_A: list[Tensor | None] = []
+        self.cross_G: list[Tensor | None] = []
+        self.bias_scale: list[float] = []
+        self.updates = 0
+        self.inverse: KronEigenOperator | None = None
+        self.inverse_damping: float | None = None
+        self.fallback_pairs: list[tuple[str, str, str]] = []
+
+    @property
+    def quantities(self) -> tuple[str, ...]:
+        """What an extraction pass must return for this preconditioner."""
+        return (self.kind, "cross") if self.structure == "tridiagonal" else (self.kind,)
+
+    # -- statistics ----------------------------------------------------------------------
+    def update(self, records: Records, scale: float = 1.0) -> None:
+        r"""Fold one batch's factors into the averages.
+
+        Args:
+            records: An extraction pass with factors of :attr:`kind` (and cross factors
+                for the tri-diagonal structure).
+            scale: Multiplies the batch's ``A`` (and bias scale), e.g. ``N / N_s`` when the
+                statistics come from ``N_s`` of ``N`` examples under ``reduction="sum"``.
+
+        Raises:
+            FloatingPointError: If the batch's factors are not finite (the averages
+                are left unchanged).
+        """
+        layers = [KronLayer.from_record(r) for r in records]
+        if self.layers and layers != self.layers:
+            raise ShapeError("The layers of this extraction differ from the earlier ones.")
+        new_A = [scale * r.A.to(self.factor_dtype) for r in records]
+        new_G = [r.G[self.kind].to(self.factor_dtype) for r in records]
+        new_cA, new_cG = [], []
+        if self.structure == "tridiagonal":
+            for r in records:
+                ok = r.cross_A is not None and self.kind in r.cross_G
+                new_cA.append(scale * r.cross_A.to(self.factor_dtype) if ok else None)
+                new_cG.append(r.cross_G[self.kind].to(self.factor_dtype) if ok else None)
+        tensors = new_A + new_G + [t for t in new_cA + new_cG if t is not None]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise FloatingPointError("Non-finite Kronecker factors in this batch.")
+        self.updates += 1
+        decay = min(1.0 - 1.0 / self.updates, self.ema_max)
+        if not self.layers:
+            self.layers = layers
+            self.A, self.G = new_A, new_G
+            self.cross_A, self.cross_G = new_cA, new_cG
+            self.bias_scale = [scale * r.bias_scale for r in records]
+            return
+        _ema(self.A, new_A, decay)
+        _ema(self.G, new_G, decay)
+        if self.structure == "tridiagonal":
+            _ema(self.cross_A, new_cA, decay)
+            _ema(self.cross_G, new_cG, decay)
+        self.bias_scale = [
+            decay * s + (1 - decay) * scale * r.bias_scale for s, r in zip(self.bias_scale, records)
+        ]
+
+    # -- inverse -------------------------------------------------------------------------
+    def refresh(self, damping: float) -> None:
+        r"""Rebuild the inverse from the current averages with damping :math:`\gamma^2`.
+
+        Args:
+            damping: The damping the inverse applies (M&G's :math:`\gamma^2`).
+        """
+        if not self.layers:
+            raise RuntimeError("refresh() before any statistics update.")
+        if self.structure == "block-diagonal":
+            op = BlockDiagonalKFAC(self.layers, self.A, self.G, self.bias_scale)
+            self.inverse = op.inverse(damping=damping, damping_mode=self.damping_mode)
+        else:
+            from curvkit.operators.tridiag import TriDiagonalKFAC
+
+            op = TriDiagonalKFAC(
+                self.layers, self.A, self.G, self.cross_A[:-1], self.cross_G[:-1], self.bias_scale
+            )
+            self.inverse = op.inverse(damping=damping)
+            self.fallback_pairs = list(getattr(op, "fallback_pairs", []))
+        self.inverse_damping = damping
+
+    def apply(self, grad: Tensor) -> Tensor:
+        """``F̂⁻¹ g`` for a flat gradient of the covered parameters, in the gradient's dtype."""
+        if self.inverse is None:
+            raise RuntimeError("apply() before refresh().")
+        return (
+            self.inverse.matmat(grad.to(self.factor_dtype).unsqueeze(1)).squeeze(1).to(grad.dtype)
+        )
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Factors, counters and the current inverse as tensors, lists and numbers."""
+        return {
+            "layers": [
+                (la.name, list(la.weight_shape), la.has_bias, la.separate_bias)
+                for la in self.layers
+            ],
+            "A": self.A,
+            "G": self.G,
+            "cross_A": self.cross_A,
+            "cross_G": self.cross_G,
+            "bias_scale": self.bias_scale,
+            "updates": self.updates,
+            "inverse": None if self.inverse is None else self.inverse.state_dict(),
+            "inverse_damping": self.inverse_damping,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.layers = [KronLayer(n, torch.Size(s), b, sb) for n, s, b, sb in state["layers"]]
+        self.A, self.G = list(state["A"]), list(state["G"])
+        self.cross_A, self.cross_G = list(state["cross_A"]), list(state["cross_G"])
+        self.bias_scale = list(state["bias_scale"])
+        self.updates = state["updates"]
+        self.inverse_damping = state["inverse_damping"]
+        self.inverse = None
+        if state["inverse"] is not None:
+            if self.structure == "block-diagonal":
+                self.inverse = KronEigenOperator.from_state_dict(self.layers, state["inverse"])
+            else:
+                from curvkit.operators.tridiag import TriDiagonalInverse
+
+                self.inverse = TriDiagonalInverse.from_state_dict(self.layers, state["inverse"])
+
+
+def _ema(avg: list, new: list, decay: float) -> None:
+    for i, (a, n) in enumerate(zip(avg, new)):
+        if a is None or n is None:
+            avg[i] = None
+        else:
+            a.mul_(decay).add_(n, alpha=1.0 - decay)
