@@ -48,9 +48,24 @@ _EXPORTS = {
     "spectral_density": "curvkit.spectral",
     "trace": "curvkit.spectral",
     "diagonal": "curvkit.spectral",
+    "lambda_max": "curvkit.spectral",
+    "lambda_min": "curvkit.spectral",
+    "condition_number": "curvkit.spectral",
+    "effective_rank": "curvkit.spectral",
+    "logdet": "curvkit.spectral",
     "memory_report": "curvkit.memory",
+    "CurvatureTracker": "curvkit.tracking",
 }
-_SUBMODULES = ("problems", "optim", "operators", "extraction", "plotting", "metrics", "spectral")
+_SUBMODULES = (
+    "problems",
+    "optim",
+    "operators",
+    "extraction",
+    "plotting",
+    "metrics",
+    "spectral",
+    "tracking",
+)
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
