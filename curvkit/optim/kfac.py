@@ -217,18 +217,20 @@ class KFAC(torch.optim.Optimizer):
                 return self._reject(k, loss, str(err))
         if (k - 1) % self.T_inv == 0 or self.preconditioner.inverse is None:
             self._refresh()
-        with self._timer("precondition"):
-            flat_p = torch.cat([p.detach().reshape(-1) for p in params])
-            flat_g = torch.cat([g.reshape(-1) for g in grads])
-            if self.l2:
-                flat_g = flat_g + self.l2 * flat_p
-            proposal = -self.preconditioner.apply(flat_g)
+        flat_g = torch.cat([g.reshape(-1) for g in grads])
+        if self.l2:
+            flat_g = flat_g + self.l2 * torch.cat([p.detach().reshape(-1) for p in params])
         automatic = self.param_groups[0]["lr"] is None
-        if automatic:
-            with self._timer("quadratic_model"):
-                update, model_change = self._automatic_update(X, y, params, flat_g, proposal)
+        if automatic and self.T2 is not None and k % self.T2 == 0:
+            update, model_change = self._reselect_gamma(X, y, params, flat_g)
         else:
-            update, model_change = self._fixed_lr_update(params, flat_g, proposal), None
+            with self._timer("precondition"):
+                proposal = -self.preconditioner.apply(flat_g)
+            if automatic:
+                with self._timer("quadratic_model"):
+                    update, model_change = self._automatic_update(X, y, params, flat_g, proposal)
+            else:
+                update, model_change = self._fixed_lr_update(params, flat_g, proposal), None
         if not bool(torch.isfinite(update).all()):
             return self._reject(k, loss, "non-finite update")
         self._apply(params, update)
@@ -284,9 +286,9 @@ class KFAC(torch.optim.Optimizer):
             scale = (full.reduction_factor * N) / (sub.reduction_factor * n_stats)
             return full, sub, scale
 
-    def _refresh(self) -> None:
+    def _refresh(self, gamma: float | None = None) -> None:
         with self._timer("inverses"):
-            gamma = self.state["kfac"]["gamma"]
+            gamma = self.state["kfac"]["gamma"] if gamma is None else gamma
             self.preconditioner.refresh(gamma**2)
             if self.preconditioner.fallback_pairs and not getattr(self, "_warned_pairs", False):
                 warnings.warn(
@@ -298,6 +300,28 @@ class KFAC(torch.optim.Optimizer):
                     stacklevel=3,
                 )
                 self._warned_pairs = True
+
+    def _reselect_gamma(self, X, y, params, flat_g):
+        r"""M&G §6.6: the best of three :math:`\gamma` by the quadratic model.
+
+        Candidates :math:`\gamma, \omega_2\gamma, \gamma/\omega_2` with
+        :math:`\omega_2 = (19/20)^{T_2/2}`; the one whose step minimises :math:`M` is kept.
+        """
+        st = self.state["kfac"]
+        omega2 = math.sqrt(19.0 / 20.0) ** self.T2
+        best = None
+        for gamma in (st["gamma"], omega2 * st["gamma"], st["gamma"] / omega2):
+            self._refresh(gamma)
+            with self._timer("precondition"):
+                proposal = -self.preconditioner.apply(flat_g)
+            with self._timer("quadratic_model"):
+                update, change = self._automatic_update(X, y, params, flat_g, proposal)
+            if best is None or change < best[2]:
+                best = (gamma, self.preconditioner.inverse, change, update)
+        gamma, inverse, change, update = best
+        st["gamma"] = gamma
+        self.preconditioner.inverse, self.preconditioner.inverse_damping = inverse, gamma**2
+        return update, change
 
     def _automatic_update(self, X, y, params, flat_g, proposal):
         from curvkit.operators.exact import ggn
