@@ -1,0 +1,27 @@
+# Task runner. `make run` and `make test` install the package first, so both work
+# on a fresh clone; constraints.txt keeps pip on the CPU build of torch.
+PYTHON ?= python3
+PROBLEM ?= mnist_autoencoder
+
+.PHONY: install run test lint format clean
+
+install:
+	$(PYTHON) -m pip install --quiet --root-user-action=ignore -c constraints.txt -e ".[test]"
+
+run: install
+	$(PYTHON) -m curvkit.cli extract --problem $(PROBLEM)
+
+test: install lint
+	$(PYTHON) -m pytest
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
