@@ -12,7 +12,7 @@ from curvkit.errors import ShapeError
 from tests.conftest import DEVICES
 from tests.reference import brute_force_factors, dense_ggn, joint_block, kron_block, param_layers
 
-torch.set_default_dtype(torch.float64)
+DT = torch.float64
 
 
 def _mlp(seed=0, widths=(4, 6, 5, 3), act=nn.Tanh, device="cpu"):
@@ -73,13 +73,16 @@ def test_first_step_is_dense_damped_blockdiag_direction(mode, device):
     F, blocks = _dense_blockdiag(model, loss_func, X, y)
     D = F.shape[0]
     if mode == "exact":
-        C = F + lam * torch.eye(D, device=device)
+        C = F + lam * torch.eye(D, device=device, dtype=DT)
     else:  # M&G factored Tikhonov, dense
         C = torch.zeros_like(F)
         for _, idx, f in blocks:
             A, G = f["A"], f["G"]
             pi = math.sqrt((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0]))
-            IA, IG = torch.eye(A.shape[0], device=device), torch.eye(G.shape[0], device=device)
+            IA, IG = (
+                torch.eye(A.shape[0], device=device, dtype=DT),
+                torch.eye(G.shape[0], device=device, dtype=DT),
+            )
             Cb = kron_block(G + math.sqrt(lam) / pi * IG, A + pi * math.sqrt(lam) * IA)
             C.view(-1)[idx.reshape(-1)] = Cb.reshape(-1)
     g = _flat_grad(model, loss_func, X, y)
@@ -104,8 +107,8 @@ def _dense_tridiag_inverse(facs, lam, device):
     for f in facs:
         a, g = f["A"], f["G"]
         pi = math.sqrt((torch.trace(a) / a.shape[0]) / (torch.trace(g) / g.shape[0]))
-        A.append(a + pi * math.sqrt(lam) * torch.eye(a.shape[0], device=device))
-        G.append(g + math.sqrt(lam) / pi * torch.eye(g.shape[0], device=device))
+        A.append(a + pi * math.sqrt(lam) * torch.eye(a.shape[0], device=device, dtype=DT))
+        G.append(g + math.sqrt(lam) / pi * torch.eye(g.shape[0], device=device, dtype=DT))
     F = [[None] * L for _ in range(L)]
     for i in range(L):
         F[i][i] = kron_block(G[i], A[i])
@@ -120,8 +123,8 @@ def _dense_tridiag_inverse(facs, lam, device):
     offs = [0]
     for s in sizes:
         offs.append(offs[-1] + s)
-    Xi = torch.eye(D, device=device)
-    Lam = torch.zeros(D, D, device=device)
+    Xi = torch.eye(D, device=device, dtype=DT)
+    Lam = torch.zeros(D, D, dtype=DT, device=device)
     for i in range(L):
         Lam[offs[i] : offs[i + 1], offs[i] : offs[i + 1]] = torch.linalg.inv(Sigma[i])
         if i < L - 1:
@@ -184,9 +187,9 @@ def test_linear_least_squares_one_step_is_newton():
     """KFLR of a linear model with MSE is its exact Hessian: lr 1, ~0 damping lands on LS."""
     gen = torch.Generator().manual_seed(0)
     N, d, C = 64, 5, 2
-    X = torch.randn(N, d, generator=gen)
-    Wtrue = torch.randn(C, d, generator=gen)
-    y = X @ Wtrue.T + 0.1 * torch.randn(N, C, generator=gen)
+    X = torch.randn(N, d, generator=gen, dtype=DT)
+    Wtrue = torch.randn(C, d, generator=gen, dtype=DT)
+    y = X @ Wtrue.T + 0.1 * torch.randn(N, C, generator=gen, dtype=DT)
     model = nn.Sequential(nn.Linear(d, C)).double()
     loss_func = nn.MSELoss()
     opt = ck.optim.KFAC(
@@ -199,7 +202,7 @@ def test_linear_least_squares_one_step_is_newton():
         factor_dtype=torch.float64,
     )
     opt.step(lambda: loss_func(model(X), y))
-    Xh = torch.cat([X, torch.ones(N, 1)], 1)
+    Xh = torch.cat([X, torch.ones(N, 1, dtype=DT)], 1)
     sol = torch.linalg.lstsq(Xh, y).solution.T  # [C, d+1]
     torch.testing.assert_close(model[0].weight.detach(), sol[:, :d], rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(model[0].bias.detach(), sol[:, d], rtol=1e-8, atol=1e-9)
@@ -216,8 +219,8 @@ def test_automatic_step_solves_dense_quadratic_model():
     Ggn = dense_ggn(ref, loss_func, X, y)
     g = _flat_grad(ref, loss_func, X, y)
     D = F.shape[0]
-    Delta = -torch.linalg.solve(F + lam * torch.eye(D), g)
-    Cmat = Ggn + lam * torch.eye(D)
+    Delta = -torch.linalg.solve(F + lam * torch.eye(D, dtype=DT), g)
+    Cmat = Ggn + lam * torch.eye(D, dtype=DT)
     alpha = -(g @ Delta) / (Delta @ Cmat @ Delta)
     opt = ck.optim.KFAC(
         model, loss_func, kind="kflr", damping=lam, damping_mode="exact", factor_dtype=torch.float64
@@ -227,7 +230,7 @@ def test_automatic_step_solves_dense_quadratic_model():
     # second step: α, μ from the 2x2 system with the previous update δ0
     prev = alpha * Delta
     g2 = _flat_grad(model, loss_func, X, y)
-    G2 = dense_ggn(model, loss_func, X, y) + lam * torch.eye(D)
+    G2 = dense_ggn(model, loss_func, X, y) + lam * torch.eye(D, dtype=DT)
     # the factors' moving average after two updates: decay min(1 - 1/2, 0.95) = 0.5
     f1 = brute_force_factors(ref, loss_func, X, y, kind="kflr")
     f2 = brute_force_factors(model, loss_func, X, y, kind="kflr")
@@ -238,7 +241,7 @@ def test_automatic_step_solves_dense_quadratic_model():
     assert opt2_state["step"] == 1
     opt.T_inv = 1  # rebuild the inverse from the averaged factors at this step
     opt.step(lambda: loss_func(model(X), y))
-    D2 = -torch.linalg.solve(Favg + lam * torch.eye(D), g2)
+    D2 = -torch.linalg.solve(Favg + lam * torch.eye(D, dtype=DT), g2)
     B = torch.stack([D2, prev], 1)
     coef = torch.linalg.solve(B.T @ G2 @ B, -B.T @ g2)
     torch.testing.assert_close(_flat(model), before + B @ coef, rtol=1e-7, atol=1e-9)
@@ -384,7 +387,7 @@ def test_gamma_reselection_picks_the_lowest_quadratic_model():
         before = _flat(m2)
         o2.step(lambda m=m2: loss_func(m(X), y))
         d = _flat(m2) - before
-        Gm = dense_ggn(_mlp(), loss_func, X, y) + torch.eye(d.numel())
+        Gm = dense_ggn(_mlp(), loss_func, X, y) + torch.eye(d.numel(), dtype=DT)
         g = _flat_grad(_mlp(), loss_func, X, y)
         changes[c] = float(0.5 * d @ Gm @ d + g @ d)
     assert math.isclose(opt.gamma, min(changes, key=changes.get))
