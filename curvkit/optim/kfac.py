@@ -76,6 +76,10 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: KL-clipping bound :math:`\kappa` of the fixed-lr mode (Ba et al. 2017).
         min_damping, max_damping: Bounds of :math:`\lambda`.
         factor_dtype: Type of factors and inverses (float32 or float64).
+        ekfac: Eigenvalue-corrected K-FAC (George et al. 2018; block-diagonal only):
+            eigenbasis from the averaged factors every ``T_inv`` steps, eigenvalues
+            from a moving average of per-example gradient second moments (needs
+            per-example gradients: memory ``N x D`` during the pass).
         seed: Seed of the label sampling.
 
     Example:
@@ -118,6 +122,7 @@ class KFAC(torch.optim.Optimizer):
         min_damping: float = 1e-8,
         max_damping: float = 1e6,
         factor_dtype: torch.dtype = torch.float32,
+        ekfac: bool = False,
         seed: int = 0,
     ):
         if kind not in KINDS:
@@ -163,7 +168,7 @@ class KFAC(torch.optim.Optimizer):
         self.min_damping, self.max_damping = min_damping, max_damping
         self.adapt_damping = (lr is None) if adapt_damping is None else adapt_damping
         self.preconditioner = KroneckerPreconditioner(
-            structure, kind, damping_mode, ema_max, factor_dtype
+            structure, kind, damping_mode, ema_max, factor_dtype, ekfac
         )
         self.generator = torch.Generator(device=_device_of(model)).manual_seed(seed)
         self.state["kfac"] = {
@@ -202,7 +207,9 @@ class KFAC(torch.optim.Optimizer):
         k = st["step"] + 1
         with self._timer("capture"):
             X, y = capture_batch(self.model, self.loss_func, closure)
-        stats = (k - 1) % self.T_cov == 0 or self.preconditioner.updates == 0
+        pre = self.preconditioner
+        refresh_due = (k - 1) % self.T_inv == 0 or pre.inverse is None
+        stats = (k - 1) % self.T_cov == 0 or pre.updates == 0 or (pre.ekfac and refresh_due)
         records, stats_records, stats_scale = self._extract(X, y, stats)
         loss = records.loss
         params = records.params
@@ -215,7 +222,17 @@ class KFAC(torch.optim.Optimizer):
                     self.preconditioner.update(stats_records, stats_scale)
             except FloatingPointError as err:
                 return self._reject(k, loss, str(err))
-        if (k - 1) % self.T_inv == 0 or self.preconditioner.inverse is None:
+        if pre.ekfac:
+            with self._timer("inverses"):
+                if refresh_due or pre.bases is None:
+                    pre.refresh_basis()
+                try:
+                    if stats:
+                        pre.update_scales(stats_records)
+                except FloatingPointError as err:
+                    return self._reject(k, loss, str(err))
+            self._refresh()
+        elif refresh_due:
             self._refresh()
         flat_g = torch.cat([g.reshape(-1) for g in grads])
         if self.l2:

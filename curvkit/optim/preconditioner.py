@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from curvkit.errors import ShapeError
+from curvkit.operators import kron_math as km
+from curvkit.operators.ekfac import corrected_eigenvalues, eigenbases
 from curvkit.operators.kronecker import BlockDiagonalKFAC, KronEigenOperator, KronLayer
 from curvkit.records import Records
 
@@ -29,6 +31,11 @@ class KroneckerPreconditioner:
             (:math:`(G\otimes A + \gamma^2 I)^{-1}`; block-diagonal only).
         ema_max: :math:`\varepsilon_{\max}` of the decay :math:`\min(1 - 1/k, \varepsilon_{\max})`.
         factor_dtype: Type the factors and inverses are kept in.
+        ekfac: Eigenvalue-corrected K-FAC (George et al. 2018): keep the Kronecker
+            eigenbasis of the averaged factors, refreshed by :meth:`refresh_basis`,
+            and replace its eigenvalues by a moving average of the per-example
+            gradients' second moments in that basis (:meth:`update_scales`); the
+            inverse applies exact damping :math:`(S + \gamma^2)^{-1}`.
     """
 
     def __init__(
@@ -38,6 +45,7 @@ class KroneckerPreconditioner:
         damping_mode: str = "factored",
         ema_max: float = 0.95,
         factor_dtype: torch.dtype = torch.float32,
+        ekfac: bool = False,
     ):
         if structure not in STRUCTURES:
             raise ShapeError(f"structure={structure!r} is not supported; use one of {STRUCTURES}.")
@@ -46,8 +54,14 @@ class KroneckerPreconditioner:
                 "structure='tridiagonal' uses M&G's factored damping of the diagonal factors; "
                 "damping_mode='exact' exists for 'block-diagonal' only."
             )
+        if ekfac and structure != "block-diagonal":
+            raise ShapeError("ekfac=True needs structure='block-diagonal'.")
         self.structure = structure
         self.kind = kind
+        self.ekfac = ekfac
+        self.bases: list | None = None
+        self.S: list | None = None
+        self.scale_updates = 0
         self.damping_mode = damping_mode
         self.ema_max = ema_max
         self.factor_dtype = factor_dtype
@@ -65,7 +79,9 @@ class KroneckerPreconditioner:
     @property
     def quantities(self) -> tuple[str, ...]:
         """What an extraction pass must return for this preconditioner."""
-        return (self.kind, "cross") if self.structure == "tridiagonal" else (self.kind,)
+        if self.structure == "tridiagonal":
+            return (self.kind, "cross")
+        return (self.kind, "batch_grad") if self.ekfac else (self.kind,)
 
     # -- statistics ----------------------------------------------------------------------
     def update(self, records: Records, scale: float = 1.0) -> None:
@@ -112,6 +128,25 @@ class KroneckerPreconditioner:
             decay * s + (1 - decay) * scale * r.bias_scale for s, r in zip(self.bias_scale, records)
         ]
 
+    def refresh_basis(self) -> None:
+        """EKFAC: eigenbasis of the current averaged factors; the scales start afresh."""
+        self.bases = eigenbases(self.layers, self.A, self.G, self.bias_scale)
+        self.S, self.scale_updates = None, 0
+
+    def update_scales(self, records: Records) -> None:
+        r"""EKFAC: fold :math:`R\sum_n (U_G^\top \nabla\ell_n U_A)^{\odot 2}` into the scales."""
+        grads = [[g.to(self.factor_dtype) for g in r.batch_grad] for r in records]
+        new = corrected_eigenvalues(self.layers, self.bases, grads, 1.0 / records.reduction_factor)
+        if not all(bool(torch.isfinite(t).all()) for layer in new for t in layer):
+            raise FloatingPointError("Non-finite EKFAC scales in this batch.")
+        self.scale_updates += 1
+        decay = min(1.0 - 1.0 / self.scale_updates, self.ema_max)
+        if self.S is None:
+            self.S = new
+            return
+        for old_layer, new_layer in zip(self.S, new):
+            _ema(old_layer, new_layer, decay)
+
     # -- inverse -------------------------------------------------------------------------
     def refresh(self, damping: float) -> None:
         r"""Rebuild the inverse from the current averages with damping :math:`\gamma^2`.
@@ -121,7 +156,18 @@ class KroneckerPreconditioner:
         """
         if not self.layers:
             raise RuntimeError("refresh() before any statistics update.")
-        if self.structure == "block-diagonal":
+        if self.ekfac:
+            if self.bases is None or self.S is None:
+                raise RuntimeError("EKFAC refresh() needs refresh_basis() and update_scales().")
+            blocks = [
+                [
+                    (U_G, U_A, km.safe_reciprocal(S + damping, pseudo=damping == 0))
+                    for (U_G, U_A), S in zip(basis, scales)
+                ]
+                for basis, scales in zip(self.bases, self.S)
+            ]
+            self.inverse = KronEigenOperator(self.layers, blocks)
+        elif self.structure == "block-diagonal":
             op = BlockDiagonalKFAC(self.layers, self.A, self.G, self.bias_scale)
             self.inverse = op.inverse(damping=damping, damping_mode=self.damping_mode)
         else:
@@ -158,6 +204,9 @@ class KroneckerPreconditioner:
             "updates": self.updates,
             "inverse": None if self.inverse is None else self.inverse.state_dict(),
             "inverse_damping": self.inverse_damping,
+            "bases": self.bases,
+            "S": self.S,
+            "scale_updates": self.scale_updates,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -168,9 +217,11 @@ class KroneckerPreconditioner:
         self.bias_scale = list(state["bias_scale"])
         self.updates = state["updates"]
         self.inverse_damping = state["inverse_damping"]
+        self.bases, self.S = state["bases"], state["S"]
+        self.scale_updates = state["scale_updates"]
         self.inverse = None
         if state["inverse"] is not None:
-            if self.structure == "block-diagonal":
+            if self.structure == "block-diagonal" or self.ekfac:
                 self.inverse = KronEigenOperator.from_state_dict(self.layers, state["inverse"])
             else:
                 from curvkit.operators.tridiag import TriDiagonalInverse

@@ -391,3 +391,43 @@ def test_gamma_reselection_picks_the_lowest_quadratic_model():
         g = _flat_grad(_mlp(), loss_func, X, y)
         changes[c] = float(0.5 * d @ Gm @ d + g @ d)
     assert math.isclose(opt.gamma, min(changes, key=changes.get))
+
+
+@pytest.mark.parametrize("kind", ["kflr", "empirical"])
+def test_ekfac_first_step_is_damped_ekfac_direction(kind):
+    model = _mlp()
+    loss_func = nn.CrossEntropyLoss()
+    X, y = _data(N=20)
+    lam, lr = 0.05, 0.5
+    E = ck.ekfac(copy.deepcopy(model), loss_func, (X, y), kind=kind)
+    g = _flat_grad(model, loss_func, X, y)
+    expected = _flat(model) - lr * (E.inverse(damping=lam) @ g)
+    opt = ck.optim.KFAC(
+        model, loss_func, kind=kind, lr=lr, damping=lam, ekfac=True, factor_dtype=torch.float64
+    )
+    opt.step(lambda: loss_func(model(X), y))
+    torch.testing.assert_close(_flat(model), expected, rtol=1e-9, atol=1e-11)
+
+
+def test_ekfac_scales_are_a_moving_average_between_basis_refreshes():
+    model = _mlp()
+    loss_func = nn.CrossEntropyLoss()
+    X, y = _data(N=20)
+    opt = ck.optim.KFAC(
+        model,
+        loss_func,
+        kind="kflr",
+        lr=0.1,
+        damping=0.1,
+        ekfac=True,
+        T_inv=3,
+        factor_dtype=torch.float64,
+    )
+    for _ in range(3):
+        opt.step(lambda: loss_func(model(X), y))
+    pre = opt.preconditioner
+    assert pre.scale_updates == 3  # basis from step 1, scales updated at steps 1-3
+    opt.step(lambda: loss_func(model(X), y))
+    assert pre.scale_updates == 1  # step 4 refreshed the basis and restarted the scales
+    with pytest.raises(ShapeError, match="ekfac"):
+        ck.optim.KFAC(model, loss_func, structure="tridiagonal", ekfac=True)
