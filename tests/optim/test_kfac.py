@@ -254,13 +254,14 @@ def _train(model, loss_func, X, y, steps, **kw):
     return opt
 
 
-@pytest.mark.parametrize("structure", ["block-diagonal", "tridiagonal"])
+@pytest.mark.parametrize("structure", ["block-diagonal", "tridiagonal", "ekfac"])
 @pytest.mark.parametrize("lr", [None, 0.1], ids=["automatic", "fixed-lr"])
 def test_state_dict_resume_is_bit_exact(structure, lr, tmp_path):
     loss_func = nn.CrossEntropyLoss()
     X, y = _data(N=24)
     kw = dict(
-        structure=structure,
+        structure="block-diagonal" if structure == "ekfac" else structure,
+        ekfac=structure == "ekfac",
         lr=lr,
         momentum=0.9 if lr else 0.0,
         damping=1e-2,
