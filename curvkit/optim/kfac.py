@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from curvkit.errors import ShapeError
 from curvkit.optim import damping as dm
 from curvkit.optim.capture import capture_batch
+from curvkit.optim.comm import Communicator
 from curvkit.optim.preconditioner import KroneckerPreconditioner
 
 KINDS = ("kfac", "kflr", "empirical")
@@ -81,6 +82,9 @@ class KFAC(torch.optim.Optimizer):
             from a moving average of per-example gradient second moments (needs
             per-example gradients: memory ``N x D`` during the pass).
         seed: Seed of the label sampling.
+        comm: Where processes agree in data-parallel training (averaged gradients,
+            statistics and curvature products; see :mod:`curvkit.optim.distributed`).
+            Default: one process.
 
     Example:
         >>> import torch, curvkit as ck
@@ -124,6 +128,7 @@ class KFAC(torch.optim.Optimizer):
         factor_dtype: torch.dtype = torch.float32,
         ekfac: bool = False,
         seed: int = 0,
+        comm: Communicator | None = None,
     ):
         if kind not in KINDS:
             raise ShapeError(f"KFAC: kind={kind!r} is not supported; use one of {KINDS}.")
@@ -157,6 +162,9 @@ class KFAC(torch.optim.Optimizer):
                     "give every parameter group lr=None or use a fixed lr."
                 )
         self.model = model
+        # a DistributedDataParallel wrapper is called by the closure; the curvature
+        # passes run on the module inside it (their gradients are averaged by `comm`)
+        self.net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.loss_func = loss_func
         self.kind = kind
         self.structure = structure
@@ -170,6 +178,7 @@ class KFAC(torch.optim.Optimizer):
         self.preconditioner = KroneckerPreconditioner(
             structure, kind, damping_mode, ema_max, factor_dtype, ekfac
         )
+        self.comm = comm if comm is not None else Communicator()
         self.generator = torch.Generator(device=_device_of(model)).manual_seed(seed)
         self.state["kfac"] = {
             "step": 0,
@@ -214,12 +223,16 @@ class KFAC(torch.optim.Optimizer):
         loss = records.loss
         params = records.params
         grads = [p.grad for p in params]
-        if not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in grads):
+        bad = not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in grads)
+        if self.comm.any(bad):
             return self._reject(k, loss, "non-finite loss or gradient")
+        with self._timer("communication"):
+            loss = loss.clone()
+            self.comm.average_([*grads, loss])
         if stats:
             try:
                 with self._timer("factors"):
-                    self.preconditioner.update(stats_records, stats_scale)
+                    pre.update(stats_records, stats_scale, self.comm)
             except FloatingPointError as err:
                 return self._reject(k, loss, str(err))
         if pre.ekfac:
@@ -228,7 +241,7 @@ class KFAC(torch.optim.Optimizer):
                     pre.refresh_basis()
                 try:
                     if stats:
-                        pre.update_scales(stats_records)
+                        pre.update_scales(stats_records, self.comm)
                 except FloatingPointError as err:
                     return self._reject(k, loss, str(err))
             self._refresh()
@@ -248,7 +261,7 @@ class KFAC(torch.optim.Optimizer):
                     update, model_change = self._automatic_update(X, y, params, flat_g, proposal)
             else:
                 update, model_change = self._fixed_lr_update(params, flat_g, proposal), None
-        if not bool(torch.isfinite(update).all()):
+        if self.comm.any(not bool(torch.isfinite(update).all())):
             return self._reject(k, loss, "non-finite update")
         self._apply(params, update)
         st["step"] = k
@@ -256,7 +269,7 @@ class KFAC(torch.optim.Optimizer):
             st["prev_update"] = update
         if self.adapt_damping and model_change is not None and k % self.T1 == 0:
             with self._timer("rho"), torch.no_grad():
-                new_loss = float(closure())
+                new_loss = self.comm.average_scalar(float(closure()))
             rho = dm.reduction_ratio(new_loss, float(loss), model_change)
             st["last_rho"] = rho
             st["damping"] = dm.levenberg_marquardt(
@@ -284,9 +297,9 @@ class KFAC(torch.optim.Optimizer):
             quantities = self.preconditioner.quantities if stats else ()
             kwargs = dict(mc_samples=self.mc_samples, generator=self.generator)
             if not stats or n_stats == N:
-                rec = extract(self.model, self.loss_func, X, y, quantities=quantities, **kwargs)
+                rec = extract(self.net, self.loss_func, X, y, quantities=quantities, **kwargs)
                 return rec, (rec if stats else None), 1.0
-            full = extract(self.model, self.loss_func, X, y, quantities=())
+            full = extract(self.net, self.loss_func, X, y, quantities=())
             grads = [p.grad for p in full.params]
             for p in full.params:
                 p.grad = None
@@ -306,7 +319,7 @@ class KFAC(torch.optim.Optimizer):
     def _refresh(self, gamma: float | None = None) -> None:
         with self._timer("inverses"):
             gamma = self.state["kfac"]["gamma"] if gamma is None else gamma
-            self.preconditioner.refresh(gamma**2)
+            self.comm.refresh(self.preconditioner, gamma**2)
             if self.preconditioner.fallback_pairs and not getattr(self, "_warned_pairs", False):
                 warnings.warn(
                     "KFAC(structure='tridiagonal'): no cross factors between "
@@ -346,9 +359,11 @@ class KFAC(torch.optim.Optimizer):
         st = self.state["kfac"]
         prev = st.get("prev_update")
         vecs = [proposal] if prev is None else [proposal, prev]
-        G = ggn(self.model, self.loss_func, (X, y), params=params)
+        G = ggn(self.net, self.loss_func, (X, y), params=params)
         V = torch.stack(vecs, 1)
-        CV = G.matmat(V) + (st["damping"] + self.l2) * V
+        GV = G.matmat(V)
+        self.comm.average_([GV])
+        CV = GV + (st["damping"] + self.l2) * V
         dCd = float(proposal @ CV[:, 0])
         gd = float(flat_g @ proposal)
         if prev is None:

@@ -84,7 +84,7 @@ class KroneckerPreconditioner:
         return (self.kind, "batch_grad") if self.ekfac else (self.kind,)
 
     # -- statistics ----------------------------------------------------------------------
-    def update(self, records: Records, scale: float = 1.0) -> None:
+    def update(self, records: Records, scale: float = 1.0, comm=None) -> None:
         r"""Fold one batch's factors into the averages.
 
         Args:
@@ -92,6 +92,8 @@ class KroneckerPreconditioner:
                 for the tri-diagonal structure).
             scale: Multiplies the batch's ``A`` (and bias scale), e.g. ``N / N_s`` when the
                 statistics come from ``N_s`` of ``N`` examples under ``reduction="sum"``.
+            comm: A :class:`~curvkit.optim.comm.Communicator` averaging the batch's
+                factors over processes before they are folded in.
 
         Raises:
             FloatingPointError: If the batch's factors are not finite (the averages
@@ -109,6 +111,8 @@ class KroneckerPreconditioner:
                 new_cA.append(scale * r.cross_A.to(self.factor_dtype) if ok else None)
                 new_cG.append(r.cross_G[self.kind].to(self.factor_dtype) if ok else None)
         tensors = new_A + new_G + [t for t in new_cA + new_cG if t is not None]
+        if comm is not None:
+            comm.average_(tensors)
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             raise FloatingPointError("Non-finite Kronecker factors in this batch.")
         self.updates += 1
@@ -133,10 +137,12 @@ class KroneckerPreconditioner:
         self.bases = eigenbases(self.layers, self.A, self.G, self.bias_scale)
         self.S, self.scale_updates = None, 0
 
-    def update_scales(self, records: Records) -> None:
+    def update_scales(self, records: Records, comm=None) -> None:
         r"""EKFAC: fold :math:`R\sum_n (U_G^\top \nabla\ell_n U_A)^{\odot 2}` into the scales."""
         grads = [[g.to(self.factor_dtype) for g in r.batch_grad] for r in records]
         new = corrected_eigenvalues(self.layers, self.bases, grads, 1.0 / records.reduction_factor)
+        if comm is not None:
+            comm.average_([t for layer in new for t in layer])
         if not all(bool(torch.isfinite(t).all()) for layer in new for t in layer):
             raise FloatingPointError("Non-finite EKFAC scales in this batch.")
         self.scale_updates += 1
