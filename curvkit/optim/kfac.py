@@ -304,7 +304,7 @@ class KFAC(torch.optim.Optimizer):
             for p in full.params:
                 p.grad = None
             sub = extract(
-                self.model,
+                self.net,
                 self.loss_func,
                 X[:n_stats],
                 y[:n_stats],
