@@ -432,3 +432,30 @@ def test_ekfac_scales_are_a_moving_average_between_basis_refreshes():
     assert pre.scale_updates == 1  # step 4 refreshed the basis and restarted the scales
     with pytest.raises(ShapeError, match="ekfac"):
         ck.optim.KFAC(model, loss_func, structure="tridiagonal", ekfac=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_stats_fraction_uses_a_rescaled_subset(reduction):
+    """Statistics from the first half of the batch, gradient from all of it."""
+    model = _mlp()
+    loss_func = nn.MSELoss(reduction=reduction)
+    X, y = _data(N=16, loss="mse")
+    lam, lr = 0.05, 0.3
+    facs = brute_force_factors(model, loss_func, X[:8], y[:8], kind="kflr")
+    if reduction == "sum":  # A of 8 examples stands for 16 examples
+        facs = [{"A": 2.0 * f["A"], "G": f["G"]} for f in facs]
+    F, _ = _dense_blockdiag(model, loss_func, X, y, facs=facs)
+    g = _flat_grad(model, loss_func, X, y)
+    expected = _flat(model) - lr * torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=DT), g)
+    opt = ck.optim.KFAC(
+        model,
+        loss_func,
+        kind="kflr",
+        lr=lr,
+        damping=lam,
+        damping_mode="exact",
+        stats_fraction=0.5,
+        factor_dtype=torch.float64,
+    )
+    opt.step(lambda: loss_func(model(X), y))
+    torch.testing.assert_close(_flat(model), expected, rtol=1e-9, atol=1e-11)
