@@ -1,0 +1,321 @@
+r"""One forward and one backward sweep that extract every requested quantity.
+
+The model is an ``nn.Sequential`` (nested ones are flattened). The forward pass
+runs its leaf modules one by one without autograd and keeps, per module, what
+the backward needs (inputs of parametrised layers, activation derivatives,
+vector-Jacobian closures). The backward sweep walks the modules in reverse and
+propagates a *stack* ``[V, N, *shape]`` of output-gradient rows:
+
+=========  ==============================================  =========================
+rows       content                                         used by
+=========  ==============================================  =========================
+0          gradient of the batch loss (``R`` included)     ``.grad``, batch_grad,
+                                                           empirical
+MC         sampled-label gradients / :math:`\sqrt M`        kfac, diag_ggn_mc
+sqrt       columns of :math:`\Lambda_n^{1/2}`                kflr, diag_ggn,
+                                                           diag_hessian
+residual   :math:`\sqrt{|\phi''\odot\delta|}` per activation  diag_hessian
+=========  ==============================================  =========================
+
+Only the rows the requested quantities need are propagated. KFRA propagates a
+separate batch-averaged ``[D, D]`` matrix (Botev et al. 2017, eqs. 9-10).
+Normalisations are those of :mod:`curvkit.records`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.errors import ShapeError, UnsupportedModuleError
+from curvkit.extraction.checks import (
+    CROSS_KINDS,
+    check_arguments,
+    check_module,
+    factor_dtype_of,
+    flatten_sequential,
+)
+from curvkit.extraction.gram import homogeneous_cross
+from curvkit.extraction.layers import PARAMETRISED, LinearNode
+from curvkit.extraction.losses import make_loss_handler
+from curvkit.extraction.modules import PARAMETER_FREE, VJPNode
+from curvkit.records import LayerRecord, Records
+
+
+@dataclass
+class _Rows:
+    """Row slices of the backpropagated stack."""
+
+    mc: slice | None = None
+    sqrt: slice | None = None
+    residual: list[tuple[slice, float]] = field(default_factory=list)
+
+
+def _accumulate_grad(p: Tensor, g: Tensor) -> None:
+    """Add ``g`` to ``p.grad`` as autograd would."""
+    g = g.reshape(p.shape).to(p.dtype)
+    if p.grad is None:
+        p.grad = g.contiguous()
+    else:
+        p.grad.add_(g)
+
+
+def _trainable(module: nn.Module) -> list[Tensor]:
+    params = []
+    if module.weight.requires_grad:
+        params.append(module.weight)
+        if module.bias is not None and module.bias.requires_grad:
+            params.append(module.bias)
+    return params
+
+
+def _residual_rows(r: Tensor) -> list[tuple[Tensor, float]]:
+    r"""Rows ``[D, N, *shape]`` with :math:`\sum_d` (row)(row)^T = diag(±r) per example."""
+    N, shape = r.shape[0], r.shape[1:]
+    flat = r.reshape(N, -1)
+    out = []
+    for part, sign in ((flat.clamp(min=0), 1.0), ((-flat).clamp(min=0), -1.0)):
+        rows = torch.diag_embed(part.sqrt()).transpose(0, 1)  # [D, N, D]
+        out.append((rows.reshape(-1, N, *shape), sign))
+    return out
+
+
+def extract(
+    model: nn.Sequential,
+    loss_func: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    quantities=("kfac",),
+    mc_samples: int = 1,
+    separate_bias: bool = False,
+    kfac_approx: str = "expand",
+    generator: torch.Generator | None = None,
+    factor_dtype: torch.dtype | None = None,
+) -> Records:
+    r"""Extract curvature quantities of every parametrised layer in one pass.
+
+    Besides the requested quantities, the gradient of the loss is accumulated
+    into ``p.grad`` of every trainable parameter (like ``loss.backward()``). The
+    model is left unchanged: no hooks, no attributes.
+
+    Args:
+        model: An ``nn.Sequential`` of supported modules (nested Sequentials are
+            flattened). Parametrised: ``Linear`` (2-D input), ``Conv1d``,
+            ``Conv2d`` (``groups=1``).
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` with
+            ``reduction`` "mean" or "sum".
+        X: Inputs ``[N, ...]``.
+        y: Targets ``[N, ...]``.
+        quantities: Any of ``"batch_grad"``, ``"kfac"`` (Monte Carlo Fisher
+            factors), ``"kflr"`` (exact loss-Hessian square root), ``"kfra"``,
+            ``"empirical"``, ``"diag_ggn"``, ``"diag_ggn_mc"``,
+            ``"diag_hessian"``, ``"cross"`` (cross factors between consecutive
+            Linear layers for each requested kind among kfac/kflr/empirical).
+        mc_samples: Monte Carlo samples ``M`` for ``"kfac"``/``"diag_ggn_mc"``.
+        separate_bias: Keep the bias out of ``A`` (its block is
+            ``G * bias_scale``) instead of the joint homogeneous-coordinate layout.
+        kfac_approx: ``"expand"`` or ``"reduce"`` (conv layers; Eschenhagen et al. 2023).
+        generator: Random generator for the Monte Carlo labels.
+        factor_dtype: dtype of factors and diagonals (float32/float64); default:
+            the model's dtype (float32 for half-precision models).
+
+    Returns:
+        The per-layer records (see :mod:`curvkit.records` for normalisations).
+
+    Raises:
+        UnsupportedModuleError: For a non-Sequential model or an unsupported module.
+        UnsupportedLossError: For an unsupported loss function or option.
+        ShapeError: For unknown quantities, ``mc_samples < 1``, mismatched batch
+            sizes or unsuitable shapes.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+        >>> X, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> rec = extract(model, nn.MSELoss(), X, y, quantities=("kflr", "cross"))
+        >>> rec[0].A.shape, rec[0].G["kflr"].shape, rec[0].cross_A.shape
+        (torch.Size([5, 5]), torch.Size([3, 3]), torch.Size([5, 4]))
+    """
+    q = check_arguments(model, loss_func, X, y, quantities, mc_samples, kfac_approx)
+    leaves = flatten_sequential(model)
+    if not leaves:
+        raise UnsupportedModuleError("extract needs a non-empty nn.Sequential model.")
+    if len({id(m) for _, m in leaves}) != len(leaves):
+        raise UnsupportedModuleError("A module appears twice in the model (weight sharing).")
+    for pos, (name, module) in enumerate(leaves):
+        check_module(name, pos, module, "kfra" in q)
+    trainable = [i for i, (_, m) in enumerate(leaves) if type(m) in PARAMETRISED and _trainable(m)]
+    if not trainable:
+        raise ShapeError("The model has no trainable parameters in parametrised layers.")
+    fdt = factor_dtype_of(model, factor_dtype)
+    N = X.shape[0]
+
+    with torch.no_grad():
+        # forward
+        nodes, h = [], X
+        for pos, (name, module) in enumerate(leaves):
+            table = PARAMETRISED if type(module) in PARAMETRISED else PARAMETER_FREE
+            if isinstance(module, nn.Linear) and h.dim() != 2:
+                raise ShapeError(
+                    f"Linear at position {pos} (name {name!r}) needs 2-D input [N, in], "
+                    f"got shape {tuple(h.shape)}."
+                )
+            node = table[type(module)](module, h)
+            if isinstance(node, VJPNode) and node.out.shape[:1] != h.shape[:1]:
+                raise ShapeError(
+                    f"{type(module).__name__} at position {pos} changes the batch dimension."
+                )
+            nodes.append(node)
+            h = node.out
+        loss = make_loss_handler(loss_func, h, y)
+        R = loss.R
+
+        # output rows
+        rows = _Rows()
+        blocks = [loss.grad()[None]]
+        V = 1
+        if q & {"kfac", "diag_ggn_mc"}:
+            blocks.append(loss.sqrt_hessian_sampled(mc_samples, generator))
+            rows.mc = slice(V, V + mc_samples)
+            V += mc_samples
+        if q & {"kflr", "diag_ggn", "diag_hessian"}:
+            blocks.append(loss.sqrt_hessian())
+            rows.sqrt = slice(V, V + loss.C)
+            V += loss.C
+        stack = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        kfra = loss.hessian_mean().to(fdt) if "kfra" in q else None
+
+        # backward sweep
+        records, nxt = [], None
+        position = len(trainable)
+        is_trainable = set(trainable)
+        for i in reversed(range(trainable[0], len(nodes))):
+            node, (name, module) = nodes[i], leaves[i]
+            if i in is_trainable:
+                position -= 1
+                rec, nxt = _layer_record(
+                    node, name, module, position, stack, rows, q, R, N, fdt,
+                    separate_bias, kfac_approx, kfra, nxt,
+                )  # fmt: skip
+                records.append(rec)
+            if i == trainable[0]:
+                break
+            residual = None
+            if "diag_hessian" in q and getattr(node, "elementwise", False):
+                d2 = node.d2()
+                residual = None if d2 is None else d2 * stack[0]
+            if kfra is not None:
+                kfra = _kfra_step(node, kfra)
+            stack = node.jac_t(stack)
+            if residual is not None:
+                extra = _residual_rows(residual)
+                for part, sign in extra:
+                    rows.residual.append((slice(V, V + part.shape[0]), sign))
+                    V += part.shape[0]
+                stack = torch.cat([stack, *(part for part, _ in extra)])
+    records.reverse()
+    return Records(
+        layers=records,
+        loss=loss.value(),
+        batch_size=N,
+        reduction_factor=R,
+        kfac_approx=kfac_approx,
+        mc_samples=mc_samples,
+    )
+
+
+def _kfra_step(node, M: Tensor) -> Tensor:
+    r"""KFRA recursion (Botev et al. 2017, eq. 10) through one module.
+
+    ``Linear``: :math:`W^\top M W`; element-wise :math:`\phi`:
+    :math:`M \odot \frac1N\sum_n \phi'_n \phi_n'^\top` (BackPACK's ``KFRA``).
+    """
+    if isinstance(node, LinearNode):
+        W = node.module.weight.to(M.dtype)
+        return W.T @ M @ W
+    d1 = node.d1()
+    if d1 is None:
+        return M
+    d = d1.reshape(d1.shape[0], -1).to(M.dtype)
+    return M * (d.T @ d) / d.shape[0]
+
+
+def _layer_record(
+    node, name, module, position, stack, rows, q, R, N, fdt, separate_bias, approx, kfra, nxt
+):
+    """Record of one trainable layer from the stack at its output.
+
+    Returns:
+        ``(record, info)``; ``info`` carries the features and gradient rows needed
+        by the cross factors of the previous layer.
+    """
+    params = _trainable(module)
+    has_bias = len(params) == 2
+    g0 = stack[0]
+    _accumulate_grad(module.weight, node.weight_grad(g0))
+    if has_bias:
+        _accumulate_grad(module.bias, node.bias_grad(g0))
+    rec = LayerRecord(
+        name=name,
+        module=module,
+        position=position,
+        params=params,
+        has_bias=has_bias,
+        separate_bias=separate_bias,
+    )
+    kinds = [k for k in CROSS_KINDS if k in q]
+    per_example = node.rows_per_example(approx)
+    P = N * per_example
+    info = {"linear": isinstance(node, LinearNode), "joint": rec.joint, "rows": {}}
+    cross = "cross" in q and info["linear"]
+    if kinds or "kfra" in q:
+        rec.A = node.input_factor(approx, R, rec.joint, fdt)
+        rec.bias_scale = R * P
+        if cross:
+            info["a"] = node.features(approx).to(fdt)
+    for kind in kinds:
+        if kind == "empirical":
+            block, scale = stack[:1], 1.0 / (P * R * R)
+        else:
+            block, scale = stack[rows.mc if kind == "kfac" else rows.sqrt], 1.0 / P
+        rec.G[kind] = node.output_factor(block, approx, scale, fdt)
+        if cross:
+            info["rows"][kind] = node.grad_rows(block, approx).to(fdt)
+    if kfra is not None:
+        rec.G["kfra"] = kfra.to(fdt).clone()
+    if "batch_grad" in q:
+        gw, gb = node.batch_grads(g0)
+        rec.batch_grad = [gw, gb] if has_bias else [gw]
+    diag_requests = {
+        "diag_ggn": [(rows.sqrt, R)],
+        "diag_ggn_mc": [(rows.mc, R)],
+        "diag_hessian": [(rows.sqrt, R), *rows.residual],
+    }
+    for quantity, parts in diag_requests.items():
+        if quantity in q:
+            dw, db = node.diag([(stack[sl], w) for sl, w in parts])
+            diag = [dw.to(fdt), db.to(fdt)] if has_bias else [dw.to(fdt)]
+            setattr(rec, quantity, diag)
+    _cross(rec, info, nxt, kinds, R, P, "cross" in q)
+    return rec, info
+
+
+def _cross(rec, info, nxt, kinds, R, P, wanted) -> None:
+    """Cross factors between this layer and the next parametrised one (Linear pairs)."""
+    if not wanted:
+        return
+    if nxt is None:
+        rec.cross_reason = "last parametrised layer"
+        return
+    if not (info["linear"] and nxt["linear"]):
+        rec.cross_reason = "conv layer: spatial locations differ"
+        return
+    rec.cross_A = homogeneous_cross(info["a"], nxt["a"], R, info["joint"], nxt["joint"])
+    for kind in kinds:
+        scale = 1.0 / (P * R * R) if kind == "empirical" else 1.0 / P
+        rec.cross_G[kind] = homogeneous_cross(
+            info["rows"][kind], nxt["rows"][kind], scale, False, False
+        )
