@@ -120,6 +120,8 @@ class Records:
         reduction_factor: ``R`` (``1/N`` for mean, ``1`` for sum).
         kfac_approx: ``"expand"`` or ``"reduce"`` (conv layers).
         mc_samples: Monte Carlo samples used for ``"kfac"`` / ``"diag_ggn_mc"``.
+        unfactored: ``(name, module, params)`` of the modules that got gradients but
+            no curvature (``extract(..., unsupported="gradient")``), forward order.
     """
 
     layers: list[LayerRecord]
@@ -128,6 +130,7 @@ class Records:
     reduction_factor: float
     kfac_approx: str = "expand"
     mc_samples: int = 1
+    unfactored: list[tuple[str, nn.Module, list[Tensor]]] = field(default_factory=list)
 
     def __iter__(self):
         return iter(self.layers)

@@ -48,45 +48,74 @@ def supported_names() -> str:
     return ", ".join(sorted(t.__name__ for t in (*PARAMETRISED, *PARAMETER_FREE)))
 
 
-def check_module(name: str, pos: int, module: nn.Module, kfra: bool) -> None:
-    """Raise :class:`~curvkit.errors.UnsupportedModuleError` if the sweep cannot handle ``module``.
+#: Values of ``extract(..., unsupported=...)``.
+UNSUPPORTED = ("error", "gradient")
+
+
+def check_module(
+    name: str, pos: int, module: nn.Module, kfra: bool, unsupported: str = "error"
+) -> str:
+    """How the sweep handles ``module``: ``"kron"``, ``"free"`` or ``"gradient"``.
+
+    ``"kron"``: a parametrised layer with Kronecker factors; ``"free"``: a
+    parameter-free module of :data:`~curvkit.extraction.modules.PARAMETER_FREE`;
+    ``"gradient"`` (only with ``unsupported="gradient"``): any other module, passed
+    through by ``torch.func.vjp``; its parameters get gradients but no curvature.
 
     Args:
         name: Qualified name of the module in the model.
         pos: Position among the model's leaf modules.
         module: The module.
         kfra: Whether KFRA is requested (stricter: Linear and element-wise only).
+        unsupported: ``"error"`` (raise) or ``"gradient"``.
+
+    Raises:
+        UnsupportedModuleError: If the sweep cannot handle ``module`` and
+            ``unsupported="error"``, or KFRA meets a module outside its chains.
     """
     kind = type(module)
     where = f"{kind.__name__} at position {pos} (name {name!r})"
-    if kind not in PARAMETRISED and kind not in PARAMETER_FREE:
-        raise UnsupportedModuleError(
-            f"extract does not support {where}. Supported modules: {supported_names()}."
-        )
-    if kind in PARAMETRISED and kind is not nn.Linear:
-        if module.groups != 1:
-            raise UnsupportedModuleError(f"{where}: grouped convolutions (groups > 1) unsupported.")
-        if module.padding_mode != "zeros":
-            raise UnsupportedModuleError(f"{where}: only padding_mode='zeros' is supported.")
-        if conv_padding(module) is None:
-            raise UnsupportedModuleError(f"{where}: asymmetric padding='same' is unsupported.")
-    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)) and module.return_indices:
-        raise UnsupportedModuleError(f"{where}: return_indices=True is unsupported.")
-    if kind in PARAMETRISED:
-        w, b = module.weight, module.bias
-        if not w.requires_grad and b is not None and b.requires_grad:
-            raise UnsupportedModuleError(
-                f"{where}: a trainable bias with a frozen weight is unsupported."
-            )
     if kfra and (kind not in KFRA_TYPES or (kind is nn.Dropout and module.training)):
         raise UnsupportedModuleError(
             f"KFRA supports chains of Linear layers and element-wise activations only "
             f"(Linear, Sigmoid, Tanh, ReLU, LeakyReLU, Identity, eval-mode Dropout); "
             f"got {where}."
         )
+    problem = _unsupported_reason(module)
+    if problem is None:
+        return "kron" if kind in PARAMETRISED else "free"
+    if unsupported == "gradient":
+        return "gradient"
+    sep = ". " if problem.startswith("Supported") else ": "
+    raise UnsupportedModuleError(f"extract does not support {where}{sep}{problem}")
 
 
-def check_arguments(model, loss_func, X, y, quantities, mc_samples, kfac_approx) -> set[str]:
+def _unsupported_reason(module: nn.Module) -> str | None:
+    kind = type(module)
+    if kind not in PARAMETRISED and kind not in PARAMETER_FREE:
+        return (
+            f"Supported modules: {supported_names()}. With unsupported='gradient' it "
+            "would get gradients without curvature."
+        )
+    if kind in PARAMETRISED and kind is not nn.Linear:
+        if module.groups != 1:
+            return "grouped convolutions (groups > 1) are unsupported."
+        if module.padding_mode != "zeros":
+            return "only padding_mode='zeros' is supported."
+        if conv_padding(module) is None:
+            return "asymmetric padding='same' is unsupported."
+    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)) and module.return_indices:
+        return "return_indices=True is unsupported."
+    if kind in PARAMETRISED:
+        w, b = module.weight, module.bias
+        if not w.requires_grad and b is not None and b.requires_grad:
+            return "a trainable bias with a frozen weight is unsupported."
+    return None
+
+
+def check_arguments(
+    model, loss_func, X, y, quantities, mc_samples, kfac_approx, unsupported="error"
+) -> set[str]:
     """Validate :func:`~curvkit.extraction.extract`'s arguments.
 
     Returns:
@@ -117,6 +146,8 @@ def check_arguments(model, loss_func, X, y, quantities, mc_samples, kfac_approx)
         raise ShapeError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
     if kfac_approx not in ("expand", "reduce"):
         raise ShapeError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}.")
+    if unsupported not in UNSUPPORTED:
+        raise ShapeError(f"unsupported must be one of {UNSUPPORTED}, got {unsupported!r}.")
     if X.shape[0] != y.shape[0]:
         raise ShapeError(f"X and y have different batch sizes: {X.shape[0]} and {y.shape[0]}.")
     if X.shape[0] == 0:

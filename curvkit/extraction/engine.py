@@ -40,7 +40,7 @@ from curvkit.extraction.checks import (
 from curvkit.extraction.gram import homogeneous_cross
 from curvkit.extraction.layers import PARAMETRISED, LinearNode
 from curvkit.extraction.losses import make_loss_handler
-from curvkit.extraction.modules import PARAMETER_FREE, VJPNode
+from curvkit.extraction.modules import PARAMETER_FREE, ParamVJPNode, VJPNode
 from curvkit.records import LayerRecord, Records
 
 
@@ -93,6 +93,7 @@ def extract(
     kfac_approx: str = "expand",
     generator: torch.Generator | None = None,
     factor_dtype: torch.dtype | None = None,
+    unsupported: str = "error",
 ) -> Records:
     r"""Extract curvature quantities of every parametrised layer in one pass.
 
@@ -120,6 +121,10 @@ def extract(
         generator: Random generator for the Monte Carlo labels.
         factor_dtype: dtype of factors and diagonals (float32/float64); default:
             the model's dtype (float32 for half-precision models).
+        unsupported: ``"error"`` (default) raises on a module the sweep cannot
+            factor; ``"gradient"`` passes it through ``torch.func.vjp`` instead: its
+            parameters get gradients (listed in ``Records.unfactored``) but no
+            curvature, and the layers around it keep theirs.
 
     Returns:
         The per-layer records (see :mod:`curvkit.records` for normalisations).
@@ -139,37 +144,100 @@ def extract(
         >>> rec[0].A.shape, rec[0].G["kflr"].shape, rec[0].cross_A.shape
         (torch.Size([5, 5]), torch.Size([3, 3]), torch.Size([5, 4]))
     """
-    q = check_arguments(model, loss_func, X, y, quantities, mc_samples, kfac_approx)
+    q = check_arguments(model, loss_func, X, y, quantities, mc_samples, kfac_approx, unsupported)
+    fwd = forward_pass(model, X, kfra="kfra" in q, unsupported=unsupported)
+    return backward_sweep(
+        fwd, loss_func, y, q, mc_samples, separate_bias, kfac_approx, generator, factor_dtype
+    )
+
+
+@dataclass
+class ForwardPass:
+    """What :func:`forward_pass` keeps for :func:`backward_sweep`.
+
+    Attributes:
+        model: The model.
+        leaves: ``(name, module)`` of its leaf modules, execution order.
+        nodes: One node per leaf (output and backward state).
+        kron: Indices of the trainable layers with Kronecker factors.
+        gradient_only: Indices of modules handled with ``unsupported="gradient"``.
+        output: The model output (detached).
+    """
+
+    model: nn.Module
+    leaves: list
+    nodes: list
+    kron: list[int]
+    gradient_only: list[int]
+    output: Tensor
+
+
+def forward_pass(
+    model: nn.Sequential, X: Tensor, kfra: bool = False, unsupported: str = "error"
+) -> ForwardPass:
+    """Run the model module by module without autograd, keeping what the sweep needs.
+
+    Raises:
+        UnsupportedModuleError: For an unsupported model or module (see :func:`extract`).
+        ShapeError: For unsuitable shapes.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise UnsupportedModuleError(
+            f"extract needs an nn.Sequential model (nested Sequentials are flattened); "
+            f"got {type(model).__name__}."
+        )
     leaves = flatten_sequential(model)
     if not leaves:
         raise UnsupportedModuleError("extract needs a non-empty nn.Sequential model.")
     if len({id(m) for _, m in leaves}) != len(leaves):
         raise UnsupportedModuleError("A module appears twice in the model (weight sharing).")
-    for pos, (name, module) in enumerate(leaves):
-        check_module(name, pos, module, "kfra" in q)
-    trainable = [i for i, (_, m) in enumerate(leaves) if type(m) in PARAMETRISED and _trainable(m)]
-    if not trainable:
+    handling = [check_module(n, pos, m, kfra, unsupported) for pos, (n, m) in enumerate(leaves)]
+    kron = [i for i, (_, m) in enumerate(leaves) if handling[i] == "kron" and _trainable(m)]
+    grad_only = [
+        i for i, (_, m) in enumerate(leaves)
+        if handling[i] == "gradient" and any(p.requires_grad for p in m.parameters())
+    ]  # fmt: skip
+    if not kron:
         raise ShapeError("The model has no trainable parameters in parametrised layers.")
-    fdt = factor_dtype_of(model, factor_dtype)
-    N = X.shape[0]
-
     with torch.no_grad():
-        # forward
         nodes, h = [], X
         for pos, (name, module) in enumerate(leaves):
-            table = PARAMETRISED if type(module) in PARAMETRISED else PARAMETER_FREE
-            if isinstance(module, nn.Linear) and h.dim() != 2:
-                raise ShapeError(
-                    f"Linear at position {pos} (name {name!r}) needs 2-D input [N, in], "
-                    f"got shape {tuple(h.shape)}."
-                )
-            node = table[type(module)](module, h)
-            if isinstance(node, VJPNode) and node.out.shape[:1] != h.shape[:1]:
+            if handling[pos] == "gradient":
+                node = ParamVJPNode(module, h)
+            else:
+                table = PARAMETRISED if handling[pos] == "kron" else PARAMETER_FREE
+                if isinstance(module, nn.Linear) and h.dim() != 2:
+                    raise ShapeError(
+                        f"Linear at position {pos} (name {name!r}) needs 2-D input [N, in], "
+                        f"got shape {tuple(h.shape)}."
+                    )
+                node = table[type(module)](module, h)
+            if isinstance(node, (VJPNode, ParamVJPNode)) and node.out.shape[:1] != h.shape[:1]:
                 raise ShapeError(
                     f"{type(module).__name__} at position {pos} changes the batch dimension."
                 )
             nodes.append(node)
             h = node.out
+    return ForwardPass(model, leaves, nodes, kron, grad_only, h)
+
+
+def backward_sweep(
+    fwd: ForwardPass,
+    loss_func: nn.Module,
+    y: Tensor,
+    q: set[str],
+    mc_samples: int = 1,
+    separate_bias: bool = False,
+    kfac_approx: str = "expand",
+    generator: torch.Generator | None = None,
+    factor_dtype: torch.dtype | None = None,
+) -> Records:
+    """The backward sweep of :func:`extract` after :func:`forward_pass` (checked arguments)."""
+    nodes, leaves, trainable = fwd.nodes, fwd.leaves, fwd.kron
+    fdt = factor_dtype_of(fwd.model, factor_dtype)
+    h = fwd.output
+    N = h.shape[0]
+    with torch.no_grad():
         loss = make_loss_handler(loss_func, h, y)
         R = loss.R
 
@@ -191,8 +259,9 @@ def extract(
         # backward sweep
         records, nxt = [], None
         position = len(trainable)
-        is_trainable = set(trainable)
-        for i in reversed(range(trainable[0], len(nodes))):
+        is_trainable, gradient_only = set(trainable), set(fwd.gradient_only)
+        first = min(trainable + fwd.gradient_only)
+        for i in reversed(range(first, len(nodes))):
             node, (name, module) = nodes[i], leaves[i]
             if i in is_trainable:
                 position -= 1
@@ -201,7 +270,10 @@ def extract(
                     separate_bias, kfac_approx, kfra, nxt,
                 )  # fmt: skip
                 records.append(rec)
-            if i == trainable[0]:
+            elif i in gradient_only:
+                for p, g in zip(node.params, node.param_grads(stack[0])):
+                    _accumulate_grad(p, g)
+            if i == first:
                 break
             residual = None
             if "diag_hessian" in q and getattr(node, "elementwise", False):
@@ -217,6 +289,7 @@ def extract(
                     V += part.shape[0]
                 stack = torch.cat([stack, *(part for part, _ in extra)])
     records.reverse()
+    unfactored = [(leaves[i][0], leaves[i][1], nodes[i].params) for i in sorted(gradient_only)]
     return Records(
         layers=records,
         loss=loss.value(),
@@ -224,6 +297,7 @@ def extract(
         reduction_factor=R,
         kfac_approx=kfac_approx,
         mc_samples=mc_samples,
+        unfactored=unfactored,
     )
 
 

@@ -206,6 +206,38 @@ class VJPNode(Node):
         return torch.vmap(self._vjp)(stack)[0]
 
 
+class ParamVJPNode(Node):
+    """Any module, parameters included, through autograd (``extract(..., unsupported="gradient")``).
+
+    The module runs once with autograd at forward time (side effects such as
+    BatchNorm's running statistics happen once, as in a plain forward pass); the
+    stack passes through its exact transposed Jacobian, and its trainable
+    parameters get the gradient of the loss (row 0), but no curvature.
+    """
+
+    def __init__(self, module, x):
+        self.module = module
+        self.in_shape = x.shape
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            self._x = x.detach().requires_grad_(True)
+            self._out = _run(module, self._x)
+        self.out = self._out.detach()
+
+    def jac_t(self, stack):
+        """See :meth:`Node.jac_t`."""
+        (res,) = torch.autograd.grad(
+            self._out, self._x, stack, retain_graph=True, is_grads_batched=True
+        )
+        return res
+
+    def param_grads(self, g0: Tensor) -> tuple[Tensor, ...]:
+        """Gradients of the trainable parameters for the output gradient ``g0``."""
+        if not self.params:
+            return ()
+        return torch.autograd.grad(self._out, self.params, g0, retain_graph=True)
+
+
 class MaxPoolNode(Node):
     """``MaxPool1d/2d``: scatter the rows to the arg-max positions (overlaps accumulate)."""
 

@@ -1,13 +1,23 @@
-"""Capture the inputs and targets of a closure's forward pass."""
+"""Capture the inputs, targets and forward pass of a closure."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from curvkit.errors import ShapeError
+
+
+def _check(seen: dict) -> None:
+    if len(seen["X"]) != 1 or len(seen["y"]) != 1:
+        raise ShapeError(
+            "The closure must call the model once and the loss function once, as in "
+            f"`lambda: loss_func(model(X), y)`; saw {len(seen['X'])} model call(s) and "
+            f"{len(seen['y'])} loss call(s)."
+        )
 
 
 def capture_batch(
@@ -30,10 +40,63 @@ def capture_batch(
     finally:
         h1.remove()
         h2.remove()
-    if len(seen["X"]) != 1 or len(seen["y"]) != 1:
-        raise ShapeError(
-            "The closure must call the model once and the loss function once, as in "
-            f"`lambda: loss_func(model(X), y)`; saw {len(seen['X'])} model call(s) and "
-            f"{len(seen['y'])} loss call(s)."
-        )
+    _check(seen)
     return seen["X"][0].detach(), seen["y"][0].detach()
+
+
+def capture_forward(
+    net: nn.Module, loss_func: nn.Module, closure: Callable[[], Tensor], forward: Callable
+):
+    """Run ``closure`` once with ``net``'s forward replaced by ``forward(net, X)``.
+
+    ``forward`` returns ``(state, output)``; the closure sees ``output``. This lets
+    an extraction pass reuse the closure's forward pass instead of running its own.
+
+    Returns:
+        ``(X, y, state)``.
+
+    Raises:
+        ShapeError: If the closure does not call the model and the loss once each.
+    """
+    seen: dict[str, list] = {"X": [], "y": [], "state": []}
+
+    def patched(X):
+        seen["X"].append(X)
+        state, out = forward(net, X)
+        seen["state"].append(state)
+        return out
+
+    hook = loss_func.register_forward_pre_hook(lambda m, args: seen["y"].append(args[1]))
+    try:
+        with _instance_forward(net, patched), torch.no_grad():
+            closure()
+    finally:
+        hook.remove()
+    _check(seen)
+    return seen["X"][0].detach(), seen["y"][0].detach(), seen["state"][0]
+
+
+@contextmanager
+def _instance_forward(net: nn.Module, forward: Callable):
+    had = "forward" in net.__dict__
+    old = net.__dict__.get("forward")
+    net.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            net.forward = old
+        else:
+            del net.forward
+
+
+@contextmanager
+def preserved_buffers(model: nn.Module):
+    """Restore every buffer (e.g. BatchNorm running statistics) on exit."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)

@@ -34,12 +34,12 @@ from torch import Tensor, nn
 
 from curvkit.errors import ShapeError
 from curvkit.optim import damping as dm
-from curvkit.optim.capture import capture_batch
+from curvkit.optim.capture import capture_forward, preserved_buffers
 from curvkit.optim.comm import Communicator
 from curvkit.optim.preconditioner import KroneckerPreconditioner
 
 KINDS = ("kfac", "kflr", "empirical")
-FALLBACKS = ("sgd", "adam")
+FALLBACKS = ("adam", "sgd", None)
 
 
 class KFAC(torch.optim.Optimizer):
@@ -82,6 +82,11 @@ class KFAC(torch.optim.Optimizer):
             from a moving average of per-example gradient second moments (needs
             per-example gradients: memory ``N x D`` during the pass).
         seed: Seed of the label sampling.
+        fallback: First-order rule for parameters of modules without Kronecker
+            factors (BatchNorm, LayerNorm, grouped conv, ...): ``"adam"`` (default),
+            ``"sgd"`` (with the group's momentum), or ``None`` to raise instead. It is
+            announced once and applied outside the quadratic model.
+        fallback_lr: Learning rate of the fallback rule.
         comm: Where processes agree in data-parallel training (averaged gradients,
             statistics and curvature products; see :mod:`curvkit.optim.distributed`).
             Default: one process.
@@ -128,6 +133,8 @@ class KFAC(torch.optim.Optimizer):
         factor_dtype: torch.dtype = torch.float32,
         ekfac: bool = False,
         seed: int = 0,
+        fallback: str | None = "adam",
+        fallback_lr: float = 1e-3,
         comm: Communicator | None = None,
     ):
         if kind not in KINDS:
@@ -148,6 +155,10 @@ class KFAC(torch.optim.Optimizer):
             raise ShapeError(f"KFAC: damping must be positive, got {damping}.")
         if lr is not None and lr <= 0:
             raise ShapeError(f"KFAC: lr must be positive or None (automatic step), got {lr}.")
+        if fallback not in FALLBACKS:
+            raise ShapeError(
+                f"KFAC: fallback={fallback!r} is not supported; use one of {FALLBACKS}."
+            )
         if factor_dtype not in (torch.float32, torch.float64):
             raise ShapeError(f"KFAC: factor_dtype must be float32 or float64, got {factor_dtype}.")
         if params is None:
@@ -178,6 +189,8 @@ class KFAC(torch.optim.Optimizer):
         self.preconditioner = KroneckerPreconditioner(
             structure, kind, damping_mode, ema_max, factor_dtype, ekfac
         )
+        self.fallback, self.fallback_lr = fallback, fallback_lr
+        self._announced = False
         self.comm = comm if comm is not None else Communicator()
         self.generator = torch.Generator(device=_device_of(model)).manual_seed(seed)
         self.state["kfac"] = {
@@ -214,21 +227,22 @@ class KFAC(torch.optim.Optimizer):
         """
         st = self.state["kfac"]
         k = st["step"] + 1
-        with self._timer("capture"):
-            X, y = capture_batch(self.model, self.loss_func, closure)
         pre = self.preconditioner
         refresh_due = (k - 1) % self.T_inv == 0 or pre.inverse is None
         stats = (k - 1) % self.T_cov == 0 or pre.updates == 0 or (pre.ekfac and refresh_due)
-        records, stats_records, stats_scale = self._extract(X, y, stats)
+        records, stats_records, stats_scale, X, y = self._extract(closure, stats)
         loss = records.loss
         params = records.params
+        others = [p for _, _, ps in records.unfactored for p in ps]
+        self._announce(records)
         grads = [p.grad for p in params]
-        bad = not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in grads)
-        if self.comm.any(bad):
+        other_grads = [p.grad for p in others]
+        finite = [bool(torch.isfinite(g).all()) for g in grads + other_grads]
+        if self.comm.any(not torch.isfinite(loss) or not all(finite)):
             return self._reject(k, loss, "non-finite loss or gradient")
         with self._timer("communication"):
             loss = loss.clone()
-            self.comm.average_([*grads, loss])
+            self.comm.average_([*grads, *other_grads, loss])
         if stats:
             try:
                 with self._timer("factors"):
@@ -261,14 +275,15 @@ class KFAC(torch.optim.Optimizer):
                     update, model_change = self._automatic_update(X, y, params, flat_g, proposal)
             else:
                 update, model_change = self._fixed_lr_update(params, flat_g, proposal), None
-        if self.comm.any(not bool(torch.isfinite(update).all())):
+        other_update = self._fallback_update(others, other_grads)
+        if self.comm.any(not bool(torch.isfinite(torch.cat([update, other_update])).all())):
             return self._reject(k, loss, "non-finite update")
-        self._apply(params, update)
+        self._apply(params + others, torch.cat([update, other_update]))
         st["step"] = k
         if automatic:
             st["prev_update"] = update
         if self.adapt_damping and model_change is not None and k % self.T1 == 0:
-            with self._timer("rho"), torch.no_grad():
+            with self._timer("rho"), torch.no_grad(), preserved_buffers(self.model):
                 new_loss = self.comm.average_scalar(float(closure()))
             rho = dm.reduction_ratio(new_loss, float(loss), model_change)
             st["last_rho"] = rho
@@ -280,41 +295,85 @@ class KFAC(torch.optim.Optimizer):
         return loss
 
     # -- pieces --------------------------------------------------------------------------
-    def _extract(self, X: Tensor, y: Tensor, stats: bool):
-        """Gradient of the whole batch and, if ``stats``, statistics of a fraction of it.
+    def _extract(self, closure, stats: bool):
+        """The closure's forward pass, one backward sweep; statistics of a subset if asked.
 
         Returns:
-            ``(records, stats_records, scale)``; ``stats_records`` is ``None`` without
-            statistics, ``scale`` rescales a subset's sum-reduced factors to the batch.
+            ``(records, stats_records, scale, X, y)``; ``stats_records`` is ``None``
+            without statistics, ``scale`` rescales a subset's sum-reduced factors.
         """
         from curvkit.extraction import extract
+        from curvkit.extraction.engine import backward_sweep, forward_pass
+
+        unsupported = "error" if self.fallback is None else "gradient"
+
+        def forward(net, X):
+            fwd = forward_pass(net, X, unsupported=unsupported)
+            return fwd, fwd.output
 
         with self._timer("extraction"):
             for p in self._all_params():
                 p.grad = None
+            X, y, fwd = capture_forward(self.net, self.loss_func, closure, forward)
             N = X.shape[0]
             n_stats = max(1, int(round(self.stats_fraction * N)))
-            quantities = self.preconditioner.quantities if stats else ()
+            quantities = set(self.preconditioner.quantities) if stats else set()
             kwargs = dict(mc_samples=self.mc_samples, generator=self.generator)
             if not stats or n_stats == N:
-                rec = extract(self.net, self.loss_func, X, y, quantities=quantities, **kwargs)
-                return rec, (rec if stats else None), 1.0
-            full = extract(self.net, self.loss_func, X, y, quantities=())
-            grads = [p.grad for p in full.params]
-            for p in full.params:
+                rec = backward_sweep(fwd, self.loss_func, y, quantities, **kwargs)
+                return rec, (rec if stats else None), 1.0, X, y
+            full = backward_sweep(fwd, self.loss_func, y, set())
+            grads = [p.grad for p in self._all_params()]
+            for p in self._all_params():
                 p.grad = None
             sub = extract(
-                self.net,
-                self.loss_func,
-                X[:n_stats],
-                y[:n_stats],
-                quantities=quantities,
-                **kwargs,
-            )
-            for p, g in zip(full.params, grads):
+                self.net, self.loss_func, X[:n_stats], y[:n_stats], quantities=quantities,
+                unsupported=unsupported, **kwargs,
+            )  # fmt: skip
+            for p, g in zip(self._all_params(), grads):
                 p.grad = g
             scale = (full.reduction_factor * N) / (sub.reduction_factor * n_stats)
-            return full, sub, scale
+            return full, sub, scale, X, y
+
+    def _announce(self, records) -> None:
+        if records.unfactored and not self._announced:
+            names = ", ".join(f"{type(m).__name__} {n!r}" for n, m, _ in records.unfactored)
+            warnings.warn(
+                f"KFAC: no Kronecker factors for {names}; their parameters are updated by "
+                f"{self.fallback} (lr={self.fallback_lr}) outside the K-FAC step.",
+                stacklevel=3,
+            )
+            self._announced = True
+
+    def _fallback_update(self, params, grads) -> Tensor:
+        """First-order updates (flat) of the parameters without Kronecker factors."""
+        if not params:
+            return torch.zeros(0, device=self._flat_device(), dtype=self._flat_dtype())
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        out = []
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if self.fallback == "sgd":
+                mom = group_of[p]["momentum"] if p in group_of else 0.0
+                buf = state.get("momentum_buffer")
+                buf = g.clone() if buf is None else buf.mul_(mom).add_(g)
+                state["momentum_buffer"] = buf
+                d = -self.fallback_lr * buf
+            else:  # Adam (Kingma & Ba 2015), betas (0.9, 0.999), eps 1e-8
+                t = state["adam_step"] = state.get("adam_step", 0) + 1
+                m = state["exp_avg"] = state.get("exp_avg", torch.zeros_like(g)).mul_(0.9)
+                v = state["exp_avg_sq"] = state.get("exp_avg_sq", torch.zeros_like(g)).mul_(0.999)
+                m.add_(g, alpha=0.1)
+                v.addcmul_(g, g, value=0.001)
+                d = -self.fallback_lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+            out.append(d.reshape(-1))
+        return torch.cat(out)
+
+    def _flat_device(self):
+        return self.param_groups[0]["params"][0].device
+
+    def _flat_dtype(self):
+        return self.param_groups[0]["params"][0].dtype
 
     def _refresh(self, gamma: float | None = None) -> None:
         with self._timer("inverses"):
@@ -391,7 +450,10 @@ class KFAC(torch.optim.Optimizer):
             lr = self.param_groups[0]["lr"]
             nu = dm.kl_clip_factor(lr, float(flat_g @ proposal), kl)
         for p, d in zip(params, chunks):
-            group = group_of[p]
+            group = group_of.get(p)
+            if group is None:  # not given to this optimiser: left unchanged by _apply
+                out.append(torch.zeros_like(d))
+                continue
             d = d.view_as(p) * nu
             if group["momentum"]:
                 buf = self.state[p].get("momentum_buffer")
@@ -405,6 +467,8 @@ class KFAC(torch.optim.Optimizer):
     def _apply(self, params, update: Tensor) -> None:
         group_of = {p: g for g in self.param_groups for p in g["params"]}
         for p, d in zip(params, update.split([p.numel() for p in params])):
+            if p not in group_of:  # a parameter this optimiser was not given
+                continue
             group = group_of[p]
             if group["weight_decay"]:
                 p.mul_(1 - (group["lr"] or 1.0) * group["weight_decay"])

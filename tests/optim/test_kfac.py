@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -459,3 +460,62 @@ def test_stats_fraction_uses_a_rescaled_subset(reduction):
     )
     opt.step(lambda: loss_func(model(X), y))
     torch.testing.assert_close(_flat(model), expected, rtol=1e-9, atol=1e-11)
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 6),
+        nn.BatchNorm1d(6),
+        nn.Tanh(),
+        nn.Linear(6, 5),
+        nn.LayerNorm(5),
+        nn.Linear(5, 3),
+    ).to(DT)
+
+
+@pytest.mark.parametrize("rule", ["adam", "sgd"])
+def test_unsupported_layers_fall_back_to_first_order_rule(rule):
+    model = _bn_model()
+    ref = copy.deepcopy(model)
+    loss_func = nn.CrossEntropyLoss()
+    X, y = _data(N=16, d_in=4)
+    opt = ck.optim.KFAC(model, loss_func, lr=0.1, damping=0.1, fallback=rule, fallback_lr=0.01)
+    with pytest.warns(UserWarning, match="BatchNorm1d '1', LayerNorm '4'"):
+        opt.step(lambda: loss_func(model(X), y))
+    # reference: the first-order rule on the same gradients
+    others = [ref[1].weight, ref[1].bias, ref[4].weight, ref[4].bias]
+    first_order = (torch.optim.Adam if rule == "adam" else torch.optim.SGD)(others, lr=0.01)
+    loss_func(ref(X), y).backward()
+    first_order.step()
+    for name in ("1", "4"):
+        for pname in ("weight", "bias"):
+            got = getattr(model.get_submodule(name), pname)
+            want = getattr(ref.get_submodule(name), pname)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)  # one forward
+    assert not torch.equal(model[0].weight, ref[0].weight)  # factored layers moved by K-FAC
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # announced only once
+        opt.step(lambda: loss_func(model(X), y))
+
+
+def test_fallback_none_raises_on_unsupported_layers():
+    model = _bn_model()
+    loss_func = nn.CrossEntropyLoss()
+    X, y = _data(N=16, d_in=4)
+    opt = ck.optim.KFAC(model, loss_func, fallback=None)
+    with pytest.raises(ck.UnsupportedModuleError, match="BatchNorm1d"):
+        opt.step(lambda: loss_func(model(X), y))
+
+
+def test_one_forward_pass_per_step():
+    model = _mlp()
+    loss_func = nn.CrossEntropyLoss()
+    X, y = _data()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    opt = ck.optim.KFAC(model, loss_func, lr=0.1)
+    for _ in range(3):
+        opt.step(lambda: loss_func(model(X), y))
+    assert len(calls) == 3  # the closure's forward is the extraction's forward
