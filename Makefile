@@ -1,7 +1,6 @@
 # Task runner. `make run` and `make test` install the package first, so both work
 # on a fresh clone; constraints.txt keeps pip on the CPU build of torch.
 PYTHON ?= python3
-PROBLEM ?= mnist_autoencoder
 
 .PHONY: install run test lint format clean
 
@@ -9,7 +8,7 @@ install:
 	$(PYTHON) -m pip install --quiet --root-user-action=ignore -c constraints.txt -e ".[test]"
 
 run: install
-	$(PYTHON) -m curvkit.cli extract --problem $(PROBLEM)
+	$(PYTHON) -m curvkit.cli report --out results/report
 
 test: install lint
 	$(PYTHON) -m pytest

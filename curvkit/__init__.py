@@ -65,6 +65,7 @@ _SUBMODULES = (
     "metrics",
     "spectral",
     "tracking",
+    "report",
 )
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from curvkit import report, train
 from curvkit.errors import CurvkitError, ShapeError
 from curvkit.extraction import QUANTITIES
 
@@ -262,6 +263,8 @@ COMMANDS = {
         _add_extract,
         _run_extract,
     ),
+    "report": Command(report.HELP, report.add_arguments, report.run),
+    "train": Command(train.HELP, train.add_arguments, train.run),
 }
 
 
