@@ -66,6 +66,8 @@ _SUBMODULES = (
     "spectral",
     "tracking",
     "report",
+    "distributed",
+    "launch",
 )
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)

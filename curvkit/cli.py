@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         error, 2 on bad usage (argparse exits with it directly).
     """
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # e.g. to re-launch (--nproc)
     try:
         return COMMANDS[args.command].run(args)
     except CurvkitError as e:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -75,6 +76,10 @@ def assign_layers(costs: Sequence[float], world_size: int) -> list[int]:
     Returns:
         The owner (rank) of each layer; ties go to the lower layer and rank, so every
         process computes the same assignment.
+
+    Example:
+        >>> assign_layers([8.0, 1.0, 1.0, 8.0], world_size=2)
+        [0, 0, 1, 1]
     """
     load = [0.0] * world_size
     owners = [0] * len(costs)
@@ -97,11 +102,8 @@ def flatten(obj) -> tuple[list[Tensor], object]:
         return [obj], ("tensor", tuple(obj.shape), obj.dtype)
     if isinstance(obj, (list, tuple)):
         parts = [flatten(item) for item in obj]
-        return [t for leaves, _ in parts for t in leaves], (
-            "nest",
-            type(obj),
-            [s for _, s in parts],
-        )
+        leaves = [t for sub, _ in parts for t in sub]
+        return leaves, ("nest", type(obj), [layout for _, layout in parts])
     raise ShapeError(f"flatten: cannot send an object of type {type(obj).__name__}.")
 
 
@@ -139,10 +141,12 @@ class DistributedCommunicator(Communicator):
             the same processes). Default: the process group's own timeout.
 
     Attributes:
-        timers: Seconds spent per phase: ``"any"``, ``"average/gradients"``,
-            ``"average/factors"``, ``"average/ekfac_scales"``, ``"average/ggn_products"``,
-            ``"average_scalar"``, ``"inverse/compute"``, ``"inverse/broadcast"``.
-        counts: Collective calls per phase (same keys).
+        timers: Seconds per phase (host wall-clock, waiting for slower processes
+            included): ``"any"``, ``"average/gradients"``, ``"average/factors"``,
+            ``"average/ekfac_scales"``, ``"average/ggn_products"`` (named after the
+            caller of :meth:`average_`), ``"average_scalar"``, ``"inverse/compute"``,
+            ``"inverse/agree"``, ``"inverse/broadcast"``.
+        counts: Collective calls per phase (same keys, but ``"inverse/compute"``).
 
     Raises:
         ShapeError: If ``torch.distributed`` is not initialised or the assignment is unknown.
@@ -173,7 +177,9 @@ class DistributedCommunicator(Communicator):
                 backend=self.backend,
                 use_local_synchronization=True,
             )
-        self.group = group
+        # a weak reference: a process group must not outlive destroy_process_group(),
+        # or gloo may abort when it is finally freed at interpreter exit
+        self._group = weakref.ref(group)
         self.timeout = timeout
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -184,6 +190,17 @@ class DistributedCommunicator(Communicator):
         self.timers: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self._layouts: dict = {}
+
+    @property
+    def group(self):
+        """The process group of the collectives (alive until ``destroy_process_group``)."""
+        group = self._group()
+        if group is None:
+            raise DistributedError(
+                f"Process {self.rank}: the process group was destroyed; build a new "
+                "DistributedCommunicator after init_process_group()."
+            )
+        return group
 
     # -- collectives ---------------------------------------------------------------------
     def _run(self, phase: str, what: str, fn: Callable[[], object]):
@@ -292,7 +309,9 @@ class DistributedCommunicator(Communicator):
     def _tridiagonal(self, pre, damping: float):
         r"""Tri-diagonal inverse (M&G §4.3): eigendecompositions first, then the chain pieces."""
         eig = self._distribute(pre, "eig", lambda i: [km.eigh_psd(pre.G[i]), km.eigh_psd(pre.A[i])])
-        pieces = self._distribute(pre, "chain", lambda i: _chain_piece(pre, eig, i, damping))
+        pieces = self._distribute(
+            pre, "chain", lambda i: _chain_piece(pre, eig, i, damping), _chain_costs(pre)
+        )
         L = len(pre.layers)
         fallback = [
             (pre.layers[i].name, pre.layers[i + 1].name, "no cross factor")
@@ -302,8 +321,11 @@ class DistributedCommunicator(Communicator):
         psi = [pieces[i][0] for i in range(L - 1)]
         return TriDiagonalInverse(pre.layers, psi, [p[1] for p in pieces]), fallback
 
-    def _distribute(self, pre, stage: str, compute: Callable[[int], object]) -> list:
-        """``compute(i)`` for every layer ``i``, each on its owner, broadcast to all."""
+    def _distribute(self, pre, stage: str, compute: Callable[[int], object], costs=None) -> list:
+        """``compute(i)`` for every layer ``i``, each on its owner, broadcast to all.
+
+        Owners come from :func:`assign_layers` with ``costs`` (default: :func:`_costs`).
+        """
         key = (
             stage,
             pre.structure,
@@ -314,8 +336,7 @@ class DistributedCommunicator(Communicator):
         )
         layout = self._layouts.get(key)
         if layout is None:
-            costs = [a.shape[0] ** 3 + g.shape[0] ** 3 for a, g in zip(pre.A, pre.G)]
-            owners = assign_layers(costs, self.world_size)
+            owners = assign_layers(_costs(pre) if costs is None else costs, self.world_size)
         else:
             owners = layout[0]
         start, local, error = time.perf_counter(), {}, None
@@ -379,6 +400,26 @@ class DistributedCommunicator(Communicator):
                     offset += n
                 out[i] = unflatten(specs[i], leaves)
         return out
+
+
+def _costs(pre) -> list[float]:
+    r"""Per layer :math:`d_A^3 + d_G^3`: the cost of its two eigendecompositions."""
+    return [float(a.shape[0] ** 3 + g.shape[0] ** 3) for a, g in zip(pre.A, pre.G)]
+
+
+def _chain_costs(pre) -> list[float]:
+    r"""Cost of layer :math:`i`'s chain piece, in units of :func:`_costs` :math:`c_i`.
+
+    Linked to the next layer: :math:`2c_i + c_{i+1}` (two generalised eigenproblems of
+    layer :math:`i`'s sizes, products with layer :math:`i+1`'s inverses); otherwise
+    :math:`c_i/4` (two inverses from known eigendecompositions). Fitted to timings
+    of the half-width autoencoder; only the balance between processes depends on it.
+    """
+    c = _costs(pre)
+    return [
+        2 * c[i] + c[i + 1] if i + 1 < len(c) and _linked(pre, i) else c[i] / 4
+        for i in range(len(c))
+    ]
 
 
 def _linked(pre, i: int) -> bool:
