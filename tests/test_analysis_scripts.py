@@ -1,0 +1,126 @@
+"""The research scripts in analysis/ run end to end with ``--quick`` and write what they promise.
+
+Beyond "it runs", each test checks a property the script's numbers must have
+whatever the random draws: exact cases of the approximations, dense
+cross-checks of the matrix-free estimates, structural zeros.
+"""
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import curvkit as ck
+
+ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"analysis_{name}", ANALYSIS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def test_compare_approximations_quick(tmp_path):
+    script = load("compare_approximations")
+    docs = tmp_path / "docs"
+    res = script.main(["--quick", "--out", str(tmp_path / "out"), "--docs", str(docs)])
+    out = tmp_path / "out"
+    for f in ("metrics.csv", "block_errors.csv", "block_mass.csv", "training.csv"):
+        assert (out / f).is_file(), f
+    for f in script.DOCS_FIGURES:
+        assert (docs / f).is_file(), f
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert set(metrics["approx"]) == set(script.approximations(0))
+    assert set(metrics["checkpoint"]) == {"init", "trained"}
+    frob = metrics[metrics["metric"] == "frobenius"].set_index(["checkpoint", "approx", "block"])
+    last = f"W{len(script.parse_args(['--quick']).widths) - 1}"
+    for tag in ("init", "trained"):
+        # MSE, linear output layer: the last GGN block is (2/C) I (x) A, and so is KFLR's
+        assert frob.loc[(tag, "KFLR", last), "value"] < 1e-10
+        # but block-diagonal KFLR misses every cross-layer block: a positive whole-matrix error
+        assert frob.loc[(tag, "KFLR", "all"), "value"] > 1e-6
+    mass = pd.read_csv(out / "block_mass.csv").set_index(["checkpoint", "kind", "name"])
+    shares = mass[["diagonal", "first_off_diagonal", "beyond"]].dropna()
+    assert len(shares) == len(mass) - 2  # the diagonal GGN has no off-diagonal entries
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0)
+    for tag in ("init", "trained"):
+        # structural zeros: block-diagonal inverse, block-tri-diagonal inverse (M&G §4.3)
+        kflr = mass.loc[(tag, "inverse", "KFLR inverse")]
+        assert kflr["first_off_diagonal"] + kflr["beyond"] < 1e-20
+        assert mass.loc[(tag, "inverse", "tri-diag KFLR inverse"), "beyond"] < 1e-20
+        assert mass.loc[(tag, "inverse", "exact (G + λI)⁻¹"), "beyond"] > 1e-8
+    assert res["wall"] > 0
+
+
+def test_spectra_quick(tmp_path):
+    script = load("spectra")
+    res = script.main(["--quick", "--out", str(tmp_path), "--docs", str(tmp_path / "docs")])
+    for f in ("eigenvalues.csv", "densities.csv", "traces.csv", "crosscheck.csv", "gaps.csv"):
+        assert (tmp_path / f).is_file(), f
+    assert (tmp_path / "spec_density_tiny_mlp.png").is_file()
+    assert (tmp_path / "docs" / "spec_ranks_tiny_mlp.png").is_file()
+    cross = res["crosscheck"]
+    assert set(cross["operator"]) == set(script.OPERATORS)
+    # restarted Lanczos against dense eigvalsh on the same matrices (float64)
+    assert cross["rel_diff"].max() < 1e-8
+    traces = res["traces"]
+    assert traces["stderr"].gt(0).all() and np.isfinite(traces["exact"]).all()
+    eig = res["eigenvalues"]
+    hess = eig[(eig["operator"] == "Hessian") & (eig["method"] == "lanczos")]
+    assert hess[hess["which"] == "SA"]["value"].max() <= hess[hess["which"] == "LA"]["value"].min()
+
+
+def test_spectra_exact_traces_match_dense():
+    """The matrix-free exact traces (used where D is too large to densify) against dense ones."""
+    script = load("spectra")
+    p = ck.problems.get_problem("tiny_mlp", seed=1, dtype=torch.float64)
+    data = p.train
+    got = script.exact_traces(p.model, p.loss_func, data)
+    ops = script.operators(p.model, p.loss_func, data, seed=0)
+    for name, value in got.items():
+        assert value == pytest.approx(float(torch.trace(ops[name].to_dense())), rel=1e-10), name
+
+
+def test_kfac_expand_vs_reduce_quick(tmp_path):
+    script = load("kfac_expand_vs_reduce")
+    res = script.main(["--quick", "--out", str(tmp_path)])
+    for f in ("metrics.csv", "timings.csv", "conv_frobenius.png", "conv_cosine.png"):
+        assert (tmp_path / f).is_file(), f
+    m = res["metrics"]
+    assert set(m["kfac_approx"]) == {"expand", "reduce"}
+    keys = ["checkpoint", "kind", "block", "metric", "damping", "direction"]
+    wide = m.pivot_table(index=keys, columns="kfac_approx", values="value", dropna=False)
+    wide = wide.dropna()
+    linear = wide[wide.index.get_level_values("block").str.startswith("Linear")]
+    conv = wide[wide.index.get_level_values("block").str.startswith("Conv2d")]
+    # no weight sharing in a Linear layer: expand and reduce are the same approximation
+    assert len(linear) > 0
+    np.testing.assert_allclose(linear["expand"], linear["reduce"], rtol=1e-8, atol=1e-12)
+    # on conv layers they are different approximations
+    assert (conv["expand"] - conv["reduce"]).abs().max() > 1e-3
+
+
+def test_bench_spectral_quick(tmp_path):
+    script = load("bench_spectral")
+    res = script.main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "spec_bench_mlp_ggn.png").is_file()
+    bench = pd.read_csv(tmp_path / "bench.csv")
+    assert (bench["wall_s"] > 0).all()
+    lanczos = bench[bench["task"].str.contains("Lanczos")].iloc[0]
+    assert lanczos["matvecs"] >= res["eigenvalues"].shape[0]
+    eig = res["eigenvalues"]
+    # float32 Lanczos against float64 dense eigvalsh of the same GGN
+    np.testing.assert_allclose(eig["value"], eig["dense"], rtol=0, atol=1e-4 * eig["dense"].max())
