@@ -1,0 +1,203 @@
+"""The ``curvkit train`` job and its training loop (``curvkit/train.py``).
+
+References: a plain PyTorch loop over the same batches (the job's loop must
+reproduce it bit for bit), a hand-rolled K-FAC loop, hand-built curves whose
+steps-to-target are known, and the files the job promises.
+"""
+
+import copy
+import importlib.util
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import curvkit as ck
+from curvkit import train as T
+from curvkit.cli import main
+from tests.reference import DEVICES
+
+ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
+
+
+def run_cli(args, capsys):
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def plain_loop(problem, make_opt, first_order, steps, batch_size, seed):
+    """Reference: the same batches, a fresh copy of the model, a textbook loop."""
+    model = copy.deepcopy(problem.model)
+    loss_func = problem.loss_func
+    opt = make_opt(model, loss_func)
+    loader = problem.loader(batch_size, seed=seed, drop_last=True)
+    done = 0
+    while done < steps:
+        for X, y in loader:
+            if done == steps:
+                break
+            if first_order:
+                opt.zero_grad()
+                loss_func(model(X), y).backward()
+                opt.step()
+            else:
+                opt.step(lambda X=X, y=y: loss_func(model(X), y))
+            done += 1
+    with torch.no_grad():
+        return float(loss_func(model(problem.train[0]), problem.train[1]))
+
+
+CASES = [
+    pytest.param(
+        "sgd", 0.3,
+        lambda m, lf: torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9, nesterov=True),
+        True, id="sgd-nesterov",
+    ),
+    pytest.param(
+        "adam", 1e-2, lambda m, lf: torch.optim.Adam(m.parameters(), lr=1e-2), True, id="adam"
+    ),
+    pytest.param(
+        "kfac", None, lambda m, lf: ck.optim.KFAC(m, lf, damping=1e-3), False, id="kfac-auto"
+    ),
+    pytest.param(
+        "kfac-lr", 0.1,
+        lambda m, lf: ck.optim.KFAC(m, lf, lr=0.1, momentum=0.9, damping=1e-2),
+        False, id="kfac-fixed-lr",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name, lr, make_opt, first_order", CASES)
+def test_train_run_matches_a_plain_loop(name, lr, make_opt, first_order, device):
+    problem = ck.problems.get_problem("tiny_mlp", seed=1, n_train=48, device=device)
+    steps, batch = 7, 16  # more steps than batches per epoch: crosses an epoch boundary
+    rows = T.train_run(problem, name, lr, steps, batch, seed=1, eval_every=3)
+    expected = plain_loop(problem, make_opt, first_order, steps, batch, seed=1)
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    evaluated = [r["step"] for r in rows if not math.isnan(r["train_loss"])]
+    assert evaluated == [0, 3, 6, 7]
+    assert T.final_loss(rows) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    seconds = [r["seconds"] for r in rows]
+    assert seconds == sorted(seconds) and seconds[-1] > 0
+    with torch.no_grad():  # the problem's own model is left as it was
+        initial = float(problem.loss_func(problem.model(problem.train[0]), problem.train[1]))
+    assert rows[0]["train_loss"] == pytest.approx(initial, rel=1e-6)
+
+
+def test_diverging_run_stops_with_inf_and_tuning_avoids_it():
+    problem = ck.problems.get_problem("tiny_mlp", seed=0, task="regression")
+    rows = T.train_run(problem, "sgd", 1e4, 20, 32, seed=0, eval_every=5)
+    assert T.final_loss(rows) == math.inf
+    assert len(rows) < 21
+    best, tuning = T.tune_lr(problem, "sgd", (1e-2, 1e4), 10, 32, eval_every=5)
+    assert best == 1e-2
+    assert set(pd.DataFrame(tuning)["lr"]) == {1e-2, 1e4}
+
+
+def test_summarize_steps_and_seconds_to_target():
+    def curve(name, seed, losses, dt):
+        return [
+            dict(optimizer=name, seed=seed, lr=0.1, step=k, seconds=k * dt, train_loss=v)
+            for k, v in enumerate(losses)
+        ]
+
+    rows = curve("adam", 0, [4.0, 2.0, 1.0, 0.5], 1.0) + curve("adam", 1, [4.0, 3.0, 2.0, 1.5], 1.0)
+    target = (0.5 + 1.5) / 2  # mean final loss of the reference
+    rows += curve("kfac", 0, [4.0, 0.9, 0.8], 10.0) + curve("kfac", 1, [4.0, 1.2, 2.0], 10.0)
+    rows += curve("sgd", 0, [4.0, 3.0, 3.0, 3.0], 0.5)
+    summary = T.summarize(rows, reference="adam").set_index("optimizer")
+    assert summary.loc["adam", "target"] == target
+    assert summary.loc["adam", "reached"] == "1/2"  # seed 0 is at 1.0 at step 2
+    assert summary.loc["adam", "steps_to_target"] == 2
+    assert summary.loc["kfac", "reached"] == "1/2"  # seed 1 never goes below 1.0
+    assert summary.loc["kfac", "steps_to_target"] == 1
+    assert summary.loc["kfac", "seconds_to_target"] == 10.0
+    assert summary.loc["kfac", "final_loss"] == pytest.approx((0.8 + 2.0) / 2)
+    assert summary.loc["kfac", "ms_per_step"] == pytest.approx(1e4)
+    assert summary.loc["sgd", "reached"] == "0/1"
+    assert math.isnan(summary.loc["sgd", "steps_to_target"])
+
+
+def test_cli_train_quick_writes_curves_summary_and_figure(tmp_path, capsys):
+    out = tmp_path / "train"
+    args = ["train", "--problem", "tiny_mlp", "--quick", "--quiet", "--out", str(out)]
+    code, stdout, err = run_cli([*args, "--optimizers", "sgd,adam,kfac", "--tune"], capsys)
+    assert code == 0, err
+    curves = pd.read_csv(out / "curves.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["optimizer"]) == ["sgd", "adam", "kfac"]
+    # --quick: 5 steps of K-FAC, 15 of the first-order methods, one seed
+    assert curves.groupby("optimizer")["step"].max().to_dict() == {"sgd": 15, "adam": 15, "kfac": 5}
+    # same model for every optimiser: identical loss before the first step
+    assert curves[curves["step"] == 0]["train_loss"].nunique() == 1
+    tuning = pd.read_csv(out / "tuning.csv")
+    assert set(tuning["optimizer"]) == {"sgd", "adam"}  # K-FAC (auto) has nothing to tune
+    for name in ("sgd", "adam"):
+        finals = tuning[tuning["optimizer"] == name].groupby("lr")["train_loss"].last()
+        assert summary.set_index("optimizer").loc[name, "lr"] == finals.idxmin()
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| optimizer |" in (out / "summary.md").read_text()
+    assert "kfac" in stdout and "wrote" in stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        pytest.param(["--optimizers", "sgd,lbfgs"], "lbfgs", id="unknown-optimizer"),
+        pytest.param(["--lr", "sgd:0.1"], "NAME=VALUE", id="malformed-lr"),
+        pytest.param(["--lr", "adam=fast"], "not a number", id="lr-not-a-number"),
+        pytest.param(["--steps", "0"], "--steps", id="zero-steps"),
+        pytest.param(["--problem", "imagenet"], "imagenet", id="unknown-problem"),
+    ],
+)
+def test_cli_train_rejects_bad_arguments(args, message, capsys, tmp_path):
+    code, _, err = run_cli(["train", "--quiet", "--out", str(tmp_path), *args], capsys)
+    assert code == 1
+    assert message in err
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"analysis_{name}", ANALYSIS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "losses, region",
+    [
+        pytest.param([3.0, 1.2, 1.0, 1.4, 9.0], (1e-2, 1.0, 2.0, "3/5"), id="middle"),
+        pytest.param([1.0, 1.1, math.inf, 1.0, 1.2], (1e-3, 1e-2, 1.0, "2/5"), id="gap"),
+        pytest.param([9.0, 9.0, 9.0, 9.0, 1.0], (10.0, 10.0, 0.0, "1/5"), id="edge"),
+    ],
+)
+def test_stability_good_region(losses, region):
+    script = load("stability")
+    values = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    got = script.good_region(values, losses, tolerance=1.5)
+    lo, hi, width, good = region
+    assert (got["lo"], got["hi"], got["good"]) == (lo, hi, good)
+    assert got["width_decades"] == pytest.approx(width)
+
+
+def test_stability_and_sgd_ngd_kfac_quick(tmp_path):
+    stability = load("stability")
+    res = stability.main(
+        ["--quick", "--problem", "tiny_mlp", "--batch-size", "32", "--out", str(tmp_path / "s")]
+    )
+    assert set(res["regions"]["method"]) == {"sgd", "adam", "kfac", "kfac-lr", "kfac-kl"}
+    assert (tmp_path / "s" / "stability.png").is_file()
+    exp2 = load("sgd_ngd_kfac")
+    res = exp2.main(["--quick", "--problem", "tiny_mlp", "--out", str(tmp_path / "n")])
+    assert list(res["summary"]["optimizer"]) == ["sgd", "ngd", "kfac", "kfac-lr"]
+    # the tuned seed-0 run is the tuning run of the chosen learning rate, reused as is
+    curves = res["curves"]
+    assert curves[(curves["optimizer"] == "sgd")]["lr"].nunique() == 1
