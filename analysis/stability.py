@@ -11,7 +11,7 @@ M&G's sparse initialisation is used).
 
 Grids (half-decade spacing for learning rates, one decade for damping):
 - SGD (Nesterov 0.9): learning rate 1e-3 ... 3;
-- Adam: learning rate 1e-5 ... 3e-2;
+- Adam: learning rate 1e-4 ... 0.3;
 - K-FAC block-diagonal, automatic step with Levenberg–Marquardt adaptation
   (M&G §6–7): initial damping 1e-5 ... 10;
 - K-FAC block-diagonal, fixed learning rate ``--kfac-lr`` with momentum 0.9, no
@@ -19,11 +19,16 @@ Grids (half-decade spacing for learning rates, one decade for damping):
   2017, ``kl_clip=1e-3``).
 Every run has the same budget (``--steps`` steps of ``--batch-size`` examples).
 
-A grid value is *good* when its final training loss (mean over seeds) is at
-most ``--tolerance`` (default 1.5) times the best final loss that method
-reached on its grid; the *width* is log10(largest / smallest good value) of the
-contiguous good run around the best value. A diverged run counts as
-infinitely bad.
+Two notions of a good value, both applied to the final training loss (mean
+over seeds; a diverged run counts as infinitely bad):
+- *relative*: at most ``--tolerance`` (default 2) times the best final loss
+  the same method reached on its grid;
+- *absolute*: at most ``--bar`` (default 2) times the best final loss of the
+  reference method ``--reference`` (default tuned SGD): "as good as
+  well-tuned SGD, up to a factor 2".
+The *width* of a region is log10(largest / smallest good value) of the
+contiguous good run around the method's best value (0: a single grid value;
+empty when even the best value misses the bar).
 
 Outputs in ``--out`` (default ``results/stability``): ``runs.csv`` (every run's
 final loss), ``stability.csv`` / ``stability.md`` (good region per method),
@@ -75,43 +80,73 @@ def sweeps(kfac_lr: float) -> dict:
     dampings = _decades(1e-5, 10.0, 1.0)
     return {
         "sgd": ("SGD (Nesterov 0.9)", "learning rate", _decades(1e-3, 3.0, 0.5), None),
-        "adam": ("Adam", "learning rate", _decades(1e-5, 3e-2, 0.5), None),
+        "adam": ("Adam", "learning rate", _decades(1e-4, 0.3, 0.5), None),
         "kfac": ("K-FAC (auto, LM)", "initial damping", dampings, kfac_auto),
         "kfac-lr": (f"K-FAC (lr {kfac_lr:g})", "damping", dampings, kfac_fixed),
         "kfac-kl": (f"K-FAC (lr {kfac_lr:g}, KL clip)", "damping", dampings, kfac_kl),
     }
 
 
-def good_region(values, losses, tolerance: float) -> dict:
-    """The contiguous run of grid values around the best whose loss is within ``tolerance``.
+def good_region(values, losses, threshold: float) -> dict:
+    """The contiguous run of grid values around the best whose loss is at most ``threshold``.
 
     Args:
         values: Grid values, increasing.
         losses: Mean final loss per value (``inf`` for diverged runs).
-        tolerance: Factor on the best loss.
+        threshold: Largest acceptable loss.
 
     Returns:
-        ``best``, ``best_loss``, ``lo``, ``hi``, ``width_decades``, ``good`` (count).
+        ``lo``, ``hi``, ``width`` (decades) and ``good`` (count of grid values in
+        the run); ``lo``, ``hi`` and ``width`` are ``nan`` when even the best value
+        misses the threshold.
     """
     losses = np.asarray(losses, dtype=float)
     i = int(np.argmin(losses))
-    ok = losses <= tolerance * losses[i]
+    if not losses[i] <= threshold:
+        return {"lo": math.nan, "hi": math.nan, "width": math.nan, "good": f"0/{len(values)}"}
+    ok = losses <= threshold
     lo = hi = i
     while lo > 0 and ok[lo - 1]:
         lo -= 1
     while hi < len(values) - 1 and ok[hi + 1]:
         hi += 1
     return {
-        "best": values[i],
-        "best_loss": float(losses[i]),
         "lo": values[lo],
         "hi": values[hi],
-        "width_decades": math.log10(values[hi] / values[lo]),
+        "width": math.log10(values[hi] / values[lo]),
         "good": f"{hi - lo + 1}/{len(values)}",
     }
 
 
-def plot(runs: pd.DataFrame, regions: pd.DataFrame, table: dict, path: Path) -> None:
+def regions_table(runs: pd.DataFrame, table: dict, tolerance: float, bar: float, reference: str):
+    """Per method: best value, relative and absolute good regions (see the module docstring)."""
+    means = {
+        name: part.groupby("value")["final_loss"].mean()
+        for name, part in runs.groupby("method", sort=False)
+    }
+    ref = reference if reference in means else next(iter(means))
+    threshold = bar * float(means[ref].min())
+    out = []
+    for name, mean in means.items():
+        values, losses = list(mean.index), list(mean.values)
+        rel = good_region(values, losses, tolerance * float(mean.min()))
+        absolute = good_region(values, losses, threshold)
+        out.append(
+            {
+                "method": name,
+                "label": table[name][0],
+                "knob": table[name][1],
+                "best": values[int(np.argmin(losses))],
+                "best_loss": float(mean.min()),
+                **{f"rel_{k}": v for k, v in rel.items()},
+                "bar": threshold,
+                **{f"abs_{k}": v for k, v in absolute.items()},
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def plot(runs: pd.DataFrame, regions: pd.DataFrame, table: dict, path: Path, caption="") -> None:
     """Final loss against each method's knob (mean, min–max over seeds), good region shaded."""
     import matplotlib as mpl
     from matplotlib.figure import Figure
@@ -131,9 +166,14 @@ def plot(runs: pd.DataFrame, regions: pd.DataFrame, table: dict, path: Path) -> 
             mean, lo, hi = stats.mean(), stats.min(), stats.max()
             ax.errorbar(mean.index, mean, yerr=[mean - lo, hi - mean], fmt="o-", color=color)
             region = regions.set_index("method").loc[name]
-            ax.axvspan(region["lo"] * 0.85, region["hi"] / 0.85, color=color, alpha=0.15, lw=0)
+            if np.isfinite(region["abs_lo"]):
+                lo, hi = region["abs_lo"] * 0.85, region["abs_hi"] / 0.85
+                ax.axvspan(lo, hi, color=color, alpha=0.15, lw=0)
+            ax.axhline(region["bar"], color="0.4", ls="--", lw=0.8)
             ax.set(xscale="log", yscale="log", xlabel=knob, title=label)
         axes[0].set_ylabel("final training loss (diverged: top)")
+        if caption:
+            fig.suptitle(caption, fontsize=8)
         plotting.save(fig, path, formats=("png",))
 
 
@@ -145,7 +185,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--kfac-lr", type=float, default=0.03, help="lr of the fixed-lr K-FAC")
-    parser.add_argument("--tolerance", type=float, default=1.5)
+    parser.add_argument("--tolerance", type=float, default=2.0, help="relative: x own best")
+    parser.add_argument("--bar", type=float, default=2.0, help="absolute: x reference's best")
+    parser.add_argument("--reference", default="sgd", help="method whose best sets the bar")
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 steps, 3-point grids")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
@@ -191,18 +233,14 @@ def main(argv=None) -> dict:
             mean = np.mean([r["final_loss"] for r in runs[-len(problems) :]])
             print(f"{name:8s} {knob} {value:<8g} mean final loss {mean:.4g}", flush=True)
     runs = pd.DataFrame(runs)
-    regions = []
-    for name in names:
-        part = runs[runs["method"] == name]
-        mean = part.groupby("value")["final_loss"].mean()
-        region = good_region(list(mean.index), list(mean.values), args.tolerance)
-        regions.append({"method": name, "label": table[name][0], "knob": table[name][1], **region})
-    regions = pd.DataFrame(regions)
+    regions = regions_table(runs, table, args.tolerance, args.bar, args.reference)
     args.out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(args.out / "runs.csv", index=False)
     regions.to_csv(args.out / "stability.csv", index=False)
     (args.out / "stability.md").write_text(T.markdown_table(regions.to_dict("records")) + "\n")
-    plot(runs, regions, table, args.out / "stability")
+    ref = table[args.reference][0] if args.reference in table else args.reference
+    caption = f"dashed: {args.bar:g} x the best final loss of {ref}; shaded: the good region"
+    plot(runs, regions, table, args.out / "stability", caption)
     print(f"\ntotal {time.perf_counter() - start:.0f} s\n")
     print(T.markdown_table(regions.to_dict("records")))
     if args.docs:

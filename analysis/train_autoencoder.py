@@ -36,7 +36,7 @@ Outputs in ``--out`` (default ``results/train_autoencoder``): ``curves.csv``,
 
 Usage:
     python analysis/train_autoencoder.py [--quick] [--full] [--docs [DIR]] [--seeds 3]
-        [--batch-size 250] [--steps 80] [--first-order-steps 240] [--device cuda]
+        [--batch-size 250] [--steps 300] [--first-order-steps 1500] [--device cuda]
 """
 
 from __future__ import annotations
@@ -95,15 +95,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="full-width autoencoder (2.8M)")
     parser.add_argument("--optimizers", default="sgd,adam,kfac,kfac-tridiag,kfac-lr,ekfac")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--ekfac-seeds", type=int, default=1)
+    parser.add_argument("--ekfac-seeds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--steps", type=int, default=80, help="steps of the K-FAC variants")
-    parser.add_argument("--ekfac-steps", type=int, default=20)
-    parser.add_argument("--first-order-steps", type=int, default=240)
-    parser.add_argument("--tune-steps", type=int, default=50, help="first-order tuning runs")
-    parser.add_argument("--kfac-tune-steps", type=int, default=20, help="K-FAC lr tuning runs")
+    parser.add_argument("--steps", type=int, default=300, help="steps of the K-FAC variants")
+    parser.add_argument("--ekfac-steps", type=int, default=100)
+    parser.add_argument("--first-order-steps", type=int, default=1500)
+    parser.add_argument("--tune-steps", type=int, default=300, help="first-order tuning runs")
+    parser.add_argument("--kfac-tune-steps", type=int, default=100, help="K-FAC lr tuning runs")
     parser.add_argument(
-        "--evals", type=int, default=24, help="training-loss evaluations per run (about)"
+        "--evals", type=int, default=30, help="training-loss evaluations per run (about)"
     )
     parser.add_argument("--init", default="sparse", choices=("sparse", "default"))
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps, batch 250")

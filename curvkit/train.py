@@ -65,9 +65,10 @@ class Method:
 
 def _kfac(**kwargs):
     def build(model, loss_func, lr):
-        from curvkit.optim import KFAC
+        from curvkit.optim.distributed import make_kfac
 
-        return KFAC(model, loss_func, **({"lr": lr} if lr is not None else {}), **kwargs)
+        # a plain KFAC in one process; with the communicator under torchrun
+        return make_kfac(model, loss_func, **({"lr": lr} if lr is not None else {}), **kwargs)
 
     return build
 
@@ -75,24 +76,26 @@ def _kfac(**kwargs):
 def _ngd(model, loss_func, lr):
     from curvkit.optim import NaturalGradient
 
-    return NaturalGradient(model, loss_func, lr=lr, damping=1e-3)
+    return NaturalGradient(
+        model, loss_func, lr=lr, damping=0.1, momentum=0.9, cg_tol=1e-4, cg_maxiter=100
+    )
 
 
-#: The optimisers by name. Defaults are the tuned values of the half-width MNIST
-#: autoencoder at batch 1000 (docs/experiments.md); ``--tune`` re-tunes on any problem.
+#: The optimisers by name. Default learning rates are those tuned for the half-width
+#: MNIST autoencoder at batch 250 (docs/experiments.md); ``--tune`` re-tunes on any problem.
 METHODS: dict[str, Method] = {
     "sgd": Method(
         "SGD (Nesterov 0.9)",
         lambda m, lf, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True),
         True,
-        lr=1.0,
+        lr=0.3,
         lr_grid=(0.1, 0.3, 1.0, 3.0, 10.0),
     ),
     "adam": Method(
         "Adam",
         lambda m, lf, lr: torch.optim.Adam(m.parameters(), lr=lr),
         True,
-        lr=1e-3,
+        lr=3e-3,
         lr_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
     ),
     "kfac": Method("K-FAC block-diag (auto)", _kfac(damping=1e-3), False),
@@ -105,9 +108,9 @@ METHODS: dict[str, Method] = {
         _kfac(momentum=0.9, damping=1e-2),
         False,
         lr=0.1,
-        lr_grid=(0.01, 0.03, 0.1, 0.3, 1.0),
+        lr_grid=(0.03, 0.1, 0.3),
     ),
-    "ngd": Method("exact NGD (CG)", _ngd, False, lr=1.0, lr_grid=(0.1, 0.3, 1.0)),
+    "ngd": Method("exact NGD (CG, momentum)", _ngd, False, lr=0.1, lr_grid=(0.01, 0.03, 0.1)),
 }
 
 
@@ -159,14 +162,21 @@ def train_run(
         ``damping`` for K-FAC. A run whose loss is not finite or exceeds
         :data:`DIVERGED` times its initial value stops with a last row of ``inf``.
     """
+    from curvkit.launch import init_from_env
+
     method = METHODS[name] if method is None else method
-    model = copy.deepcopy(problem.model)
+    net = model = copy.deepcopy(problem.model)
     loss_func = problem.loss_func
     device = next(model.parameters()).device
+    rank, world = init_from_env(device)  # (0, 1) outside torchrun
+    if world > 1 and method.first_order:  # DDP averages the gradients in backward
+        model = nn.parallel.DistributedDataParallel(net)
+    elif world > 1 and name == "ngd":
+        raise ShapeError("--nproc: 'ngd' runs on one process only.")
     opt = method.build(model, loss_func, lr)
     X_train, y_train = problem.train
     base = dict(optimizer=name, seed=seed, lr=math.nan if lr is None else lr)
-    first = full_loss(model, loss_func, X_train, y_train)
+    first = full_loss(net, loss_func, X_train, y_train)
     rows = [dict(base, step=0, seconds=0.0, batch_loss=math.nan, train_loss=first)]
     loader = problem.loader(min(batch_size, len(X_train)), seed=seed, drop_last=True)
     elapsed, step = 0.0, 0
@@ -174,6 +184,7 @@ def train_run(
         for X, y in loader:
             if step >= steps:
                 break
+            X, y = X.chunk(world)[rank], y.chunk(world)[rank]  # this process's shard
             if method.first_order:
 
                 def closure(X=X, y=y):
@@ -194,7 +205,7 @@ def train_run(
             elapsed += time.perf_counter() - start
             step += 1
             evaluate = step % eval_every == 0 or step == steps
-            train_loss = full_loss(model, loss_func, X_train, y_train) if evaluate else math.nan
+            train_loss = full_loss(net, loss_func, X_train, y_train) if evaluate else math.nan
             row = dict(base, step=step, seconds=elapsed, batch_loss=loss, train_loss=train_loss)
             if hasattr(opt, "damping"):
                 row["damping"] = opt.damping
@@ -335,7 +346,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="sgd,adam,kfac",
         help=f"comma-separated, from: {','.join(METHODS)}",
     )
-    parser.add_argument("--steps", type=int, default=40, help="steps of the second-order methods")
+    parser.add_argument("--steps", type=int, default=60, help="steps of the second-order methods")
     parser.add_argument(
         "--first-order-steps", type=int, help="steps of sgd/adam (default: 3x --steps)"
     )
@@ -358,6 +369,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="5 steps (15 first-order), batch 100")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="data-parallel processes (torchrun); split each batch"
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -394,6 +408,9 @@ def _settings(args: argparse.Namespace) -> dict:
     for flag, value in checks:
         if value < 1:
             raise ShapeError(f"{flag} must be positive, got {value}.")
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1 or batch % nproc:
+        raise ShapeError(f"--nproc={nproc}: must be positive and divide --batch-size={batch}.")
     eval_every = args.eval_every or max(1, steps // 20)
     if eval_every < 1:
         raise ShapeError(f"--eval-every must be positive, got {eval_every}.")
@@ -413,10 +430,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from curvkit.cli import _device, format_table
+    from curvkit.launch import init_from_env, launch, launched, shutdown, strip_option
     from curvkit.problems import PROBLEMS, get_problem
 
     cfg = _settings(args)
+    if args.nproc > 1 and not launched():  # re-run this command on nproc processes
+        return launch(args.nproc, strip_option(getattr(args, "argv", sys.argv[1:])))
     device = _device(args.device)
+    rank, world = init_from_env(device)
+    if cfg["batch_size"] % world:
+        raise ShapeError(f"--batch-size={cfg['batch_size']} is not divisible by {world} processes.")
     if args.problem not in PROBLEMS:
         raise ShapeError(
             f"--problem {args.problem!r}: built-in problems are {', '.join(PROBLEMS)}."
@@ -432,7 +455,7 @@ def run(args: argparse.Namespace) -> int:
     tune_steps = {n: cfg["tune_steps"] or cfg["steps"][n] for n in tuned}
     total = sum(len(METHODS[n].lr_grid) * tune_steps[n] for n in tuned)
     total += sum(cfg["steps"].values()) * cfg["seeds"]
-    disable = args.quiet or not sys.stderr.isatty()
+    disable = args.quiet or not sys.stderr.isatty() or rank > 0
     tuning = []
     with tqdm(total=total, disable=disable, desc="train", unit="step", leave=False) as bar:
         for name in tuned:
@@ -450,13 +473,17 @@ def run(args: argparse.Namespace) -> int:
                     problem, name, lrs[name], cfg["steps"][name], cfg["batch_size"],
                     problem.seed, cfg["eval_every"], bar.update,
                 )  # fmt: skip
+    shutdown()
+    if rank > 0:  # every process has the same curves; process 0 reports them
+        return 0
     summary = summarize(curves, args.reference)
     write_outputs(args.out, curves, summary, tuning, title=problems[0].description)
     print(f"problem  {args.problem}: {problems[0].description}, {problems[0].num_params:,} params")
     steps = ", ".join(f"{n} {k}" for n, k in cfg["steps"].items())
     print(
         f"runs     steps: {steps}; {cfg['seeds']} seed(s), batch {cfg['batch_size']}, "
-        f"{device}{', learning rates tuned' if tuned else ''}"
+        f"{device}{f' x {world} processes' if world > 1 else ''}"
+        f"{', learning rates tuned' if tuned else ''}"
     )
     print()
     print(format_table(summary.to_dict("records")))

@@ -172,20 +172,40 @@ def load(name: str):
 
 
 @pytest.mark.parametrize(
-    "losses, region",
+    "losses, threshold, region",
     [
-        pytest.param([3.0, 1.2, 1.0, 1.4, 9.0], (1e-2, 1.0, 2.0, "3/5"), id="middle"),
-        pytest.param([1.0, 1.1, math.inf, 1.0, 1.2], (1e-3, 1e-2, 1.0, "2/5"), id="gap"),
-        pytest.param([9.0, 9.0, 9.0, 9.0, 1.0], (10.0, 10.0, 0.0, "1/5"), id="edge"),
+        pytest.param([3.0, 1.2, 1.0, 1.4, 9.0], 1.5, (1e-2, 1.0, 2.0, "3/5"), id="middle"),
+        pytest.param([1.0, 1.1, math.inf, 1.0, 1.2], 1.5, (1e-3, 1e-2, 1.0, "2/5"), id="gap"),
+        pytest.param([9.0, 9.0, 9.0, 9.0, 1.0], 1.5, (10.0, 10.0, 0.0, "1/5"), id="edge"),
+        pytest.param([9.0, 3.0, 9.0, 9.0, 9.0], 2.0, (math.nan,) * 3 + ("0/5",), id="none"),
     ],
 )
-def test_stability_good_region(losses, region):
+def test_stability_good_region(losses, threshold, region):
     script = load("stability")
     values = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
-    got = script.good_region(values, losses, tolerance=1.5)
+    got = script.good_region(values, losses, threshold)
     lo, hi, width, good = region
-    assert (got["lo"], got["hi"], got["good"]) == (lo, hi, good)
-    assert got["width_decades"] == pytest.approx(width)
+    assert got["good"] == good
+    assert [got["lo"], got["hi"], got["width"]] == pytest.approx([lo, hi, width], nan_ok=True)
+
+
+def test_stability_regions_table_uses_the_reference_bar():
+    script = load("stability")
+    runs = pd.DataFrame(
+        [
+            dict(method=m, value=v, seed=s, final_loss=loss)
+            for m, losses in {"sgd": [4.0, 1.0, 4.0], "kfac": [0.1, 0.5, 1.9]}.items()
+            for v, loss in zip([0.01, 0.1, 1.0], losses)
+            for s in (0, 1)
+        ]
+    )
+    table = {"sgd": ("SGD", "lr", (), None), "kfac": ("K-FAC", "damping", (), None)}
+    regions = script.regions_table(runs, table, tolerance=2.0, bar=2.0, reference="sgd")
+    regions = regions.set_index("method")
+    assert regions.loc["kfac", "bar"] == 2.0  # 2 x SGD's best
+    assert (regions.loc["kfac", "abs_lo"], regions.loc["kfac", "abs_hi"]) == (0.01, 1.0)
+    assert (regions.loc["kfac", "rel_lo"], regions.loc["kfac", "rel_hi"]) == (0.01, 0.01)
+    assert regions.loc["sgd", "abs_width"] == 0.0
 
 
 def test_stability_and_sgd_ngd_kfac_quick(tmp_path):
@@ -201,3 +221,16 @@ def test_stability_and_sgd_ngd_kfac_quick(tmp_path):
     # the tuned seed-0 run is the tuning run of the chosen learning rate, reused as is
     curves = res["curves"]
     assert curves[(curves["optimizer"] == "sgd")]["lr"].nunique() == 1
+
+
+def test_cli_train_nproc_2_reproduces_one_process_sgd(tmp_path, capsys):
+    """Data parallel over 2 processes (torchrun, gloo): SGD gives the 1-process curve."""
+    curves = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        args = ["train", "--problem", "tiny_mlp", "--quick", "--quiet", "--optimizers", "sgd"]
+        code, _, err = run_cli([*args, "--nproc", str(nproc), "--out", str(out)], capsys)
+        assert code == 0, err
+        curves[nproc] = pd.read_csv(out / "curves.csv")["train_loss"].to_numpy()
+    assert len(curves[1]) == len(curves[2]) > 1
+    assert abs(curves[1] - curves[2]).max() <= 1e-6 * abs(curves[1]).max()
