@@ -89,7 +89,8 @@ class KFAC(torch.optim.Optimizer):
         fallback_lr: Learning rate of the fallback rule.
         comm: Where processes agree in data-parallel training (averaged gradients,
             statistics and curvature products; see :mod:`curvkit.optim.distributed`).
-            Default: one process.
+            Default: a ``DistributedCommunicator`` over the wrapper's process group
+            for a ``DistributedDataParallel`` model, else one process.
 
     Example:
         >>> import torch, curvkit as ck
@@ -191,6 +192,10 @@ class KFAC(torch.optim.Optimizer):
         )
         self.fallback, self.fallback_lr = fallback, fallback_lr
         self._announced = False
+        if comm is None and self.net is not model:  # DDP: average over its process group
+            from curvkit.optim.distributed import DistributedCommunicator
+
+            comm = DistributedCommunicator(process_group=model.process_group)
         self.comm = comm if comm is not None else Communicator()
         self.generator = torch.Generator(device=_device_of(model)).manual_seed(seed)
         self.state["kfac"] = {

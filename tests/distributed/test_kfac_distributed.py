@@ -308,9 +308,10 @@ def _ddp_worker(rank, world):
     net = make_model("mlp")
     model = nn.parallel.DistributedDataParallel(net)
     loss_func = make_loss("ce")
-    opt = KFAC(model, loss_func, comm=DistributedCommunicator(), kind="kflr", **BASE)
+    opt = KFAC(model, loss_func, kind="kflr", **BASE)  # the communicator comes with DDP
     theta = train(opt, model, loss_func, lambda k: shard(*batch("mlp", "ce", k), rank, 2))
-    return {"theta": theta, "net_is_inner": opt.net is net}
+    auto = isinstance(opt.comm, DistributedCommunicator)
+    return {"theta": theta, "net_is_inner": opt.net is net and auto}
 
 
 def test_ddp_wrapped_model():
