@@ -14,7 +14,7 @@ Methods (every one steps ``opt.step(closure)`` on the same batches):
 - exact NGD (``ck.optim.NaturalGradient``): (F + damping I) delta = gradient,
   solved by conjugate gradients with exact Fisher-vector products on the
   batch (relative tolerance 1e-4, at most 100 iterations), damping 0.1,
-  momentum 0.9, learning rate tuned on a 3-point grid;
+  momentum 0.9, learning rate tuned on a 4-point grid;
 - K-FAC block-diagonal with the automatic step and Levenberg–Marquardt
   damping of M&G §6–7 (nothing to tune; initial damping 0.1);
 - K-FAC block-diagonal with a fixed learning rate (tuned on the same grid as
@@ -51,6 +51,9 @@ import torch
 import curvkit as ck
 from curvkit import train as T
 
+#: Learning-rate grid shared by exact NGD and fixed-lr K-FAC (same update rule).
+LR_GRID = (0.01, 0.03, 0.1, 0.3)
+
 
 def methods(damping: float, solver: str, cg_tol: float, cg_maxiter: int) -> dict:
     """``name -> (Method, lr grid)`` of this experiment."""
@@ -69,12 +72,9 @@ def methods(damping: float, solver: str, cg_tol: float, cg_maxiter: int) -> dict
 
     return {
         "sgd": (T.METHODS["sgd"], (0.01, 0.03, 0.1, 0.3, 1.0)),
-        "ngd": (T.Method(f"exact NGD ({solver}, momentum)", ngd, False), (0.01, 0.03, 0.1)),
+        "ngd": (T.Method(f"exact NGD ({solver}, momentum)", ngd, False), LR_GRID),
         "kfac": (T.Method("K-FAC block-diag (auto)", kfac_auto, False), ()),
-        "kfac-lr": (
-            T.Method("K-FAC block-diag (lr + momentum)", kfac_lr, False),
-            (0.01, 0.03, 0.1),
-        ),
+        "kfac-lr": (T.Method("K-FAC block-diag (lr + momentum)", kfac_lr, False), LR_GRID),
     }
 
 

@@ -32,7 +32,8 @@ Protocol (defaults; every choice is a flag):
 
 Outputs in ``--out`` (default ``results/train_autoencoder``): ``curves.csv``,
 ``tuning.csv``, ``summary.csv``, ``summary.md``, ``curves.png``, ``tuning.png``;
-``--docs`` also copies the figures to ``docs/figures/``.
+``--docs`` also copies the figures to ``docs/figures/``; ``--replot`` rebuilds
+summary and figures from the CSV files of an earlier run without training.
 
 Usage:
     python analysis/train_autoencoder.py [--quick] [--full] [--docs [DIR]] [--seeds 3]
@@ -106,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--evals", type=int, default=30, help="training-loss evaluations per run (about)"
     )
     parser.add_argument("--init", default="sparse", choices=("sparse", "default"))
+    parser.add_argument(
+        "--replot", action="store_true", help="summary and figures from --out's CSV files only"
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps, batch 250")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
@@ -141,7 +145,14 @@ def main(argv=None) -> dict:
     print(f"batch {args.batch_size}, seeds {args.seeds}, {torch.get_num_threads()} threads")
 
     start = time.perf_counter()
-    lrs, tuning = {}, []
+    if args.replot:
+        curves = pd.read_csv(args.out / "curves.csv").to_dict("records")
+        tuning_csv = args.out / "tuning.csv"
+        tuning = pd.read_csv(tuning_csv).to_dict("records") if tuning_csv.is_file() else []
+        lrs = {r["optimizer"]: r["lr"] for r in curves}
+        names = []  # nothing to train
+    else:
+        lrs, tuning, curves = {}, [], []
     for name in names:
         if name in GRIDS:
             steps = args.kfac_tune_steps if name in SECOND_ORDER else args.tune_steps
@@ -152,7 +163,6 @@ def main(argv=None) -> dict:
             print(f"tuned {name}: lr {lrs[name]:g} (grid {GRIDS[name]}, {steps} steps)")
         else:
             lrs[name] = T.METHODS[name].lr
-    curves = []
     for name in names:
         steps = args.steps if name in SECOND_ORDER else args.first_order_steps
         steps = args.ekfac_steps if name == "ekfac" else steps

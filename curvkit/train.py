@@ -249,8 +249,11 @@ def summarize(curves, reference: str | None = "adam"):
 
     The target is the mean final training loss of ``reference`` (the first
     optimiser when ``reference`` did not run). "Steps to target" is the first
-    evaluated step whose training loss is at most the target, averaged over the
-    seeds that reach it; ``reached`` counts those seeds.
+    evaluated step whose training loss is at most the target, the median over
+    the seeds that reach it (``reached`` counts them); "seconds to target" is the
+    time in ``opt.step`` until then, and ``ms_per_step`` the time per step, both
+    medians over seeds, so that one run slowed down by other work on the
+    machine does not move them.
 
     Args:
         curves: The rows of :func:`train_run` (a list of dicts or a DataFrame).
@@ -273,7 +276,7 @@ def summarize(curves, reference: str | None = "adam"):
         final = finals.loc[name, "train_loss"]
         steps = df[(df["optimizer"] == name) & (df["step"] > 0)]
         hits = runs[runs["train_loss"] <= target].groupby("seed").first()
-        seconds = float(steps.groupby("seed")["seconds"].max().sum())
+        per_seed = steps.groupby("seed").agg(seconds=("seconds", "max"), n=("step", "max"))
         out.append(
             {
                 "optimizer": name,
@@ -282,11 +285,11 @@ def summarize(curves, reference: str | None = "adam"):
                 "steps": int(steps["step"].max()),
                 "final_loss": float(final.mean()),
                 "final_loss_std": float(final.std(ddof=0)),
-                "ms_per_step": 1e3 * seconds / float(steps.shape[0]),
+                "ms_per_step": 1e3 * float((per_seed["seconds"] / per_seed["n"]).median()),
                 "target": target,
                 "reached": f"{hits.shape[0]}/{final.shape[0]}",
-                "steps_to_target": float(hits["step"].mean()) if len(hits) else math.nan,
-                "seconds_to_target": float(hits["seconds"].mean()) if len(hits) else math.nan,
+                "steps_to_target": float(hits["step"].median()) if len(hits) else math.nan,
+                "seconds_to_target": float(hits["seconds"].median()) if len(hits) else math.nan,
             }
         )
     return pd.DataFrame(out)
@@ -294,6 +297,8 @@ def summarize(curves, reference: str | None = "adam"):
 
 def plot_curves(curves, path=None, title: str | None = None, labels: dict | None = None):
     """Training loss against steps and against seconds: mean line, min–max band over seeds.
+
+    The time of a step is the median over seeds of the cumulative time in ``opt.step``.
 
     Args:
         curves: The rows of :func:`train_run` (a list of dicts or a DataFrame).
@@ -319,7 +324,7 @@ def plot_curves(curves, path=None, title: str | None = None, labels: dict | None
             stats = runs.groupby("step")
             loss = stats["train_loss"]
             lo, mean, hi = loss.min(), loss.mean(), loss.max()
-            seconds = stats["seconds"].mean()
+            seconds = stats["seconds"].median()
             label = (labels or {}).get(name) or (METHODS[name].label if name in METHODS else name)
             for ax, x in ((ax_steps, mean.index), (ax_time, seconds.values)):
                 (line,) = ax.plot(x, mean.values, label=label)

@@ -111,7 +111,8 @@ def test_summarize_steps_and_seconds_to_target():
     rows = curve("adam", 0, [4.0, 2.0, 1.0, 0.5], 1.0) + curve("adam", 1, [4.0, 3.0, 2.0, 1.5], 1.0)
     target = (0.5 + 1.5) / 2  # mean final loss of the reference
     rows += curve("kfac", 0, [4.0, 0.9, 0.8], 10.0) + curve("kfac", 1, [4.0, 1.2, 2.0], 10.0)
-    rows += curve("sgd", 0, [4.0, 3.0, 3.0, 3.0], 0.5)
+    rows += curve("sgd", 0, [4.0, 3.0, 3.0, 3.0], 0.5) + curve("sgd", 1, [4.0, 3.0], 0.5)
+    rows += curve("sgd", 2, [4.0, 3.0, 3.0, 3.0], 5.0)  # a run slowed down by other work
     summary = T.summarize(rows, reference="adam").set_index("optimizer")
     assert summary.loc["adam", "target"] == target
     assert summary.loc["adam", "reached"] == "1/2"  # seed 0 is at 1.0 at step 2
@@ -121,7 +122,9 @@ def test_summarize_steps_and_seconds_to_target():
     assert summary.loc["kfac", "seconds_to_target"] == 10.0
     assert summary.loc["kfac", "final_loss"] == pytest.approx((0.8 + 2.0) / 2)
     assert summary.loc["kfac", "ms_per_step"] == pytest.approx(1e4)
-    assert summary.loc["sgd", "reached"] == "0/1"
+    assert summary.loc["adam", "ms_per_step"] == pytest.approx(1e3)
+    assert summary.loc["sgd", "reached"] == "0/3"
+    assert summary.loc["sgd", "ms_per_step"] == pytest.approx(500.0)  # median, not mean
     assert math.isnan(summary.loc["sgd", "steps_to_target"])
 
 
