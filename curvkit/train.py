@@ -298,7 +298,11 @@ def summarize(curves, reference: str | None = "adam"):
 def plot_curves(curves, path=None, title: str | None = None, labels: dict | None = None):
     """Training loss against steps and against seconds: mean line, min–max band over seeds.
 
-    The time of a step is the median over seeds of the cumulative time in ``opt.step``.
+    The time of a step is the median over seeds of the cumulative time in
+    ``opt.step``; the time axis is logarithmic (step 0 is left out there), since
+    the optimisers' costs per step differ by orders of magnitude. The loss axis
+    starts from the largest loss at the optimisers' first evaluations after step
+    0, so that a large initial loss does not flatten the rest.
 
     Args:
         curves: The rows of :func:`train_run` (a list of dicts or a DataFrame).
@@ -317,6 +321,7 @@ def plot_curves(curves, path=None, title: str | None = None, labels: dict | None
 
     df = pd.DataFrame(curves)
     df = df[df["train_loss"].notna() & (df["train_loss"] < math.inf)]
+    firsts = []  # mean loss at each optimiser's first evaluation after step 0
     with mpl.rc_context(plotting.STYLE):
         fig = Figure(figsize=(9.0, 3.4), layout="constrained")
         ax_steps, ax_time = fig.subplots(1, 2, sharey=True)
@@ -326,11 +331,20 @@ def plot_curves(curves, path=None, title: str | None = None, labels: dict | None
             lo, mean, hi = loss.min(), loss.mean(), loss.max()
             seconds = stats["seconds"].median()
             label = (labels or {}).get(name) or (METHODS[name].label if name in METHODS else name)
-            for ax, x in ((ax_steps, mean.index), (ax_time, seconds.values)):
-                (line,) = ax.plot(x, mean.values, label=label)
-                ax.fill_between(x, lo.values, hi.values, color=line.get_color(), alpha=0.2, lw=0)
+            (line,) = ax_steps.plot(mean.index, mean.values, label=label)
+            ax_steps.fill_between(mean.index, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+            later = mean.index > 0
+            if later.any():
+                firsts.append(float(mean.values[later][0]))
+            x = seconds.values[later]
+            ax_time.plot(x, mean.values[later], color=line.get_color())
+            ax_time.fill_between(x, lo[later], hi[later], color=line.get_color(), alpha=0.2, lw=0)
         ax_steps.set(xlabel="iteration", ylabel="training loss", yscale="log")
-        ax_time.set(xlabel="seconds (optimiser steps only)", yscale="log")
+        positive = df.loc[df["train_loss"] > 0, "train_loss"]
+        if len(firsts) and len(positive):
+            top = min(1.2 * max(firsts), 1.2 * float(positive.max()))
+            ax_steps.set_ylim(0.8 * float(positive.min()), top)
+        ax_time.set(xlabel="seconds in optimiser steps (log scale)", xscale="log", yscale="log")
         ax_steps.legend(loc="upper right")
         if title:
             fig.suptitle(title, fontweight="bold")
