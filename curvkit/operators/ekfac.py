@@ -76,7 +76,10 @@ def corrected_eigenvalues(
         flat = torch.cat([g.reshape(g.shape[0], -1).to(dtype) for g in grads], dim=1)
         mats = layer.split(flat.T)
         out.append(
-            [weight * (U_G.T @ M @ U_A).square().sum(0) for (U_G, U_A), M in zip(basis, mats)]
+            [
+                weight * km.sandwich(U_G.T, M, U_A).square().sum(0)
+                for (U_G, U_A), M in zip(basis, mats)
+            ]
         )
     return out
 

@@ -182,18 +182,18 @@ class TriDiagonalKFAC(LayeredOperator):
         for i in range(L - 1):  # w = Ξ^{-T} v (forward substitution)
             if chain[i] is not None:
                 psi_g, psi_a = chain[i][:2]
-                w[i + 1] = w[i + 1] + psi_g.T @ w[i] @ psi_a
+                w[i + 1] = w[i + 1] + km.sandwich(psi_g.T, w[i], psi_a)
         z = []
         for i in range(L):  # z = Λ^{-1} w
-            zi = self.G[i] @ w[i] @ self.A[i]
+            zi = km.sandwich(self.G[i], w[i], self.A[i])
             if i < L - 1 and chain[i] is not None:
                 D, E = chain[i][2:]
-                zi = zi - D @ w[i] @ E
+                zi = zi - km.sandwich(D, w[i], E)
             z.append(zi)
         for i in reversed(range(L - 1)):  # u = Ξ^{-1} z (back substitution)
             if chain[i] is not None:
                 psi_g, psi_a = chain[i][:2]
-                z[i] = z[i] + psi_g @ z[i + 1] @ psi_a.T
+                z[i] = z[i] + km.sandwich(psi_g, z[i + 1], psi_a.T)
         return torch.cat([layer.merge([zi]) for layer, zi in zip(self.layers, z)])
 
     def inverse(self, damping: float = 0.0) -> TriDiagonalInverse:
@@ -269,13 +269,13 @@ class TriDiagonalInverse(LayeredOperator):
         for i in range(L - 1):  # y = Ξ v
             if self.psi[i] is not None:
                 psi_g, psi_a = self.psi[i]
-                y[i] = v[i] - psi_g @ v[i + 1] @ psi_a.T
+                y[i] = v[i] - km.sandwich(psi_g, v[i + 1], psi_a.T)
         z = [inv.matmat(yi) for inv, yi in zip(self.sigma_inv, y)]  # z = Λ y
         u = list(z)
         for i in range(L - 1):  # u = Ξ^T z
             if self.psi[i] is not None:
                 psi_g, psi_a = self.psi[i]
-                u[i + 1] = u[i + 1] - psi_g.T @ z[i] @ psi_a
+                u[i + 1] = u[i + 1] - km.sandwich(psi_g.T, z[i], psi_a)
         return torch.cat([layer.merge([ui]) for layer, ui in zip(self.layers, u)])
 
     def state_dict(self) -> dict:

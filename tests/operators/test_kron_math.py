@@ -198,3 +198,21 @@ def test_psd_inverse():
     assert_allclose_report(
         km.psd_inverse(evals, evecs), torch.linalg.pinv(M, hermitian=True), rtol=1e-7, atol=1e-9
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((8, 16), (16, 5), (5, 8)),  # transposed layout on CPU (rows of 5 and 8)
+        ((8, 3), (3, 9), (9, 8)),  # right-to-left association
+        ((2, 30), (30, 40), (40, 3)),  # left-to-right association
+        ((5, 5), (5, 7), (7, 7)),  # every row misaligned: plain layout
+    ],
+    ids=["transposed", "right-first", "left-first", "plain"],
+)
+def test_sandwich_matches_plain_product(shapes, device):
+    gen = torch.Generator().manual_seed(0)
+    L, M, R = (torch.randn(2, *s, generator=gen, dtype=DTYPE).to(device) for s in shapes)
+    L, R = L[0], R[0]
+    assert_allclose_report(km.sandwich(L, M, R), L @ M @ R, rtol=1e-12, atol=1e-12)
