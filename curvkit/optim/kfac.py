@@ -36,7 +36,7 @@ from curvkit.errors import ShapeError
 from curvkit.optim import damping as dm
 from curvkit.optim.capture import capture_forward, preserved_buffers
 from curvkit.optim.comm import Communicator
-from curvkit.optim.preconditioner import KroneckerPreconditioner
+from curvkit.optim.preconditioner import KroneckerPreconditioner, all_finite
 
 KINDS = ("kfac", "kflr", "empirical")
 FALLBACKS = ("adam", "sgd", None)
@@ -242,8 +242,7 @@ class KFAC(torch.optim.Optimizer):
         self._announce(records)
         grads = [p.grad for p in params]
         other_grads = [p.grad for p in others]
-        finite = [bool(torch.isfinite(g).all()) for g in grads + other_grads]
-        if self.comm.any(not torch.isfinite(loss) or not all(finite)):
+        if self.comm.any(not all_finite([loss, *grads, *other_grads])):
             return self._reject(k, loss, "non-finite loss or gradient")
         with self._timer("communication"):
             loss = loss.clone()
@@ -281,7 +280,7 @@ class KFAC(torch.optim.Optimizer):
             else:
                 update, model_change = self._fixed_lr_update(params, flat_g, proposal), None
         other_update = self._fallback_update(others, other_grads)
-        if self.comm.any(not bool(torch.isfinite(torch.cat([update, other_update])).all())):
+        if self.comm.any(not all_finite([update, other_update])):
             return self._reject(k, loss, "non-finite update")
         self._apply(params + others, torch.cat([update, other_update]))
         st["step"] = k

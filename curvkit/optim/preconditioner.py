@@ -18,6 +18,23 @@ from curvkit.operators.ekfac import corrected_eigenvalues, eigenbases
 from curvkit.operators.kronecker import BlockDiagonalKFAC, KronEigenOperator, KronLayer
 from curvkit.records import Records
 
+
+def all_finite(tensors) -> bool:
+    """Whether every entry of every tensor is finite, with one device synchronisation.
+
+    A NaN or infinity makes the tensor's sum non-finite, so one reduction per
+    tensor decides the common case; only when some sum is non-finite (which a
+    finite tensor can also give, by overflow) are the entries checked one by one.
+    """
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum().to(torch.float32) for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 STRUCTURES = ("block-diagonal", "tridiagonal")
 
 
@@ -113,7 +130,7 @@ class KroneckerPreconditioner:
         tensors = new_A + new_G + [t for t in new_cA + new_cG if t is not None]
         if comm is not None:
             comm.average_(tensors)
-        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        if not all_finite(tensors):
             raise FloatingPointError("Non-finite Kronecker factors in this batch.")
         self.updates += 1
         decay = min(1.0 - 1.0 / self.updates, self.ema_max)
@@ -143,7 +160,7 @@ class KroneckerPreconditioner:
         new = corrected_eigenvalues(self.layers, self.bases, grads, 1.0 / records.reduction_factor)
         if comm is not None:
             comm.average_([t for layer in new for t in layer])
-        if not all(bool(torch.isfinite(t).all()) for layer in new for t in layer):
+        if not all_finite([t for layer in new for t in layer]):
             raise FloatingPointError("Non-finite EKFAC scales in this batch.")
         self.scale_updates += 1
         decay = min(1.0 - 1.0 / self.scale_updates, self.ema_max)
