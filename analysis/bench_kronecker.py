@@ -8,7 +8,8 @@ most 3x the block-diagonal ones.
 Rows (median of ``--repeats`` runs, seconds and ratio to one forward+backward):
 extraction of the factors (with and without cross factors), inverse build
 (eigendecompositions; tri-diagonal: chain and generalised eigenproblems) and
-inverse apply to one vector, for curvkit and curvlinops (same damping modes).
+inverse apply to one vector, for curvkit and curvlinops (same damping modes;
+the apply rows are interleaved, one product of each per repetition).
 
 Usage:
     python analysis/bench_kronecker.py --problems mnist_autoencoder mnist_cnn \
@@ -45,6 +46,25 @@ def median_time(fn, repeats: int, device: torch.device) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_times(operators: dict, v, repeats: int, device) -> dict:
+    """Median time of ``op @ v`` per operator, one product of each per repetition in turn.
+
+    Interleaving makes a slow spell of a shared machine hit every row alike.
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {label: [] for label in operators}
+    for op in operators.values():
+        op @ v  # warm-up
+    for _ in range(repeats):
+        for label, op in operators.items():
+            sync()
+            start = time.perf_counter()
+            op @ v
+            sync()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def bench_problem(name: str, batch_size: int, damping: float, repeats: int, device) -> list[dict]:
@@ -105,10 +125,7 @@ def bench_problem(name: str, batch_size: int, damping: float, repeats: int, devi
         for label, build in builds.items():
             t = median_time(lambda b=build, k=label: inverses.__setitem__(k, b()), repeats, device)
             row(f"inverse build, curvkit {label}", t, grad_t)
-    for label, inv in inverses.items():
-        t = median_time(lambda i=inv: i @ v, repeats, device)
-        row(f"inverse apply, curvkit {label}", t, grad_t)
-
+    applies = {f"curvkit {label}": inv for label, inv in inverses.items()}
     ref = KFACLinearOperator(
         model, loss_func, params, [(X, y)], fisher_type="mc", check_deterministic=False,
         separate_weight_and_bias=False,
@@ -120,8 +137,9 @@ def bench_problem(name: str, batch_size: int, damping: float, repeats: int, devi
     }.items():
         inv = KFACInverseLinearOperator(ref, damping=damping, **opts)
         inv @ v  # computes and caches the factor inverses
-        t = median_time(lambda i=inv: i @ v, repeats, device)
-        row(f"inverse apply, curvlinops {label} (cached)", t, grad_t)
+        applies[f"curvlinops {label} (cached)"] = inv
+    for label, t in interleaved_times(applies, v, repeats, device).items():
+        row(f"inverse apply, {label}", t, grad_t)
     return rows
 
 
