@@ -19,8 +19,8 @@ Every row trains its own copy of the same initial model on the same batch.
 
 Targets: block-diagonal fixed-lr step <= 2.5x SGD; tri-diagonal <= 1.5x
 block-diagonal; curvkit's block-diagonal step <= 1.0x ASDL's K-FAC step. One
-more row takes the statistics from 1/8 of the batch (``stats_fraction``, as M&G
-do for large batches; the gradient still uses the whole batch).
+more row takes the statistics from 1/8 of the batch (``stats_fraction``, a
+common choice for large batches; the gradient still uses the whole batch).
 
 ASDL 0.1a5 calls ``torch.cuda.nvtx.range`` unconditionally when it rebuilds
 inverses, which raises on CPU builds of torch; on CPU this script replaces

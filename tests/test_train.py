@@ -226,6 +226,19 @@ def test_stability_and_sgd_ngd_kfac_quick(tmp_path):
     assert curves[(curves["optimizer"] == "sgd")]["lr"].nunique() == 1
 
 
+def test_initial_damping_quick(tmp_path):
+    script = load("initial_damping")
+    frame = script.main(
+        ["--problems", "tiny_mlp", "--steps", "12", "--batch-size", "16", "--ae-steps", "0"]
+        + ["--damping", "1e-2", "1.0", "--out", str(tmp_path)]
+    )
+    assert list(frame.columns) == ["problem", "λ₀ = 0.01", "λ₀ = 1"]
+    assert len(frame) == 1 and frame["problem"][0].startswith("tiny_mlp (12 steps of 16)")
+    losses = frame.iloc[0, 1:].astype(float)
+    assert (losses > 0).all() and (losses < 10).all()
+    assert (tmp_path / "initial_damping.md").read_text().startswith("| problem |")
+
+
 def test_cli_train_nproc_2_reproduces_one_process_sgd(tmp_path, capsys):
     """Data parallel over 2 processes (torchrun, gloo): SGD gives the 1-process curve."""
     curves = {}
