@@ -198,6 +198,23 @@ def psd_inverse(evals: Tensor, evecs: Tensor, shift: float = 0.0) -> Tensor:
     return (evecs * safe_reciprocal(evals + shift, pseudo=shift == 0)) @ evecs.T
 
 
+def shifted_inverse(M: Tensor, shift: float) -> Tensor:
+    r""":math:`(M + cI)^{-1}` of a symmetric PSD ``M`` for ``c > 0``, by Cholesky.
+
+    About five times cheaper than an eigendecomposition and as accurate for a
+    positive definite matrix. Where the Cholesky factorisation fails (``c`` below
+    the round-off of ``M``), :func:`eigh_psd` and :func:`psd_inverse` take over.
+    """
+    if shift <= 0:
+        raise ValueError(f"shifted_inverse needs a positive shift, got {shift}.")
+    M = symmetrize(M)
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    L, info = torch.linalg.cholesky_ex(M + shift * eye)
+    if int(info) == 0 and bool(torch.isfinite(L).all()):
+        return torch.cholesky_inverse(L)
+    return psd_inverse(*eigh_psd(M), shift)
+
+
 class KronDifferenceInverse(NamedTuple):
     r"""Factored inverse of :math:`B \otimes C - D \otimes E`.
 
@@ -237,7 +254,10 @@ def generalized_eigh(
     :math:`R = U\operatorname{diag}(b^{-1/2})`,
     :math:`R^\top D R = P \operatorname{diag}(s) P^\top` and :math:`W = RP` satisfy
     :math:`W^\top (B+cI) W = I`, :math:`W^\top D W = \operatorname{diag}(s)`. Directions
-    where :math:`b = 0` get a zero column (a pseudo-inverse).
+    where :math:`b = 0` get a zero column (a pseudo-inverse). With ``c > 0`` and no
+    ``B_eig`` given, :math:`R = L^{-\top}` from the Cholesky factor
+    :math:`B + cI = LL^\top` instead (one eigendecomposition instead of two; the
+    eigendecomposition route is the fallback if the factorisation fails).
 
     Args:
         D: Symmetric ``[d, d]``.
@@ -248,6 +268,15 @@ def generalized_eigh(
     Returns:
         ``(s, W)``.
     """
+    if B_eig is None and shift > 0:
+        L, info = torch.linalg.cholesky_ex(
+            symmetrize(B) + shift * torch.eye(B.shape[-1], dtype=B.dtype, device=B.device)
+        )
+        if int(info) == 0 and bool(torch.isfinite(L).all()):
+            # R = L^{-T}: R^T D R = L^{-1} D L^{-T} by two triangular solves
+            LiD = torch.linalg.solve_triangular(L, D, upper=False)
+            s, P = eigh_psd(torch.linalg.solve_triangular(L, LiD.T, upper=False), psd=False)
+            return s, torch.linalg.solve_triangular(L.T, P, upper=True)
     b, U = B_eig if B_eig is not None else eigh_psd(B)
     R = U * safe_reciprocal((b + shift).sqrt(), pseudo=shift == 0)
     s, P = eigh_psd(R.T @ D @ R, psd=False)

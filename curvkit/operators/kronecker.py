@@ -304,8 +304,11 @@ class BlockDiagonalKFAC(LayeredOperator):
         ``"factored"``:
         :math:`(G + \pi^{-1}\sqrt\lambda I)^{-1} \otimes (A + \pi\sqrt\lambda I)^{-1}`
         (M&G §6.3). Applying it costs four small matrix products per block
-        (``"exact"``) or two (``"factored"``, kept as the two factor inverses). With
-        ``damping=0`` singular blocks get their pseudo-inverse.
+        (``"exact"``) or two (``"factored"``, kept as the two factor inverses). The
+        factored inverses come from Cholesky factorisations (about five times
+        cheaper than the eigendecompositions the exact mode needs) unless the
+        eigendecompositions are already cached. With ``damping=0`` singular blocks
+        get their pseudo-inverse.
 
         Args:
             damping: :math:`\lambda \ge 0`.
@@ -317,6 +320,8 @@ class BlockDiagonalKFAC(LayeredOperator):
         Raises:
             ShapeError: On a negative damping or an unknown mode.
         """
+        if damping_mode == "factored" and damping > 0 and self._eig is None:
+            return KronEigenOperator(self.layers, self._factored_inverse_blocks(damping))
         blocks = []
         for layer in self._scales(damping, damping_mode):
             pairs = []
@@ -328,6 +333,17 @@ class BlockDiagonalKFAC(LayeredOperator):
                     pairs.append((G_inv, km.psd_inverse(alp, U_A, shifts[0]), None))
             blocks.append(pairs)
         return KronEigenOperator(self.layers, blocks)
+
+    def _factored_inverse_blocks(self, damping: float) -> list:
+        """Factored-damping inverses by Cholesky, when no eigendecomposition is cached."""
+        blocks = []
+        for i in range(len(self.layers)):
+            pairs = []
+            for G, A in self.pairs(i):
+                delta_a, delta_g = km.factored_shifts(A, G, damping)
+                pairs.append((km.shifted_inverse(G, delta_g), km.shifted_inverse(A, delta_a), None))
+            blocks.append(pairs)
+        return blocks
 
     def logdet(self, damping: float = 0.0, damping_mode: str = "exact") -> Tensor:
         r""":math:`\log\det` of the (damped) operator from the factors' eigenvalues."""

@@ -155,18 +155,23 @@ class TriDiagonalKFAC(LayeredOperator):
         :math:`D = \Psi^G G_{i+1,i}`, :math:`E = \Psi^A A_{i+1,i}`, so that
         :math:`\Sigma_{i|i+1} = \hat G_i \otimes \hat A_i - D \otimes E`.
         """
-        eig = self.eigendecompositions()
         chain = []
         for i, (cA, cG) in enumerate(zip(self.cross_A, self.cross_G)):
             if cA is None:
                 chain.append(None)
                 continue
             delta_a, delta_g = shifts[i + 1]
-            (gam, U_G), (alp, U_A) = eig[i + 1]
-            psi_g = cG @ km.psd_inverse(gam, U_G, delta_g)
-            psi_a = cA @ km.psd_inverse(alp, U_A, delta_a)
+            psi_g = cG @ self._factor_inverse(i + 1, "G", delta_g)
+            psi_a = cA @ self._factor_inverse(i + 1, "A", delta_a)
             chain.append((psi_g, psi_a, psi_g @ cG.T, psi_a @ cA.T))
         return chain
+
+    def _factor_inverse(self, i: int, which: str, shift: float) -> Tensor:
+        """``(G_i + shift I)^{-1}`` or ``A_i``'s: by Cholesky if shifted, else a pseudo-inverse."""
+        M = self.G[i] if which == "G" else self.A[i]
+        if shift > 0:
+            return km.shifted_inverse(M, shift)
+        return km.psd_inverse(*self.eigendecompositions()[i][0 if which == "G" else 1])
 
     def _shifts(self, damping: float) -> list[tuple[float, float]]:
         if damping < 0:
@@ -219,17 +224,20 @@ class TriDiagonalKFAC(LayeredOperator):
         """
         shifts = self._shifts(damping)
         chain = self._chain(shifts)
-        eig = self.eigendecompositions()
         sigma_inv = []
-        for i, ((g_eig, a_eig), (delta_a, delta_g)) in enumerate(zip(eig, shifts)):
+        for i, (delta_a, delta_g) in enumerate(shifts):
             if i < len(chain) and chain[i] is not None:
                 D, E = chain[i][2:]
+                # undamped factors need their eigendecompositions (pseudo-inverses);
+                # shifted ones are whitened by Cholesky factors instead
+                g_eig, a_eig = self.eigendecompositions()[i] if damping == 0 else (None, None)
                 inv = km.kron_difference_inverse(
                     self.G[i], self.A[i], D, E, g_eig, a_eig, (delta_g, delta_a)
                 )
             else:
-                G_inv, A_inv = km.psd_inverse(*g_eig, delta_g), km.psd_inverse(*a_eig, delta_a)
-                inv = km.KronDifferenceInverse(G_inv, A_inv)
+                inv = km.KronDifferenceInverse(
+                    self._factor_inverse(i, "G", delta_g), self._factor_inverse(i, "A", delta_a)
+                )
             sigma_inv.append(inv)
         psi = [None if c is None else c[:2] for c in chain]
         return TriDiagonalInverse(self.layers, psi, sigma_inv)

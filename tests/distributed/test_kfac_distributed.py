@@ -242,12 +242,12 @@ def test_exception_on_one_process_fails_the_other_in_bounded_time(exit_at_once):
 def _failing_inverse_worker(rank, world):
     import curvkit.operators.kron_math as km
 
-    if rank == 1:  # the eigendecomposition fails on process 1 only
+    if rank == 1:  # the factor inverses fail on process 1 only
 
         def broken(*args, **kwargs):
-            raise torch.linalg.LinAlgError("eigh did not converge (injected)")
+            raise torch.linalg.LinAlgError("factorisation failed (injected)")
 
-        km.eigh_psd = broken
+        km.eigh_psd = km.shifted_inverse = broken
     model, loss_func = make_model("mlp"), make_loss("ce")
     opt = KFAC(model, loss_func, comm=DistributedCommunicator(), kind="kflr", **BASE)
     X, y = shard(*batch("mlp", "ce", 0), rank, 2)

@@ -216,3 +216,35 @@ def test_sandwich_matches_plain_product(shapes, device):
     L, M, R = (torch.randn(2, *s, generator=gen, dtype=DTYPE).to(device) for s in shapes)
     L, R = L[0], R[0]
     assert_allclose_report(km.sandwich(L, M, R), L @ M @ R, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shifted_inverse_matches_dense(device):
+    gen = torch.Generator().manual_seed(0)
+    M = spd(6, gen, rank=3).to(device)  # singular: the shift makes it invertible
+    eye = torch.eye(6, dtype=DTYPE, device=device)
+    expected = torch.linalg.inv(M + 0.1 * eye)
+    assert_allclose_report(km.shifted_inverse(M, 0.1), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="positive shift"):
+        km.shifted_inverse(M, 0.0)
+
+
+def test_shifted_inverse_falls_back_to_eigendecomposition(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    M = spd(5, gen)
+    failed = lambda A: (torch.full_like(A, float("nan")), torch.tensor(1))  # noqa: E731
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failed)
+    expected = torch.linalg.inv(M + 0.3 * torch.eye(5, dtype=DTYPE))
+    assert_allclose_report(km.shifted_inverse(M, 0.3), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_generalized_eigh_falls_back_when_cholesky_fails(monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    B, D = spd(5, gen), spd(5, gen)
+    expected = km.generalized_eigh(D, B, shift=0.3)
+    failed = lambda A: (torch.full_like(A, float("nan")), torch.tensor(1))  # noqa: E731
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failed)
+    s, W = km.generalized_eigh(D, B, shift=0.3)
+    assert_allclose_report(s, expected[0], rtol=1e-10, atol=1e-12)
+    Bs = B + 0.3 * torch.eye(5, dtype=DTYPE)
+    assert_allclose_report(W.T @ Bs @ W, torch.eye(5, dtype=DTYPE), rtol=0, atol=1e-10)
