@@ -82,14 +82,17 @@ class _DensePair:
 
     method = solve_method = "dense"
 
-    def __init__(self, A: Tensor, B: Tensor):
+    def __init__(self, A: Tensor, B: Tensor, reference_eig: dict | None = None):
         self.A, self.B = (A + A.T) / 2, (B + B.T) / 2
         self._eig = {}
+        # the reference's eigendecomposition, shared by the pairs of all approximations
+        self._reference_eig = {} if reference_eig is None else reference_eig
 
     def eigh(self, which: str):
-        if which not in self._eig:
-            self._eig[which] = torch.linalg.eigh(self.A if which == "A" else self.B)
-        return self._eig[which]
+        cache, key = (self._eig, "A") if which == "A" else (self._reference_eig, "B")
+        if key not in cache:
+            cache[key] = torch.linalg.eigh(self.A if which == "A" else self.B)
+        return cache[key]
 
     def frobenius_cosine(self) -> dict:
         A, B = self.A, self.B
@@ -320,15 +323,19 @@ def compare(
     slices = reference.block_slices() if blocks and len(reference.block_slices()) > 1 else []
 
     rows = []
+    reference_eig = {}  # per block: the reference is decomposed once, not per approximation
     for name, A in approxes.items():
         A_dense = A.to_dense().to(B_dense) if exact else None
         pairs = [("all", slice(0, D))] + slices
         for i, (block, s) in enumerate(pairs):
             whole = i == 0
+            cache = reference_eig.setdefault(block, {})
             if exact:
-                pair = _DensePair(A_dense[s, s], B_dense[s, s])
+                pair = _DensePair(A_dense[s, s], B_dense[s, s], cache)
             elif s.stop - s.start <= exact_threshold:
-                pair = _DensePair(BlockView(A, s).to_dense(), BlockView(reference, s).to_dense())
+                if "dense" not in cache:
+                    cache["dense"] = BlockView(reference, s).to_dense()
+                pair = _DensePair(BlockView(A, s).to_dense(), cache["dense"], cache)
             else:
                 Av, Bv = (A, reference) if whole else (BlockView(A, s), BlockView(reference, s))
                 pair = _OperatorPair(Av, Bv, num_probes, seed)

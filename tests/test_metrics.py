@@ -270,6 +270,21 @@ def test_several_approximations_and_list_gradient():
     assert row(df[df.approx == "scaled"], "frobenius").value == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("threshold", [1000, 8], ids=["dense", "dense-blocks"])
+def test_several_approximations_equal_separate_comparisons(threshold):
+    """The reference's decomposition is shared between approximations, not their results."""
+    B = symmetric(torch.rand(12) + 0.5)
+    A1, A2 = symmetric(torch.rand(12) + 0.1, seed=1), symmetric(torch.rand(12) + 2.0, seed=2)
+    make = lambda M: MatrixOperator(M, [6, 6], ["a", "b"])  # noqa: E731
+    g = torch.randn(12, dtype=DT)
+    options = dict(exact_threshold=threshold, k=3, gradient=g, num_probes=20)
+    both = ck.compare({"one": make(A1), "two": make(A2)}, make(B), **options)
+    for name, A in (("one", A1), ("two", A2)):
+        alone = ck.compare({name: make(A)}, make(B), **options)
+        mine = both[both.approx == name].reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, alone)
+
+
 def test_block_view_is_the_diagonal_block():
     M = symmetric(torch.rand(10))
     view = BlockView(MatrixOperator(M), slice(3, 7))
