@@ -64,6 +64,11 @@ class LayerRecord:
         batch_grad: Per-example gradients, one tensor ``[N, *p.shape]`` per
             parameter, summing over the batch to the gradient of the loss
             (BackPACK's convention: they include the factor :math:`R`).
+        grad_factors: ``Linear`` layers' per-example gradients in factored form
+            ``(g, a)``, ``g`` ``[N, out]`` (with :math:`R`), ``a`` ``[N, in]``: the
+            weight gradient of example ``n`` is ``outer(g[n], a[n])``, its bias
+            gradient ``g[n]`` (quantity ``"batch_grad_factors"``; ``N·(in + out)``
+            numbers instead of ``N·out·in``).
         diag_ggn, diag_ggn_mc, diag_hessian: Diagonals, shaped like ``params``.
         cross_A: :math:`A_{l,l+1}` to the next layer, or ``None`` where the
             pair has no cross factor (see ``cross_reason``).
@@ -81,6 +86,7 @@ class LayerRecord:
     A: Tensor | None = None
     G: dict[str, Tensor] = field(default_factory=dict)
     batch_grad: list[Tensor] | None = None
+    grad_factors: tuple[Tensor, Tensor] | None = None
     diag_ggn: list[Tensor] | None = None
     diag_ggn_mc: list[Tensor] | None = None
     diag_hessian: list[Tensor] | None = None

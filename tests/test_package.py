@@ -86,7 +86,13 @@ def test_docstring_examples_run(module):
     assert result.attempted > 0 and result.failed == 0
 
 
-DOCS = ["README.md", "docs/guide.md", "docs/optimizer.md", "docs/operators.md", "docs/distributed.md"]
+DOCS = [
+    "README.md",
+    "docs/guide.md",
+    "docs/optimizer.md",
+    "docs/operators.md",
+    "docs/distributed.md",
+]
 
 
 @pytest.mark.parametrize("path", DOCS, ids=DOCS)

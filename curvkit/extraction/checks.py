@@ -17,6 +17,7 @@ from curvkit.extraction.modules import PARAMETER_FREE
 #: Quantity names accepted by :func:`~curvkit.extraction.extract`.
 QUANTITIES = (
     "batch_grad",
+    "batch_grad_factors",
     "kfac",
     "kflr",
     "kfra",

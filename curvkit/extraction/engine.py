@@ -109,7 +109,10 @@ def extract(
             ``reduction`` "mean" or "sum".
         X: Inputs ``[N, ...]``.
         y: Targets ``[N, ...]``.
-        quantities: Any of ``"batch_grad"``, ``"kfac"`` (Monte Carlo Fisher
+        quantities: Any of ``"batch_grad"``, ``"batch_grad_factors"`` (the
+            per-example gradients of ``Linear`` layers as the two factors of their
+            outer products, ``LayerRecord.grad_factors``; other layers get
+            ``batch_grad``), ``"kfac"`` (Monte Carlo Fisher
             factors), ``"kflr"`` (exact loss-Hessian square root), ``"kfra"``,
             ``"empirical"``, ``"diag_ggn"``, ``"diag_ggn_mc"``,
             ``"diag_hessian"``, ``"cross"`` (cross factors between consecutive
@@ -360,7 +363,9 @@ def _layer_record(
             info["rows"][kind] = node.grad_rows(block, approx).to(fdt)
     if kfra is not None:
         rec.G["kfra"] = kfra.to(fdt).clone()
-    if "batch_grad" in q:
+    if "batch_grad_factors" in q and info["linear"]:
+        rec.grad_factors = (g0.clone(), node.a)
+    elif q & {"batch_grad", "batch_grad_factors"}:
         gw, gb = node.batch_grads(g0)
         rec.batch_grad = [gw, gb] if has_bias else [gw]
     diag_requests = {

@@ -451,6 +451,12 @@ def _combine(acc: LayerRecord | None, rec: LayerRecord, wr: float, wg: float) ->
             setattr(rec, name, [torch.cat([a, v * wr]) for a, v in zip(old, value)])
         else:
             setattr(rec, name, [a + v * wr for a, v in zip(old, value)])
+    if rec.grad_factors is not None:
+        g, a = rec.grad_factors
+        old = None if acc is None else acc.grad_factors
+        rec.grad_factors = (
+            (g * wr, a) if old is None else (torch.cat([old[0], g * wr]), torch.cat([old[1], a]))
+        )
     for name in ("G", "cross_G"):
         old = {} if acc is None else getattr(acc, name)
         new = {k: v * wg + old[k] if k in old else v * wg for k, v in getattr(rec, name).items()}

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from curvkit.errors import ShapeError
 from curvkit.operators import kron_math as km
-from curvkit.operators.ekfac import corrected_eigenvalues, eigenbases
+from curvkit.operators.ekfac import eigenbases, record_eigenvalues
 from curvkit.operators.kronecker import BlockDiagonalKFAC, KronEigenOperator, KronLayer
 from curvkit.records import Records
 
@@ -98,7 +98,7 @@ class KroneckerPreconditioner:
         """What an extraction pass must return for this preconditioner."""
         if self.structure == "tridiagonal":
             return (self.kind, "cross")
-        return (self.kind, "batch_grad") if self.ekfac else (self.kind,)
+        return (self.kind, "batch_grad_factors") if self.ekfac else (self.kind,)
 
     # -- statistics ----------------------------------------------------------------------
     def update(self, records: Records, scale: float = 1.0, comm=None) -> None:
@@ -156,8 +156,7 @@ class KroneckerPreconditioner:
 
     def update_scales(self, records: Records, comm=None) -> None:
         r"""EKFAC: fold :math:`R\sum_n (U_G^\top \nabla\ell_n U_A)^{\odot 2}` into the scales."""
-        grads = [[g.to(self.factor_dtype) for g in r.batch_grad] for r in records]
-        new = corrected_eigenvalues(self.layers, self.bases, grads, 1.0 / records.reduction_factor)
+        new = record_eigenvalues(self.layers, self.bases, records, 1.0 / records.reduction_factor)
         if comm is not None:
             comm.average_([t for layer in new for t in layer])
         if not all_finite([t for layer in new for t in layer]):

@@ -34,6 +34,25 @@ def test_grad_and_batch_grad(model, loss, reduction, device):
         assert_allclose_report(bg.sum(0), p.grad, 1e-10, 1e-13, "sum of batch_grad")
 
 
+@pytest.mark.parametrize("model,loss,reduction,device", FULL)
+def test_batch_grad_factors(model, loss, reduction, device):
+    """Linear layers: outer products of the factors; other layers: batch_grad itself."""
+    net, loss_func, X, y = make_problem(model, loss, reduction, device)
+    expected = iter(per_example_grads(net, loss_func, X, y))
+    rec = extract(net, loss_func, X, y, quantities=("batch_grad_factors",))
+    for r in rec:
+        want = [next(expected) for _ in r.params]
+        if isinstance(r.module, torch.nn.Linear):
+            assert r.batch_grad is None
+            g, a = r.grad_factors
+            got = [torch.einsum("no,ni->noi", g, a), g][: len(r.params)]
+        else:
+            assert r.grad_factors is None
+            got = r.batch_grad
+        for bg, ebg in zip(got, want):
+            assert_allclose_report(bg, ebg, 1e-10, 1e-13, f"per-example gradient of {r.name}")
+
+
 @pytest.mark.parametrize("quantities", [("kfac",), ("diag_hessian", "cross", "kflr")], ids=str)
 def test_grad_accumulates_like_autograd(quantities):
     net, loss_func, X, y = make_problem("deep_mlp", "ce", "mean")

@@ -156,6 +156,22 @@ def test_several_batches_equal_one_batch(kind, red):
     assert_allclose_report(several, one, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("separate_bias", [False, True], ids=["joint", "separate"])
+def test_factored_per_example_gradients_over_batches(separate_bias):
+    """Factored per-example gradients, combined over batches, give the batch_grad EKFAC."""
+    from curvkit.operators.kronecker import extract_batches
+
+    model, lf, X, y = make_problem("deep_mlp", "ce", "mean", n=9)
+    opts = dict(separate_bias=separate_bias)
+    batches = [(X[:4], y[:4]), (X[4:], y[4:])]
+    factored = extract_batches(model, lf, batches, ("kflr", "batch_grad_factors"), **opts)
+    assert all(r.grad_factors[0].shape[0] == 9 and r.batch_grad is None for r in factored)
+    plain = extract_batches(model, lf, (X, y), ("kflr", "batch_grad"), **opts)
+    expected = EKFAC.from_records(plain, "kflr").to_dense()
+    actual = EKFAC.from_records(factored, "kflr").to_dense()
+    assert_allclose_report(actual, expected, rtol=1e-10, atol=1e-13)
+
+
 def test_bad_input_raises():
     records = sampled_records(stack="mlp")
     with pytest.raises(ShapeError, match="kind='kfra'"):
