@@ -207,12 +207,19 @@ def shifted_inverse(M: Tensor, shift: float) -> Tensor:
     """
     if shift <= 0:
         raise ValueError(f"shifted_inverse needs a positive shift, got {shift}.")
-    M = symmetrize(M)
-    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-    L, info = torch.linalg.cholesky_ex(M + shift * eye)
-    if int(info) == 0 and bool(torch.isfinite(L).all()):
+    L = _shifted_cholesky(M, shift)
+    if L is not None:
         return torch.cholesky_inverse(L)
     return psd_inverse(*eigh_psd(M), shift)
+
+
+def _shifted_cholesky(M: Tensor, shift: float) -> Tensor | None:
+    """Lower Cholesky factor of ``sym(M) + shift I``, or ``None`` if the factorisation fails."""
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    L, info = torch.linalg.cholesky_ex(symmetrize(M) + shift * eye)
+    if int(info) == 0 and bool(torch.isfinite(L).all()):
+        return L
+    return None
 
 
 class KronDifferenceInverse(NamedTuple):
@@ -268,15 +275,12 @@ def generalized_eigh(
     Returns:
         ``(s, W)``.
     """
-    if B_eig is None and shift > 0:
-        L, info = torch.linalg.cholesky_ex(
-            symmetrize(B) + shift * torch.eye(B.shape[-1], dtype=B.dtype, device=B.device)
-        )
-        if int(info) == 0 and bool(torch.isfinite(L).all()):
-            # R = L^{-T}: R^T D R = L^{-1} D L^{-T} by two triangular solves
-            LiD = torch.linalg.solve_triangular(L, D, upper=False)
-            s, P = eigh_psd(torch.linalg.solve_triangular(L, LiD.T, upper=False), psd=False)
-            return s, torch.linalg.solve_triangular(L.T, P, upper=True)
+    L = _shifted_cholesky(B, shift) if B_eig is None and shift > 0 else None
+    if L is not None:
+        # R = L^{-T}: R^T D R = L^{-1} D L^{-T} by two triangular solves
+        LiD = torch.linalg.solve_triangular(L, D, upper=False)
+        s, P = eigh_psd(torch.linalg.solve_triangular(L, LiD.T, upper=False), psd=False)
+        return s, torch.linalg.solve_triangular(L.T, P, upper=True)
     b, U = B_eig if B_eig is not None else eigh_psd(B)
     R = U * safe_reciprocal((b + shift).sqrt(), pseudo=shift == 0)
     s, P = eigh_psd(R.T @ D @ R, psd=False)
