@@ -91,6 +91,16 @@ def plot_tuning(tuning: pd.DataFrame, path: Path) -> None:
         plotting.save(fig, path, formats=("png",))
 
 
+def variant(name: str, args) -> T.Method | None:
+    """``T.METHODS[name]`` with the K-FAC options given on the command line, if any."""
+    method = T.METHODS[name]
+    options = getattr(method.build, "options", None)
+    if options is None or args.min_damping is None:
+        return None
+    build = T._kfac(**{**options, "min_damping": args.min_damping})
+    return T.Method(method.label, build, method.first_order, method.lr, method.lr_grid)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="full-width autoencoder (2.8M)")
@@ -107,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--evals", type=int, default=30, help="training-loss evaluations per run (about)"
     )
     parser.add_argument("--init", default="sparse", choices=("sparse", "default"))
+    parser.add_argument(
+        "--min-damping", type=float, default=None, help="K-FAC rows: min_damping (default: KFAC's)"
+    )
     parser.add_argument(
         "--replot", action="store_true", help="summary and figures from --out's CSV files only"
     )
@@ -157,8 +170,9 @@ def main(argv=None) -> dict:
         if name in GRIDS:
             steps = args.kfac_tune_steps if name in SECOND_ORDER else args.tune_steps
             lrs[name], rows = T.tune_lr(
-                p0, name, GRIDS[name], steps, args.batch_size, max(1, steps // args.evals)
-            )
+                p0, name, GRIDS[name], steps, args.batch_size, max(1, steps // args.evals),
+                method=variant(name, args),
+            )  # fmt: skip
             tuning += rows
             print(f"tuned {name}: lr {lrs[name]:g} (grid {GRIDS[name]}, {steps} steps)")
         else:
@@ -171,8 +185,9 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             every = max(1, steps // args.evals)
             rows = T.train_run(
-                problem, name, lrs[name], steps, args.batch_size, problem.seed, every
-            )
+                problem, name, lrs[name], steps, args.batch_size, problem.seed, every,
+                method=variant(name, args),
+            )  # fmt: skip
             curves += rows
             print(
                 f"{name:13s} seed {problem.seed}: final loss {T.final_loss(rows):.4g}, "

@@ -70,6 +70,7 @@ def _kfac(**kwargs):
         # a plain KFAC in one process; with the communicator under torchrun
         return make_kfac(model, loss_func, **({"lr": lr} if lr is not None else {}), **kwargs)
 
+    build.options = kwargs  # for variants of a method (see analysis/train_autoencoder.py)
     return build
 
 
