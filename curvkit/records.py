@@ -69,6 +69,12 @@ class LayerRecord:
             weight gradient of example ``n`` is ``outer(g[n], a[n])``, its bias
             gradient ``g[n]`` (quantity ``"batch_grad_factors"``; ``N·(in + out)``
             numbers instead of ``N·out·in``).
+        curvature_grad_factors: ``Linear`` layers, by kind (``"kfac"``, ``"kflr"``):
+            ``(rows, a)`` with ``rows`` ``[V, N, out]`` (with :math:`R`) the output
+            gradients behind ``G[kind]`` (sampled labels, or loss-Hessian
+            square-root columns) so that ``R Σ_v outer(rows[v, n], a[n])``-squares
+            give the curvature's per-example terms (quantity
+            ``"curvature_grad_factors"``; ``V = mc_samples`` or the output size).
         diag_ggn, diag_ggn_mc, diag_hessian: Diagonals, shaped like ``params``.
         cross_A: :math:`A_{l,l+1}` to the next layer, or ``None`` where the
             pair has no cross factor (see ``cross_reason``).
@@ -87,6 +93,7 @@ class LayerRecord:
     G: dict[str, Tensor] = field(default_factory=dict)
     batch_grad: list[Tensor] | None = None
     grad_factors: tuple[Tensor, Tensor] | None = None
+    curvature_grad_factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     diag_ggn: list[Tensor] | None = None
     diag_ggn_mc: list[Tensor] | None = None
     diag_hessian: list[Tensor] | None = None

@@ -18,6 +18,7 @@ from curvkit.extraction.modules import PARAMETER_FREE
 QUANTITIES = (
     "batch_grad",
     "batch_grad_factors",
+    "curvature_grad_factors",
     "kfac",
     "kflr",
     "kfra",

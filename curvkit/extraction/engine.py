@@ -112,7 +112,9 @@ def extract(
         quantities: Any of ``"batch_grad"``, ``"batch_grad_factors"`` (the
             per-example gradients of ``Linear`` layers as the two factors of their
             outer products, ``LayerRecord.grad_factors``; other layers get
-            ``batch_grad``), ``"kfac"`` (Monte Carlo Fisher
+            ``batch_grad``), ``"curvature_grad_factors"`` (the same for the output
+            gradients behind ``G["kfac"]``/``G["kflr"]`` of ``Linear`` layers, for
+            EKFAC of the Fisher or GGN), ``"kfac"`` (Monte Carlo Fisher
             factors), ``"kflr"`` (exact loss-Hessian square root), ``"kfra"``,
             ``"empirical"``, ``"diag_ggn"``, ``"diag_ggn_mc"``,
             ``"diag_hessian"``, ``"cross"`` (cross factors between consecutive
@@ -363,6 +365,10 @@ def _layer_record(
             info["rows"][kind] = node.grad_rows(block, approx).to(fdt)
     if kfra is not None:
         rec.G["kfra"] = kfra.to(fdt).clone()
+    if "curvature_grad_factors" in q and info["linear"]:
+        for kind, sl in (("kfac", rows.mc), ("kflr", rows.sqrt)):
+            if kind in q:
+                rec.curvature_grad_factors[kind] = (stack[sl] * R, node.a)
     if "batch_grad_factors" in q and info["linear"]:
         rec.grad_factors = (g0.clone(), node.a)
     elif q & {"batch_grad", "batch_grad_factors"}:

@@ -14,13 +14,17 @@ with :math:`\nabla_{\bar W}\ell_n` the gradient of the unreduced loss of example
 the per-example gradient summed over locations).
 
 Note:
-    The per-example gradients are those at the true labels, so in the eigenbasis
-    the diagonal of EKFAC equals that of the empirical Fisher block whatever the
-    ``kind``; ``kind`` only chooses the eigenbasis. With ``kind="empirical"``
-    (the default) this is George et al.'s EKFAC of the empirical Fisher; with
-    ``"kfac"``/``"kflr"`` it is a hybrid (Fisher/GGN eigenbasis, empirical
-    eigenvalues), not the paper's EKFAC of the Fisher, whose correction would need
-    the backpropagated sampled or loss-Hessian square-root vectors per example.
+    By default (``correction="empirical"``) the per-example gradients are those at
+    the true labels, so in the eigenbasis the diagonal of EKFAC equals that of the
+    empirical Fisher block whatever the ``kind``; ``kind`` only chooses the
+    eigenbasis. With ``kind="empirical"`` this is George et al.'s EKFAC of the
+    empirical Fisher; with ``"kfac"``/``"kflr"`` it is a hybrid (Fisher/GGN
+    eigenbasis, empirical eigenvalues). ``correction="kind"`` takes the second
+    moments of the output gradients behind ``G[kind]`` instead (sampled labels for
+    ``"kfac"``, loss-Hessian square-root columns for ``"kflr"``): the paper's EKFAC
+    of the Monte Carlo Fisher, or of the GGN, whose diagonal in the eigenbasis
+    equals that of the GGN block (``Linear`` layers only, where the per-example
+    terms stay factored).
 """
 
 from __future__ import annotations
@@ -45,6 +49,25 @@ from curvkit.records import Records
 
 #: Factor kinds whose eigenbasis EKFAC can use.
 EKFAC_KINDS = ("kfac", "kflr", "empirical")
+
+#: Sources of the corrected eigenvalues.
+CORRECTIONS = ("empirical", "kind")
+
+
+def correction_source(kind: str, correction: str) -> str:
+    """The rows the eigenvalues come from: ``"empirical"`` or the factor kind."""
+    if correction not in CORRECTIONS:
+        raise ShapeError(
+            f"EKFAC: correction={correction!r} is not supported; use one of {CORRECTIONS}."
+        )
+    return kind if correction == "kind" else "empirical"
+
+
+def correction_quantities(kind: str, correction: str) -> tuple[str, ...]:
+    """Extraction quantities the eigenvalue correction needs (besides the factors)."""
+    if correction_source(kind, correction) == "empirical":
+        return ("batch_grad_factors",)
+    return ("curvature_grad_factors",)
 
 
 def eigenbases(layers, A, G, bias_scale=None) -> list[list[tuple[Tensor, Tensor]]]:
@@ -89,6 +112,7 @@ def record_eigenvalues(
     bases: Sequence[Sequence[tuple[Tensor, Tensor]]],
     records: Records,
     weight: float,
+    source: str = "empirical",
 ) -> list[list[Tensor]]:
     r"""Corrected eigenvalues from records, using factored per-example gradients where present.
 
@@ -99,21 +123,39 @@ def record_eigenvalues(
     per example): three products of the size of a gradient instead of two per
     example. Layers without ``grad_factors`` use :func:`corrected_eigenvalues`.
 
+    With ``source="kfac"`` or ``"kflr"`` the rows are those behind ``G[source]``
+    (``curvature_grad_factors``: sampled labels, or loss-Hessian square-root
+    columns), summed over rows: George et al.'s correction of the (Monte Carlo)
+    Fisher or of the GGN instead of the empirical Fisher (``Linear`` layers only).
+
     Args:
         layers: Layouts.
         bases: ``(U_G, U_A)`` per layer and pair.
-        records: Records with ``grad_factors`` or ``batch_grad`` for every layer.
-        weight: Scale of the sum (``1/R``: both forms include ``R``).
+        records: Records with ``grad_factors`` or ``batch_grad`` for every layer
+            (``source="empirical"``), or ``curvature_grad_factors[source]``.
+        weight: Scale of the sum (``1/R``: every form includes ``R``).
+        source: ``"empirical"`` (true labels), ``"kfac"`` or ``"kflr"``.
 
     Returns:
         ``S`` per layer and pair.
 
     Raises:
-        ShapeError: If a layer has neither form of per-example gradients.
+        ShapeError: If a layer lacks the per-example gradients ``source`` needs.
     """
     out = []
     for layer, basis, rec in zip(layers, bases, records):
         dtype = basis[0][0].dtype
+        if source != "empirical":
+            if source not in rec.curvature_grad_factors:
+                raise ShapeError(
+                    f"Layer {rec.name!r} ({type(rec.module).__name__}) has no "
+                    f"curvature_grad_factors[{source!r}]: the {source!r} eigenvalue "
+                    "correction supports Linear layers, extracted with "
+                    f"('{source}', 'curvature_grad_factors')."
+                )
+            rows, a = rec.curvature_grad_factors[source]
+            out.append(_factored_scales(layer, basis, rows, a, weight))
+            continue
         if rec.grad_factors is None:
             if rec.batch_grad is None:
                 raise ShapeError(
@@ -123,21 +165,29 @@ def record_eigenvalues(
             grads = [g.to(dtype) for g in rec.batch_grad]
             out.extend(corrected_eigenvalues([layer], [basis], [grads], weight))
             continue
-        g, a = (t.to(dtype) for t in rec.grad_factors)
-        ones = a.new_ones(a.shape[0], 1)
-        if not layer.has_bias:
-            features = [a]
-        elif layer.joint:
-            features = [torch.cat([a, ones], dim=1)]
-        else:
-            features = [a, ones]
-        out.append(
-            [
-                weight * ((g @ U_G).square().T @ (f @ U_A).square())
-                for (U_G, U_A), f in zip(basis, features)
-            ]
-        )
+        g, a = rec.grad_factors
+        out.append(_factored_scales(layer, basis, g[None], a, weight))
     return out
+
+
+def _factored_scales(layer: KronLayer, basis, rows: Tensor, a: Tensor, weight: float) -> list:
+    r"""``weight`` :math:`\cdot (\sum_v \hat g_v^{\odot 2})^\top \hat a^{\odot 2}` per pair.
+
+    ``rows`` ``[V, N, out]``: per-example output gradients; ``a`` ``[N, in]``.
+    """
+    dtype = basis[0][0].dtype
+    rows, a = rows.to(dtype), a.to(dtype)
+    ones = a.new_ones(a.shape[0], 1)
+    if not layer.has_bias:
+        features = [a]
+    elif layer.joint:
+        features = [torch.cat([a, ones], dim=1)]
+    else:
+        features = [a, ones]
+    return [
+        weight * ((rows @ U_G).square().sum(0).T @ (f @ U_A).square())
+        for (U_G, U_A), f in zip(basis, features)
+    ]
 
 
 class EKFAC(KronEigenOperator):
@@ -152,22 +202,29 @@ class EKFAC(KronEigenOperator):
     """
 
     @classmethod
-    def from_records(cls, records: Records, kind: str = "kflr") -> EKFAC:
+    def from_records(
+        cls, records: Records, kind: str = "kflr", correction: str = "empirical"
+    ) -> EKFAC:
         """EKFAC from the factors of ``kind`` and the per-example gradients in ``records``.
 
         Raises:
-            ShapeError: If the records hold no per-example gradients
-                (``batch_grad_factors`` or ``batch_grad``) or no factors of ``kind``.
+            ShapeError: If the records hold no per-example gradients for the
+                ``correction`` (``batch_grad_factors`` or ``batch_grad``;
+                ``curvature_grad_factors``) or no factors of ``kind``.
         """
         check_kind(kind, EKFAC_KINDS)
+        source = correction_source(kind, correction)
         layers, A, G, scales = layers_and_factors(records, kind)
-        if any(rec.batch_grad is None and rec.grad_factors is None for rec in records):
+        missing = source == "empirical" and any(
+            rec.batch_grad is None and rec.grad_factors is None for rec in records
+        )
+        if missing:
             raise ShapeError(
                 "EKFAC needs per-example gradients: extract with 'batch_grad_factors' "
                 "(or 'batch_grad')."
             )
         bases = eigenbases(layers, A, G, scales)
-        S = record_eigenvalues(layers, bases, records, 1.0 / records.reduction_factor)
+        S = record_eigenvalues(layers, bases, records, 1.0 / records.reduction_factor, source)
         return cls.from_bases(layers, bases, S)
 
     @classmethod
@@ -211,6 +268,7 @@ def ekfac(
     kfac_approx: str = "expand",
     seed: int = 0,
     factor_dtype: torch.dtype | None = None,
+    correction: str = "empirical",
 ) -> EKFAC:
     r"""EKFAC approximation of the Fisher/GGN on a data set.
 
@@ -232,12 +290,18 @@ def ekfac(
         kfac_approx: ``"expand"`` or ``"reduce"`` for conv layers.
         seed: Seed of the label sampling for ``kind="kfac"``.
         factor_dtype: dtype of the factors (default: the model's).
+        correction: ``"empirical"`` (default): eigenvalues from true-label
+            per-example gradients; ``"kind"``: from the output gradients behind
+            ``G[kind]`` (George et al.'s EKFAC of the Fisher or GGN; ``Linear``
+            layers only; ``"kflr"`` holds one row per output, ``C·N·out`` numbers
+            per layer).
 
     Returns:
         An :class:`EKFAC` operator.
 
     Raises:
-        ShapeError: On an unknown ``kind``.
+        ShapeError: On an unknown ``kind`` or ``correction``, or a conv layer with
+            ``correction="kind"``.
         UnsupportedModuleError, UnsupportedLossError: From the extraction.
 
     Example:
@@ -250,6 +314,8 @@ def ekfac(
         (23, 23)
     """
     check_kind(kind, EKFAC_KINDS)
+    source = correction_source(kind, correction)
+    extra = correction_quantities(kind, correction)
     batches = as_batches(data)
     options = dict(
         mc_samples=mc_samples,
@@ -258,19 +324,19 @@ def ekfac(
         factor_dtype=factor_dtype,
     )
     if len(batches) == 1:
-        records = extract_batches(
-            model, loss_func, batches, (kind, "batch_grad_factors"), seed=seed, **options
-        )
-        return EKFAC.from_records(records, kind)
+        records = extract_batches(model, loss_func, batches, (kind, *extra), seed=seed, **options)
+        return EKFAC.from_records(records, kind, correction)
     records = extract_batches(model, loss_func, batches, (kind,), seed=seed, **options)
     layers, A, G, scales = layers_and_factors(records, kind)
     bases = eigenbases(layers, A, G, scales)
     total, mean = num_data(batches), getattr(loss_func, "reduction", "mean") == "mean"
     S = None
-    for X, y in batches:
-        rec = extract_batches(model, loss_func, (X, y), ("batch_grad_factors",), **options)
+    rows = extra if source == "empirical" else (kind, *extra)
+    for b, (X, y) in enumerate(batches):
+        # distinct, reproducible label samples per batch for kind="kfac"
+        rec = extract_batches(model, loss_func, (X, y), rows, seed=seed + 1 + b, **options)
         # R Σ_n (Uᵀ ∇ℓ_n U)² with ∇ℓ_n = batch_grad / R_b and R / R_b = N_b / N ("mean") or 1
         weight = (X.shape[0] / total if mean else 1.0) / rec.reduction_factor
-        part = record_eigenvalues(layers, bases, rec, weight)
+        part = record_eigenvalues(layers, bases, rec, weight, source)
         S = part if S is None else [[s + t for s, t in zip(old, new)] for old, new in zip(S, part)]
     return EKFAC.from_bases(layers, bases, S)

@@ -457,6 +457,13 @@ def _combine(acc: LayerRecord | None, rec: LayerRecord, wr: float, wg: float) ->
         rec.grad_factors = (
             (g * wr, a) if old is None else (torch.cat([old[0], g * wr]), torch.cat([old[1], a]))
         )
+    old = {} if acc is None else acc.curvature_grad_factors
+    for kind, (rows, a) in rec.curvature_grad_factors.items():
+        if kind in old:
+            rows, a = torch.cat([old[kind][0], rows * wr], dim=1), torch.cat([old[kind][1], a])
+        else:
+            rows = rows * wr
+        rec.curvature_grad_factors[kind] = (rows, a)
     for name in ("G", "cross_G"):
         old = {} if acc is None else getattr(acc, name)
         new = {k: v * wg + old[k] if k in old else v * wg for k, v in getattr(rec, name).items()}

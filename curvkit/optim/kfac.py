@@ -92,6 +92,10 @@ class KFAC(torch.optim.Optimizer):
             from a moving average of per-example gradient second moments (factored
             for ``Linear`` layers; conv layers materialise
             their per-example gradients, memory ``N x D_conv`` during the pass).
+        ekfac_correction: ``"empirical"`` (default): EKFAC's second moments from
+            true-label gradients; ``"kind"``: from the output gradients behind
+            ``G[kind]`` (sampled labels for ``"kfac"``: George et al.'s EKFAC of the
+            Fisher; ``Linear`` layers only).
         seed: Seed of the label sampling.
         fallback: First-order rule for parameters of modules without Kronecker
             factors (BatchNorm, LayerNorm, grouped conv, ...): ``"adam"`` (default),
@@ -144,6 +148,7 @@ class KFAC(torch.optim.Optimizer):
         max_damping: float = 1e6,
         factor_dtype: torch.dtype = torch.float32,
         ekfac: bool = False,
+        ekfac_correction: str = "empirical",
         seed: int = 0,
         fallback: str | None = "adam",
         fallback_lr: float = 1e-3,
@@ -161,6 +166,12 @@ class KFAC(torch.optim.Optimizer):
                 raise ShapeError(f"KFAC: {name} must be a positive integer, got {value!r}.")
         if T2 is not None and (int(T2) != T2 or T2 < 1):
             raise ShapeError(f"KFAC: T2 must be a positive integer or None, got {T2!r}.")
+        convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+        if ekfac and ekfac_correction == "kind" and convs:
+            raise ShapeError(
+                f"KFAC: ekfac_correction='kind' supports Linear layers only; the model has "
+                f"conv layers {convs}. Use ekfac_correction='empirical'."
+            )
         if not 0.0 < stats_fraction <= 1.0:
             raise ShapeError(f"KFAC: stats_fraction must lie in (0, 1], got {stats_fraction}.")
         if damping <= 0:
@@ -199,7 +210,7 @@ class KFAC(torch.optim.Optimizer):
         self.min_damping, self.max_damping = min_damping, max_damping
         self.adapt_damping = (lr is None) if adapt_damping is None else adapt_damping
         self.preconditioner = KroneckerPreconditioner(
-            structure, kind, damping_mode, ema_max, factor_dtype, ekfac
+            structure, kind, damping_mode, ema_max, factor_dtype, ekfac, ekfac_correction
         )
         self.fallback, self.fallback_lr = fallback, fallback_lr
         self._announced = False

@@ -14,7 +14,12 @@ from torch import Tensor
 
 from curvkit.errors import ShapeError
 from curvkit.operators import kron_math as km
-from curvkit.operators.ekfac import eigenbases, record_eigenvalues
+from curvkit.operators.ekfac import (
+    correction_quantities,
+    correction_source,
+    eigenbases,
+    record_eigenvalues,
+)
 from curvkit.operators.kronecker import BlockDiagonalKFAC, KronEigenOperator, KronLayer
 from curvkit.records import Records
 
@@ -53,6 +58,9 @@ class KroneckerPreconditioner:
             and replace its eigenvalues by a moving average of the per-example
             gradients' second moments in that basis (:meth:`update_scales`); the
             inverse applies exact damping :math:`(S + \gamma^2)^{-1}`.
+        ekfac_correction: Where EKFAC's second moments come from: ``"empirical"``
+            (true-label gradients) or ``"kind"`` (the rows behind ``G[kind]``:
+            George et al.'s EKFAC of the Fisher or GGN; ``Linear`` layers only).
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class KroneckerPreconditioner:
         ema_max: float = 0.95,
         factor_dtype: torch.dtype = torch.float32,
         ekfac: bool = False,
+        ekfac_correction: str = "empirical",
     ):
         if structure not in STRUCTURES:
             raise ShapeError(f"structure={structure!r} is not supported; use one of {STRUCTURES}.")
@@ -76,6 +85,8 @@ class KroneckerPreconditioner:
         self.structure = structure
         self.kind = kind
         self.ekfac = ekfac
+        self.ekfac_source = correction_source(kind, ekfac_correction)
+        self.ekfac_quantities = correction_quantities(kind, ekfac_correction)
         self.bases: list | None = None
         self.S: list | None = None
         self.scale_updates = 0
@@ -98,7 +109,7 @@ class KroneckerPreconditioner:
         """What an extraction pass must return for this preconditioner."""
         if self.structure == "tridiagonal":
             return (self.kind, "cross")
-        return (self.kind, "batch_grad_factors") if self.ekfac else (self.kind,)
+        return (self.kind, *self.ekfac_quantities) if self.ekfac else (self.kind,)
 
     # -- statistics ----------------------------------------------------------------------
     def update(self, records: Records, scale: float = 1.0, comm=None) -> None:
@@ -156,7 +167,8 @@ class KroneckerPreconditioner:
 
     def update_scales(self, records: Records, comm=None) -> None:
         r"""EKFAC: fold :math:`R\sum_n (U_G^\top \nabla\ell_n U_A)^{\odot 2}` into the scales."""
-        new = record_eigenvalues(self.layers, self.bases, records, 1.0 / records.reduction_factor)
+        weight = 1.0 / records.reduction_factor
+        new = record_eigenvalues(self.layers, self.bases, records, weight, self.ekfac_source)
         if comm is not None:
             comm.average_([t for layer in new for t in layer])
         if not all_finite([t for layer in new for t in layer]):

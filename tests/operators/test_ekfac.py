@@ -13,6 +13,7 @@ from tests.reference import (
     DEVICES,
     assert_allclose_report,
     dense_ef,
+    dense_ggn,
     joint_block,
     make_problem,
     param_layers,
@@ -144,6 +145,71 @@ def test_matches_curvlinops_empirical_ekfac(case):
     )
     expected = ref @ torch.eye(E.dim, dtype=DTYPE)
     assert_allclose_report(E.to_dense(), expected, rtol=1e-9, atol=1e-12)
+
+
+LINEAR_CASES = {k: v for k, v in MODEL_CASES.items() if not k.startswith("cnn")}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", LINEAR_CASES.values(), ids=LINEAR_CASES.keys())
+def test_ggn_correction_diagonal_equals_dense_ggn(case, device):
+    """correction="kind" with KFLR: in the eigenbasis, the diagonal of the GGN block."""
+    name, loss, red, approx, sep = case
+    model, lf, X, y = make_problem(name, loss, red, device=device, n=7)
+    E = ck.ekfac(model, lf, (X, y), kind="kflr", separate_bias=sep, correction="kind")
+    GGN, Ed = dense_ggn(model, lf, X, y), E.to_dense()
+    for (lname, _), Q, blocks in zip(param_layers(model), layer_bases(E), E.blocks):
+        ggn = joint_block(GGN, model, lname, separate=sep)
+        ek = joint_block(Ed, model, lname, separate=sep)
+        if sep:
+            Q = torch.kron(blocks[0][0], blocks[0][1])
+        ggn, ek = Q.T @ ggn @ Q, Q.T @ ek @ Q
+        assert_allclose_report(ek.diagonal(), ggn.diagonal(), rtol=1e-9, atol=1e-12, msg=lname)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES.values(), ids=LINEAR_CASES.keys())
+def test_ggn_correction_matches_curvlinops_type2_ekfac(case):
+    name, loss, red, approx, sep = case
+    model, lf, X, y = make_problem(name, loss, red, n=25)
+    E = ck.ekfac(model, lf, (X, y), kind="kflr", separate_bias=sep, correction="kind")
+    ref = EKFACLinearOperator(
+        model, lf, list(model.parameters()), [(X, y)], fisher_type="type-2",
+        separate_weight_and_bias=sep, check_deterministic=False,
+    )  # fmt: skip
+    expected = ref @ torch.eye(E.dim, dtype=DTYPE)
+    assert_allclose_report(E.to_dense(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_mc_fisher_correction_converges_to_the_ggn_correction():
+    model, lf, X, y = make_problem("mlp", "ce", "mean", n=6)
+    exact = ck.ekfac(model, lf, (X, y), kind="kflr", correction="kind").to_dense()
+
+    def error(samples):
+        E = ck.ekfac(model, lf, (X, y), kind="kfac", mc_samples=samples, correction="kind")
+        return float(torch.linalg.norm(E.to_dense() - exact) / torch.linalg.norm(exact))
+
+    assert error(4000) < 0.05 < error(1)
+
+
+@pytest.mark.parametrize("kind", ["kflr", "kfac"])
+def test_kind_correction_over_several_batches(kind):
+    model, lf, X, y = make_problem("deep_mlp", "mse", "mean", n=9)
+    batches = [(X[:4], y[:4]), (X[4:], y[4:])]
+    several = ck.ekfac(model, lf, batches, kind=kind, correction="kind", mc_samples=2000)
+    one = ck.ekfac(model, lf, (X, y), kind=kind, correction="kind", mc_samples=2000)
+    if kind == "kflr":
+        assert_allclose_report(several.to_dense(), one.to_dense(), rtol=1e-10, atol=1e-13)
+    else:  # independent label samples: equal up to Monte Carlo error
+        diff = torch.linalg.norm(several.to_dense() - one.to_dense())
+        assert diff / torch.linalg.norm(one.to_dense()) < 0.05
+
+
+def test_kind_correction_needs_linear_layers():
+    model, lf, X, y = make_problem("cnn", "ce", "mean", n=4)
+    with pytest.raises(ShapeError, match="supports Linear layers"):
+        ck.ekfac(model, lf, (X, y), kind="kflr", correction="kind")
+    with pytest.raises(ShapeError, match="correction='fisher'"):
+        ck.ekfac(model, lf, (X, y), kind="kflr", correction="fisher")
 
 
 @pytest.mark.parametrize("kind", ["kflr", "empirical"])

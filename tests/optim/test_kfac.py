@@ -395,18 +395,23 @@ def test_gamma_reselection_picks_the_lowest_quadratic_model():
     assert math.isclose(opt.gamma, min(changes, key=changes.get))
 
 
-@pytest.mark.parametrize("kind", ["kflr", "empirical"])
-def test_ekfac_first_step_is_damped_ekfac_direction(kind):
+@pytest.mark.parametrize(
+    "kind, correction",
+    [("kflr", "empirical"), ("empirical", "empirical"), ("kflr", "kind")],
+    ids=["kflr", "empirical", "kflr-ggn-correction"],
+)
+def test_ekfac_first_step_is_damped_ekfac_direction(kind, correction):
     model = _mlp()
     loss_func = nn.CrossEntropyLoss()
     X, y = _data(N=20)
     lam, lr = 0.05, 0.5
-    E = ck.ekfac(copy.deepcopy(model), loss_func, (X, y), kind=kind)
+    E = ck.ekfac(copy.deepcopy(model), loss_func, (X, y), kind=kind, correction=correction)
     g = _flat_grad(model, loss_func, X, y)
     expected = _flat(model) - lr * (E.inverse(damping=lam) @ g)
     opt = ck.optim.KFAC(
-        model, loss_func, kind=kind, lr=lr, damping=lam, ekfac=True, factor_dtype=torch.float64
-    )
+        model, loss_func, kind=kind, lr=lr, damping=lam, ekfac=True,
+        ekfac_correction=correction, factor_dtype=torch.float64,
+    )  # fmt: skip
     opt.step(lambda: loss_func(model(X), y))
     torch.testing.assert_close(_flat(model), expected, rtol=1e-9, atol=1e-11)
 
@@ -433,6 +438,11 @@ def test_ekfac_scales_are_a_moving_average_between_basis_refreshes():
     assert pre.scale_updates == 1  # step 4 refreshed the basis and restarted the scales
     with pytest.raises(ShapeError, match="ekfac"):
         ck.optim.KFAC(model, loss_func, structure="tridiagonal", ekfac=True)
+    with pytest.raises(ShapeError, match="correction='fisher'"):
+        ck.optim.KFAC(model, loss_func, ekfac=True, ekfac_correction="fisher")
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(ShapeError, match="Linear layers only"):
+        ck.optim.KFAC(cnn, loss_func, ekfac=True, ekfac_correction="kind")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
