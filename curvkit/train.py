@@ -13,7 +13,8 @@ seeds).
 :data:`METHODS` lists the optimisers by name: first-order baselines (``sgd``:
 Nesterov momentum 0.9, ``adam``), K-FAC (Martens & Grosse 2015) with the
 automatic step and Levenberg–Marquardt damping (``kfac``, ``kfac-tridiag``,
-``ekfac``), K-FAC with a fixed learning rate and momentum (``kfac-lr``) and
+``ekfac`` with the empirical eigenvalue correction, ``ekfac-fisher`` with that of
+the Monte Carlo Fisher), K-FAC with a fixed learning rate and momentum (``kfac-lr``) and
 exact natural gradient with conjugate gradients (``ngd``, small models only).
 
 Example:
@@ -103,7 +104,10 @@ METHODS: dict[str, Method] = {
     "kfac-tridiag": Method(
         "K-FAC tri-diag (auto)", _kfac(structure="tridiagonal", damping=1e-3), False
     ),
-    "ekfac": Method("EKFAC (auto)", _kfac(ekfac=True, damping=1e-3, stats_fraction=0.125), False),
+    "ekfac": Method("EKFAC, empirical (auto)", _kfac(ekfac=True, damping=1e-3), False),
+    "ekfac-fisher": Method(
+        "EKFAC, Fisher (auto)", _kfac(ekfac=True, ekfac_correction="kind", damping=1e-3), False
+    ),
     "kfac-lr": Method(
         "K-FAC block-diag (lr + momentum)",
         _kfac(momentum=0.9, damping=1e-2),
