@@ -70,11 +70,14 @@ class LayerRecord:
             gradient ``g[n]`` (quantity ``"batch_grad_factors"``; ``N·(in + out)``
             numbers instead of ``N·out·in``).
         curvature_grad_factors: ``Linear`` layers, by kind (``"kfac"``, ``"kflr"``):
-            ``(rows, a)`` with ``rows`` ``[V, N, out]`` (with :math:`R`) the output
-            gradients behind ``G[kind]`` (sampled labels, or loss-Hessian
-            square-root columns) so that ``R Σ_v outer(rows[v, n], a[n])``-squares
-            give the curvature's per-example terms (quantity
-            ``"curvature_grad_factors"``; ``V = mc_samples`` or the output size).
+            ``(rows, a)``, ``rows`` ``[V, N, out]`` the output gradients behind
+            ``G[kind]`` (sampled-label gradients over :math:`\sqrt M`, or the
+            columns of the loss Hessian's square root) times :math:`R`, ``a``
+            ``[N, in]`` as in ``grad_factors``. With ``w_vn = outer(rows[v, n],
+            a[n]) / R`` the layer's Fisher (``"kfac"``) or GGN (``"kflr"``) block is
+            :math:`R\sum_{v,n} \mathrm{vec}(w_{vn})\mathrm{vec}(w_{vn})^\top`
+            (quantity ``"curvature_grad_factors"``; ``V = mc_samples`` or the number
+            of outputs).
         diag_ggn, diag_ggn_mc, diag_hessian: Diagonals, shaped like ``params``.
         cross_A: :math:`A_{l,l+1}` to the next layer, or ``None`` where the
             pair has no cross factor (see ``cross_reason``).
