@@ -74,7 +74,8 @@ class LayerRecord:
             ``G[kind]`` (sampled-label gradients over :math:`\sqrt M`, or the
             columns of the loss Hessian's square root) times :math:`R`, ``a``
             ``[N, in]`` as in ``grad_factors``. With ``w_vn = outer(rows[v, n],
-            a[n]) / R`` the layer's Fisher (``"kfac"``) or GGN (``"kflr"``) block is
+            a[n]) / R`` the weight block of the layer's Fisher (``"kfac"``) or GGN
+            (``"kflr"``) is
             :math:`R\sum_{v,n} \mathrm{vec}(w_{vn})\mathrm{vec}(w_{vn})^\top`
             (quantity ``"curvature_grad_factors"``; ``V = mc_samples`` or the number
             of outputs).
