@@ -59,7 +59,7 @@ __all__ = [
 #: Colour-blind-safe qualitative palette (Okabe & Ito 2008; teal and wine from Tol 2021).
 PALETTE = (
     "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7",
-    "#56B4E9", "#44AA99", "#000000", "#999999", "#882255",
+    "#56B4E9", "#882255", "#000000", "#44AA99", "#999999",
 )  # fmt: skip
 
 #: ``rcParams`` applied (with :func:`matplotlib.rc_context`) to every figure.
