@@ -20,7 +20,8 @@ and ``λ₀``) on stdout and in ``--out`` (``initial_damping.csv``/``.md``).
 
 Usage:
     python analysis/initial_damping.py [--damping 1e-3 1e-2 1e-1] [--steps 60]
-        [--ae-steps 300 (0: skip)] [--problems ...] [--quick] [--device cuda] [--threads 1]
+        [--ae-steps 300 (0: skip)] [--problems ...] [--min-damping 1e-6] [--quick]
+        [--device cuda] [--threads 1]
         [--out results/initial_damping]
 """
 
@@ -42,10 +43,10 @@ CLASSIFIERS = ("digits_mlp", "digits_cnn", "mnist1d_mlp", "mnist_cnn")
 AUTOENCODER = "mnist_autoencoder_half"
 
 
-def run(problem, batches, damping: float) -> dict:
+def run(problem, batches, damping: float, **options) -> dict:
     """Train a copy of the problem's model; mean loss of the last 10 steps, or divergence."""
     model, loss_func = copy.deepcopy(problem.model), problem.loss_func
-    opt = ck.optim.KFAC(model, loss_func, damping=damping)
+    opt = ck.optim.KFAC(model, loss_func, damping=damping, **options)
     losses = []
     for X, y in batches:
         loss = float(opt.step(lambda X=X, y=y: loss_func(model(X), y)))
@@ -72,6 +73,7 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--ae-steps", type=int, default=300)
+    parser.add_argument("--min-damping", type=float, default=None, help="default: KFAC's")
     parser.add_argument("--quick", action="store_true", help="10 steps, 20 autoencoder steps")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
@@ -90,7 +92,8 @@ def main(argv=None) -> pd.DataFrame:
         batches = mini_batches(problem, batch_size, steps)
         row = {"problem": f"{name} ({steps} steps of {batch_size})"}
         for damping in args.damping:
-            result = run(problem, batches, damping)
+            options = {} if args.min_damping is None else {"min_damping": args.min_damping}
+            result = run(problem, batches, damping, **options)
             cell = (
                 f"diverged at step {result['diverged_at']}"
                 if result["diverged_at"]

@@ -89,9 +89,14 @@ def variant(name: str, args) -> T.Method | None:
     """``T.METHODS[name]`` with the K-FAC options given on the command line, if any."""
     method = T.METHODS[name]
     options = getattr(method.build, "options", None)
-    if options is None or args.min_damping is None:
+    extra = {}
+    if args.min_damping is not None:
+        extra["min_damping"] = args.min_damping
+    if args.factor_dtype is not None:
+        extra["factor_dtype"] = getattr(torch, args.factor_dtype)
+    if options is None or not extra:
         return None
-    build = T._kfac(**{**options, "min_damping": args.min_damping})
+    build = T._kfac(**{**options, **extra})
     return T.Method(method.label, build, method.first_order, method.lr, method.lr_grid)
 
 
@@ -113,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--init", default="sparse", choices=("sparse", "default"))
     parser.add_argument(
         "--min-damping", type=float, default=None, help="K-FAC rows: min_damping (default: KFAC's)"
+    )
+    parser.add_argument(
+        "--factor-dtype", choices=("float32", "float64"), default=None, help="K-FAC rows"
     )
     parser.add_argument(
         "--replot", action="store_true", help="summary and figures from --out's CSV files only"

@@ -81,11 +81,12 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: Decoupled weight decay :math:`\theta \leftarrow \theta(1 -
             \text{lr}\cdot\text{wd})` (per group; ``lr`` is 1 in the automatic mode).
         kl_clip: KL-clipping bound :math:`\kappa` of the fixed-lr mode (Ba et al. 2017).
-        min_damping, max_damping: Bounds of :math:`\lambda`. On the MNIST autoencoder
-            the LM rule lowers :math:`\lambda` at every check, so the floor matters:
-            with ``1e-8`` the tri-diagonal loss rose again once it was reached,
-            ``1e-6`` gave the lowest losses of ``1e-8``, ``1e-6``, ``1e-5`` for both
-            structures (see ``docs/optimizer.md``).
+        min_damping, max_damping: Bounds of :math:`\lambda`. Default floor: ``1e-6``
+            for the tri-diagonal structure with float32 factors, ``1e-8`` otherwise.
+            Below ``1e-6`` the float32 tri-diagonal inverse (its
+            :math:`1/(1 - s_1 s_2)` scales) lost enough accuracy on the MNIST
+            autoencoder for the training loss to rise again, which float64
+            factors do not show (see ``docs/optimizer.md``).
         factor_dtype: Type of factors and inverses (float32 or float64).
         ekfac: Eigenvalue-corrected K-FAC (George et al. 2018; block-diagonal only):
             eigenbasis from the averaged factors every ``T_inv`` steps, eigenvalues
@@ -144,7 +145,7 @@ class KFAC(torch.optim.Optimizer):
         l2: float = 0.0,
         weight_decay: float = 0.0,
         kl_clip: float | None = None,
-        min_damping: float = 1e-6,
+        min_damping: float | None = None,
         max_damping: float = 1e6,
         factor_dtype: torch.dtype = torch.float32,
         ekfac: bool = False,
@@ -207,6 +208,9 @@ class KFAC(torch.optim.Optimizer):
         self.stats_fraction = stats_fraction
         self.T_cov, self.T_inv, self.T1, self.T2 = T_cov, T_inv, T1, T2
         self.l2 = l2
+        if min_damping is None:
+            low_precision = factor_dtype != torch.float64
+            min_damping = 1e-6 if structure == "tridiagonal" and low_precision else 1e-8
         self.min_damping, self.max_damping = min_damping, max_damping
         self.adapt_damping = (lr is None) if adapt_damping is None else adapt_damping
         self.preconditioner = KroneckerPreconditioner(

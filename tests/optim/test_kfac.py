@@ -529,3 +529,18 @@ def test_one_forward_pass_per_step():
     for _ in range(3):
         opt.step(lambda: loss_func(model(X), y))
     assert len(calls) == 3  # the closure's forward is the extraction's forward
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (dict(structure="tridiagonal"), 1e-6),
+        (dict(structure="tridiagonal", factor_dtype=torch.float64), 1e-8),
+        (dict(), 1e-8),
+        (dict(structure="tridiagonal", min_damping=1e-9), 1e-9),
+    ],
+    ids=["tri-float32", "tri-float64", "block", "explicit"],
+)
+def test_default_damping_floor(options, expected):
+    opt = ck.optim.KFAC(_mlp(), nn.CrossEntropyLoss(), **options)
+    assert opt.min_damping == expected
