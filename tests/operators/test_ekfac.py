@@ -110,20 +110,25 @@ MODEL_CASES = {
 }
 
 
+def assert_eigenbasis_diagonal(E, reference, model, sep):
+    """In each layer's eigenbasis, EKFAC's diagonal equals that of the dense reference block."""
+    Ed = E.to_dense()
+    for (lname, _), Q, blocks in zip(param_layers(model), layer_bases(E), E.blocks):
+        ref = joint_block(reference, model, lname, separate=sep)
+        ek = joint_block(Ed, model, lname, separate=sep)
+        if sep:  # compare the weight block only (the bias block is the second pair)
+            Q = torch.kron(blocks[0][0], blocks[0][1])
+        ref, ek = Q.T @ ref @ Q, Q.T @ ek @ Q
+        assert_allclose_report(ek.diagonal(), ref.diagonal(), rtol=1e-9, atol=1e-12, msg=lname)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", MODEL_CASES.values(), ids=MODEL_CASES.keys())
 def test_model_eigenbasis_diagonal_equals_dense_ef(case, device):
     name, loss, red, approx, sep = case
     model, lf, X, y = make_problem(name, loss, red, device=device, n=7)
     E = ck.ekfac(model, lf, (X, y), kind="empirical", kfac_approx=approx, separate_bias=sep)
-    EF, Ed = dense_ef(model, lf, X, y), E.to_dense()
-    for (lname, _), Q, blocks in zip(param_layers(model), layer_bases(E), E.blocks):
-        ef = joint_block(EF, model, lname, separate=sep)
-        ek = joint_block(Ed, model, lname, separate=sep)
-        if sep:  # compare the weight block only (the bias block is the second pair)
-            Q = torch.kron(blocks[0][0], blocks[0][1])
-        ef, ek = Q.T @ ef @ Q, Q.T @ ek @ Q
-        assert_allclose_report(ek.diagonal(), ef.diagonal(), rtol=1e-9, atol=1e-12, msg=lname)
+    assert_eigenbasis_diagonal(E, dense_ef(model, lf, X, y), model, sep)
 
 
 @pytest.mark.parametrize("case", MODEL_CASES.values(), ids=MODEL_CASES.keys())
@@ -157,14 +162,7 @@ def test_ggn_correction_diagonal_equals_dense_ggn(case, device):
     name, loss, red, approx, sep = case
     model, lf, X, y = make_problem(name, loss, red, device=device, n=7)
     E = ck.ekfac(model, lf, (X, y), kind="kflr", separate_bias=sep, correction="kind")
-    GGN, Ed = dense_ggn(model, lf, X, y), E.to_dense()
-    for (lname, _), Q, blocks in zip(param_layers(model), layer_bases(E), E.blocks):
-        ggn = joint_block(GGN, model, lname, separate=sep)
-        ek = joint_block(Ed, model, lname, separate=sep)
-        if sep:
-            Q = torch.kron(blocks[0][0], blocks[0][1])
-        ggn, ek = Q.T @ ggn @ Q, Q.T @ ek @ Q
-        assert_allclose_report(ek.diagonal(), ggn.diagonal(), rtol=1e-9, atol=1e-12, msg=lname)
+    assert_eigenbasis_diagonal(E, dense_ggn(model, lf, X, y), model, sep)
 
 
 @pytest.mark.parametrize("case", LINEAR_CASES.values(), ids=LINEAR_CASES.keys())
