@@ -83,10 +83,9 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: KL-clipping bound :math:`\kappa` of the fixed-lr mode (Ba et al. 2017).
         min_damping, max_damping: Bounds of :math:`\lambda`. Default floor: ``1e-6``
             for the tri-diagonal structure with float32 factors, ``1e-8`` otherwise.
-            Below ``1e-6`` the float32 tri-diagonal inverse (its
-            :math:`1/(1 - s_1 s_2)` scales) lost enough accuracy on the MNIST
-            autoencoder for the training loss to rise again, which float64
-            factors do not show (see ``docs/optimizer.md``).
+            With a floor of ``1e-8`` the float32 tri-diagonal inverse let the
+            training loss of the MNIST autoencoder rise again once the floor was
+            reached, which float64 factors did not (see ``docs/optimizer.md``).
         factor_dtype: Type of factors and inverses (float32 or float64).
         ekfac: Eigenvalue-corrected K-FAC (George et al. 2018; block-diagonal only):
             eigenbasis from the averaged factors every ``T_inv`` steps, eigenvalues
