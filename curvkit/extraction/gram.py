@@ -66,7 +66,7 @@ def assemble_homogeneous(gram_a: Tensor, col_sum: Tensor, count: float, scale: f
     out[:d, d] = col_sum
     out[d, :d] = col_sum
     out[d, d] = count
-    return out.mul_(scale)
+    return out if scale == 1.0 else out.mul_(scale)
 
 
 def homogeneous_gram(a: Tensor, scale: float, homogeneous: bool) -> Tensor:
@@ -80,15 +80,28 @@ def homogeneous_gram(a: Tensor, scale: float, homogeneous: bool) -> Tensor:
     Returns:
         ``[d(+1), d(+1)]``.
     """
-    if homogeneous:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-    return gram(a, scale)
+    if not homogeneous:
+        return gram(a, scale)
+    # a^T a on its own (rows of length d, not d + 1: faster BLAS), then the border
+    return assemble_homogeneous(gram(a, scale), a.sum(0).mul_(scale), a.shape[0] * scale, 1.0)
 
 
 def homogeneous_cross(a1: Tensor, a2: Tensor, scale: float, hom1: bool, hom2: bool) -> Tensor:
-    r"""``scale`` times :math:`\bar a_1^\top \bar a_2` with optional homogeneous coordinates."""
+    r"""``scale`` times :math:`\bar a_1^\top \bar a_2` with optional homogeneous coordinates.
+
+    The product of the features themselves is formed first (rows of length
+    ``d_2``, not ``d_2 + 1``), then the border of column sums and the count.
+    """
+    cross = torch.addmm(a1.new_empty(()), a1.T, a2, beta=0, alpha=scale)
+    if not (hom1 or hom2):
+        return cross
+    (d1, d2), n = cross.shape, a1.shape[0]
+    out = cross.new_empty(d1 + int(hom1), d2 + int(hom2))
+    out[:d1, :d2] = cross
     if hom1:
-        a1 = torch.cat([a1, a1.new_ones(a1.shape[0], 1)], dim=1)
+        out[d1, :d2] = a2.sum(0).mul_(scale)
     if hom2:
-        a2 = torch.cat([a2, a2.new_ones(a2.shape[0], 1)], dim=1)
-    return torch.addmm(a1.new_empty(()), a1.T, a2, beta=0, alpha=scale)
+        out[:d1, d2] = a1.sum(0).mul_(scale)
+    if hom1 and hom2:
+        out[d1, d2] = n * scale
+    return out

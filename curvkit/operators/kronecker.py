@@ -94,15 +94,20 @@ class KronLayer:
             return [torch.cat([W, b], dim=1).permute(2, 0, 1)]
         return [W.permute(2, 0, 1), b.permute(2, 0, 1)]
 
-    def merge(self, mats: Sequence[Tensor]) -> Tensor:
-        """Inverse of :meth:`split`: matrices ``[k, out, ·]`` to flat columns ``[numel, k]``."""
-        M = mats[0] if len(mats) == 1 else torch.cat(list(mats), dim=2)
-        M = M.permute(1, 2, 0)
-        k, out, inn = M.shape[2], self.out_features, self.in_features
-        W = M[:, :inn].reshape(out * inn, k)
-        if not self.has_bias:
-            return W
-        return torch.cat([W, M[:, inn:].reshape(out, k)])
+    def merge(self, mats: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+        """Inverse of :meth:`split`: matrices ``[k, out, ·]`` to flat columns ``[numel, k]``.
+
+        With ``out`` (``[numel, k]``) the columns are written there, in one copy.
+        """
+        k, rows, inn = mats[0].shape[0], self.out_features, self.in_features
+        if out is None:
+            out = mats[0].new_empty(self.numel, k)
+        W = mats[0][..., :inn]
+        out[: rows * inn].view(rows, inn, k).copy_(W.permute(1, 2, 0))
+        if self.has_bias:
+            b = mats[0][..., inn] if self.joint else mats[1][..., 0]
+            out[rows * inn :].copy_(b.T)
+        return out
 
 
 def layers_and_factors(records: Records, kind: str) -> tuple[list[KronLayer], list, list, list]:
@@ -177,11 +182,19 @@ class LayeredOperator(CurvatureOperator):
     def _apply_layer(self, i: int, mats: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
 
+    def _merge_all(self, X: Tensor, mats: Sequence[Tensor]) -> Tensor:
+        """One ``[k, out, in(+1)]`` result per joint layer into flat columns shaped like ``X``."""
+        out = torch.empty_like(X)
+        for layer, M, Ol in zip(self.layers, mats, out.split(self.block_sizes)):
+            layer.merge([M], Ol)
+        return out
+
     def _matmat(self, X: Tensor) -> Tensor:
-        out = []
-        for i, (layer, Xl) in enumerate(zip(self.layers, X.split(self.block_sizes))):
-            out.append(layer.merge(self._apply_layer(i, layer.split(Xl))))
-        return torch.cat(out)
+        out = torch.empty_like(X)
+        blocks = zip(self.layers, X.split(self.block_sizes), out.split(self.block_sizes))
+        for i, (layer, Xl, Ol) in enumerate(blocks):
+            layer.merge(self._apply_layer(i, layer.split(Xl)), Ol)
+        return out
 
 
 class KronEigenOperator(LayeredOperator):

@@ -298,7 +298,7 @@ class KFAC(torch.optim.Optimizer):
             update, model_change = self._reselect_gamma(X, y, params, flat_g)
         else:
             with self._timer("precondition"):
-                proposal = -self.preconditioner.apply(flat_g)
+                proposal = self.preconditioner.apply(flat_g).neg_()
             if automatic:
                 with self._timer("quadratic_model"):
                     update, model_change = self._automatic_update(X, y, params, flat_g, proposal)
@@ -431,7 +431,7 @@ class KFAC(torch.optim.Optimizer):
         for gamma in (st["gamma"], omega2 * st["gamma"], st["gamma"] / omega2):
             self._refresh(gamma)
             with self._timer("precondition"):
-                proposal = -self.preconditioner.apply(flat_g)
+                proposal = self.preconditioner.apply(flat_g).neg_()
             with self._timer("quadratic_model"):
                 update, change = self._automatic_update(X, y, params, flat_g, proposal)
             if best is None or change < best[2]:
