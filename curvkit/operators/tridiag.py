@@ -149,7 +149,9 @@ class TriDiagonalKFAC(LayeredOperator):
             self._eig = [(km.eigh_psd(G), km.eigh_psd(A)) for G, A in zip(self.G, self.A)]
         return self._eig
 
-    def _chain(self, shifts: list[tuple[float, float]]) -> list[tuple[Tensor, ...] | None]:
+    def _chain(
+        self, shifts: list[tuple[float, float]], cache: dict | None = None
+    ) -> list[tuple[Tensor, ...] | None]:
         r"""Per pair ``(Ψ^G, Ψ^A, D, E)`` with the next layer's factors shifted, or ``None``.
 
         :math:`D = \Psi^G G_{i+1,i}`, :math:`E = \Psi^A A_{i+1,i}`, so that
@@ -161,16 +163,16 @@ class TriDiagonalKFAC(LayeredOperator):
                 chain.append(None)
                 continue
             delta_a, delta_g = shifts[i + 1]
-            psi_g = cG @ self._factor_inverse(i + 1, "G", delta_g)
-            psi_a = cA @ self._factor_inverse(i + 1, "A", delta_a)
+            psi_g = cG @ self._factor_inverse(i + 1, "G", delta_g, cache)
+            psi_a = cA @ self._factor_inverse(i + 1, "A", delta_a, cache)
             chain.append((psi_g, psi_a, psi_g @ cG.T, psi_a @ cA.T))
         return chain
 
-    def _factor_inverse(self, i: int, which: str, shift: float) -> Tensor:
+    def _factor_inverse(self, i: int, which: str, shift: float, cache: dict | None = None):
         """``(G_i + shift I)^{-1}`` or ``A_i``'s: by Cholesky if shifted, else a pseudo-inverse."""
         M = self.G[i] if which == "G" else self.A[i]
         if shift > 0:
-            return km.shifted_inverse(M, shift)
+            return km.shifted_inverse(M, shift, cache)
         return km.psd_inverse(*self.eigendecompositions()[i][0 if which == "G" else 1])
 
     def _shifts(self, damping: float) -> list[tuple[float, float]]:
@@ -223,7 +225,8 @@ class TriDiagonalKFAC(LayeredOperator):
             ShapeError: On a negative damping.
         """
         shifts = self._shifts(damping)
-        chain = self._chain(shifts)
+        cache = {}  # each damped factor's Cholesky factor serves Ψ and Σ alike
+        chain = self._chain(shifts, cache)
         sigma_inv = []
         for i, (delta_a, delta_g) in enumerate(shifts):
             if i < len(chain) and chain[i] is not None:
@@ -232,11 +235,12 @@ class TriDiagonalKFAC(LayeredOperator):
                 # shifted ones are whitened by Cholesky factors instead
                 g_eig, a_eig = self.eigendecompositions()[i] if damping == 0 else (None, None)
                 inv = km.kron_difference_inverse(
-                    self.G[i], self.A[i], D, E, g_eig, a_eig, (delta_g, delta_a)
+                    self.G[i], self.A[i], D, E, g_eig, a_eig, (delta_g, delta_a), cache
                 )
             else:
                 inv = km.KronDifferenceInverse(
-                    self._factor_inverse(i, "G", delta_g), self._factor_inverse(i, "A", delta_a)
+                    self._factor_inverse(i, "G", delta_g, cache),
+                    self._factor_inverse(i, "A", delta_a, cache),
                 )
             sigma_inv.append(inv)
         psi = [None if c is None else c[:2] for c in chain]
