@@ -371,7 +371,7 @@ def _layer_record(
                 rec.curvature_grad_factors[kind] = (stack[sl] * R, node.a)
     if "batch_grad_factors" in q and info["linear"]:
         rec.grad_factors = (g0.clone(), node.a)
-    elif q & {"batch_grad", "batch_grad_factors"}:
+    if "batch_grad" in q or ("batch_grad_factors" in q and not info["linear"]):
         gw, gb = node.batch_grads(g0)
         rec.batch_grad = [gw, gb] if has_bias else [gw]
     diag_requests = {

@@ -53,6 +53,14 @@ def test_batch_grad_factors(model, loss, reduction, device):
             assert_allclose_report(bg, ebg, 1e-10, 1e-13, f"per-example gradient of {r.name}")
 
 
+def test_batch_grad_and_its_factors_together():
+    net, loss_func, X, y = make_problem("deep_mlp", "ce", "mean")
+    rec = extract(net, loss_func, X, y, quantities=("batch_grad", "batch_grad_factors"))
+    for r in rec:
+        g, a = r.grad_factors
+        assert_allclose_report(torch.einsum("no,ni->noi", g, a), r.batch_grad[0], 1e-12, 1e-14)
+
+
 @pytest.mark.parametrize("quantities", [("kfac",), ("diag_hessian", "cross", "kflr")], ids=str)
 def test_grad_accumulates_like_autograd(quantities):
     net, loss_func, X, y = make_problem("deep_mlp", "ce", "mean")
