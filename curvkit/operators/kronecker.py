@@ -94,14 +94,9 @@ class KronLayer:
             return [torch.cat([W, b], dim=1).permute(2, 0, 1)]
         return [W.permute(2, 0, 1), b.permute(2, 0, 1)]
 
-    def merge(self, mats: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
-        """Inverse of :meth:`split`: matrices ``[k, out, ·]`` to flat columns ``[numel, k]``.
-
-        With ``out`` (``[numel, k]``) the columns are written there, in one copy.
-        """
+    def merge(self, mats: Sequence[Tensor], out: Tensor) -> Tensor:
+        """Inverse of :meth:`split`: matrices ``[k, out, ·]`` into ``out`` ``[numel, k]``."""
         k, rows, inn = mats[0].shape[0], self.out_features, self.in_features
-        if out is None:
-            out = mats[0].new_empty(self.numel, k)
         W = mats[0][..., :inn]
         out[: rows * inn].view(rows, inn, k).copy_(W.permute(1, 2, 0))
         if self.has_bias:

@@ -166,12 +166,13 @@ class KFAC(torch.optim.Optimizer):
                 raise ShapeError(f"KFAC: {name} must be a positive integer, got {value!r}.")
         if T2 is not None and (int(T2) != T2 or T2 < 1):
             raise ShapeError(f"KFAC: T2 must be a positive integer or None, got {T2!r}.")
-        convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
-        if ekfac and ekfac_correction == "kind" and convs:
-            raise ShapeError(
-                f"KFAC: ekfac_correction='kind' supports Linear layers only; the model has "
-                f"conv layers {convs}. Use ekfac_correction='empirical'."
-            )
+        if ekfac and ekfac_correction == "kind":
+            convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+            if convs:
+                raise ShapeError(
+                    f"KFAC: ekfac_correction='kind' supports Linear layers only; the model has "
+                    f"conv layers {convs}. Use ekfac_correction='empirical'."
+                )
         if not 0.0 < stats_fraction <= 1.0:
             raise ShapeError(f"KFAC: stats_fraction must lie in (0, 1], got {stats_fraction}.")
         if damping <= 0:

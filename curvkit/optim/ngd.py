@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from curvkit.errors import ShapeError
 from curvkit.optim.capture import capture_batch
+from curvkit.optim.preconditioner import all_finite
 
 SOLVERS = ("cg", "dense")
 CURVATURES = ("ggn", "empirical")
@@ -93,7 +94,7 @@ class NaturalGradient(torch.optim.Optimizer):
         params = group["params"]
         X, y = capture_batch(self.model, self.loss_func, closure)
         loss, grad = loss_and_gradient(self.model, self.loss_func, (X, y), params)
-        if not torch.isfinite(loss) or not bool(torch.isfinite(grad).all()):
+        if not all_finite([loss, grad]):
             return loss
         build = ggn if self.curvature == "ggn" else empirical_fisher
         F = build(self.model, self.loss_func, (X, y), params=params)
@@ -103,7 +104,7 @@ class NaturalGradient(torch.optim.Optimizer):
             inv = F.inverse(damping=group["damping"], tol=self.cg_tol, maxiter=self.cg_maxiter)
         direction = inv @ grad
         self.last_info = getattr(inv, "info", None)
-        if not bool(torch.isfinite(direction).all()):
+        if not all_finite([direction]):
             return loss
         if group["momentum"]:
             buf = self.state["ngd"].get("momentum_buffer")
