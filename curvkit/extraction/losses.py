@@ -58,6 +58,15 @@ class LossHandler:
         self.N, self.C = output.shape
         self.R = 1.0 / self.N if loss_func.reduction == "mean" else 1.0
 
+    def _elementwise_targets(self, name: str) -> None:
+        """Check targets shaped like the output; set ``c_eff`` (``C`` for "mean", else 1)."""
+        if self.y.shape != self.output.shape:
+            raise ShapeError(
+                f"{name} needs targets shaped like the output {tuple(self.output.shape)}, "
+                f"got {tuple(self.y.shape)}."
+            )
+        self.c_eff = self.C if self.loss_func.reduction == "mean" else 1
+
     def value(self) -> Tensor:
         """The loss the user wrote, detached."""
         return self.loss_func(self.output, self.y).detach()
@@ -90,12 +99,7 @@ class MSELossHandler(LossHandler):
 
     def __init__(self, loss_func, output, y):
         super().__init__(loss_func, output, y)
-        if y.shape != output.shape:
-            raise ShapeError(
-                f"MSELoss needs targets shaped like the output {tuple(output.shape)}, "
-                f"got {tuple(y.shape)}."
-            )
-        self.c_eff = self.C if loss_func.reduction == "mean" else 1
+        self._elementwise_targets("MSELoss")
 
     def grad(self) -> Tensor:
         """See :meth:`LossHandler.grad`."""
@@ -181,12 +185,7 @@ class BCEWithLogitsLossHandler(LossHandler):
 
     def __init__(self, loss_func, output, y):
         super().__init__(loss_func, output, y)
-        if y.shape != output.shape:
-            raise ShapeError(
-                f"BCEWithLogitsLoss needs targets shaped like the output {tuple(output.shape)}, "
-                f"got {tuple(y.shape)}."
-            )
-        self.c_eff = self.C if loss_func.reduction == "mean" else 1
+        self._elementwise_targets("BCEWithLogitsLoss")
         self.sig = output.sigmoid()
 
     def grad(self) -> Tensor:
