@@ -5,6 +5,10 @@ import torch
 
 from curvkit.extraction.gram import (
     GRAM_BLOCK,
+    GRAM_BLOCK_THREADED,
+    GRAM_MIN_ROWS,
+    GRAM_MIN_ROWS_THREADED,
+    _block_size,
     assemble_homogeneous,
     gram,
     homogeneous_cross,
@@ -12,13 +16,32 @@ from curvkit.extraction.gram import (
 )
 from tests.reference import DEVICES, assert_allclose_report
 
-WIDTHS = [1, 7, 2 * GRAM_BLOCK - 1, 2 * GRAM_BLOCK, 2 * GRAM_BLOCK + 3, 3 * GRAM_BLOCK + 1]
+
+def _widths(size):
+    return [1, 7, 2 * size - 1, 2 * size, 2 * size + 3, 3 * size + 1]
+
+
+@pytest.fixture(
+    params=[(1, GRAM_BLOCK, GRAM_MIN_ROWS), (2, GRAM_BLOCK_THREADED, GRAM_MIN_ROWS_THREADED)],
+    ids=["1-thread", "2-threads"],
+)
+def threads(request):
+    """Runs the test with 1 or 2 threads; yields the CPU path's block size and fewest rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param[0])
+    yield request.param[1:]
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("d", WIDTHS, ids=lambda d: f"d={d}")
-def test_gram_blocked_matches_plain(d, device):
-    X = torch.randn(37, d, dtype=torch.float64, device=device)
+@pytest.mark.parametrize("extra_rows", [-1, 3])
+@pytest.mark.parametrize("k", range(6), ids=lambda k: f"width{k}")
+def test_gram_blocked_matches_plain(k, extra_rows, device, threads):
+    size, min_rows = threads
+    d, rows = _widths(size)[k], min_rows + extra_rows
+    X = torch.randn(rows, d, dtype=torch.float64, device=device)
+    blocked = device == "cpu" and rows >= min_rows and d >= 2 * size
+    assert _block_size(X) == (size if blocked else None)
     G = gram(X, 0.3)
     assert_allclose_report(G, 0.3 * X.T @ X, 1e-12, 1e-12, "gram")
     assert_allclose_report(G, G.T, 1e-13, 1e-13, "symmetry")
