@@ -116,8 +116,8 @@ class MSELossHandler(LossHandler):
         eps = torch.randn(
             shape, generator=generator, dtype=self.output.dtype, device=self.output.device
         )
-        y_hat = self.output + math.sqrt(self.c_eff / 2.0) * eps
-        return (self.output - y_hat) * (2.0 / self.c_eff / math.sqrt(mc_samples))
+        # f - y_hat = -sqrt(C_eff / 2) eps, formed without the cancellation
+        return eps.mul_(-math.sqrt(2.0 / self.c_eff / mc_samples))
 
     def hessian_mean(self):
         """See :meth:`LossHandler.hessian_mean`."""
