@@ -236,8 +236,12 @@ def backward_sweep(
     kfac_approx: str = "expand",
     generator: torch.Generator | None = None,
     factor_dtype: torch.dtype | None = None,
+    loss_value: Tensor | None = None,
 ) -> Records:
-    """The backward sweep of :func:`extract` after :func:`forward_pass` (checked arguments)."""
+    """The backward sweep of :func:`extract` after :func:`forward_pass` (checked arguments).
+
+    ``loss_value`` is the batch loss if the caller has it already (else it is computed).
+    """
     nodes, leaves, trainable = fwd.nodes, fwd.leaves, fwd.kron
     fdt = factor_dtype_of(fwd.model, factor_dtype)
     h = fwd.output
@@ -297,7 +301,7 @@ def backward_sweep(
     unfactored = [(leaves[i][0], leaves[i][1], nodes[i].params) for i in sorted(gradient_only)]
     return Records(
         layers=records,
-        loss=loss.value(),
+        loss=loss.value() if loss_value is None else loss_value.detach(),
         batch_size=N,
         reduction_factor=R,
         kfac_approx=kfac_approx,

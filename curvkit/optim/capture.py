@@ -53,7 +53,7 @@ def capture_forward(
     an extraction pass reuse the closure's forward pass instead of running its own.
 
     Returns:
-        ``(X, y, state)``.
+        ``(X, y, state, value)``, ``value`` the closure's return value.
 
     Raises:
         ShapeError: If the closure does not call the model and the loss once each.
@@ -69,11 +69,11 @@ def capture_forward(
     hook = loss_func.register_forward_pre_hook(lambda m, args: seen["y"].append(args[1]))
     try:
         with _instance_forward(net, patched), torch.no_grad():
-            closure()
+            value = closure()
     finally:
         hook.remove()
     _check(seen)
-    return seen["X"][0].detach(), seen["y"][0].detach(), seen["state"][0]
+    return seen["X"][0].detach(), seen["y"][0].detach(), seen["state"][0], value
 
 
 @contextmanager

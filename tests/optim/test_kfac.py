@@ -531,6 +531,17 @@ def test_one_forward_pass_per_step():
     assert len(calls) == 3  # the closure's forward is the extraction's forward
 
 
+def test_step_returns_the_closures_loss():
+    model = _mlp()
+    loss_func = nn.CrossEntropyLoss()
+    X, y = _data()
+    opt = ck.optim.KFAC(model, loss_func, lr=0.1)
+    before = loss_func(model(X), y).item()
+    # what the closure returns is the loss (here with a constant the loss module never sees)
+    assert opt.step(lambda: loss_func(model(X), y) + 5.0).item() == pytest.approx(before + 5.0)
+    assert opt.step(lambda: loss_func(model(X), y)).item() < before
+
+
 @pytest.mark.parametrize(
     "options, expected",
     [
