@@ -308,7 +308,7 @@ class KFAC(torch.optim.Optimizer):
         other_update = self._fallback_update(others, other_grads)
         if self.comm.any(not all_finite([update, other_update])):
             return self._reject(k, loss, "non-finite update")
-        self._apply(params + others, torch.cat([update, other_update]))
+        self._apply(params + others, torch.cat([update, other_update]) if others else update)
         st["step"] = k
         if automatic:
             st["prev_update"] = update
@@ -344,15 +344,16 @@ class KFAC(torch.optim.Optimizer):
         with self._timer("extraction"):
             for p in self._all_params():
                 p.grad = None
-            X, y, fwd = capture_forward(self.net, self.loss_func, closure, forward)
+            X, y, fwd, value = capture_forward(self.net, self.loss_func, closure, forward)
+            value = torch.as_tensor(value) if value is not None else None
             N = X.shape[0]
             n_stats = max(1, int(round(self.stats_fraction * N)))
             quantities = set(self.preconditioner.quantities) if stats else set()
             kwargs = dict(mc_samples=self.mc_samples, generator=self.generator)
             if not stats or n_stats == N:
-                rec = backward_sweep(fwd, self.loss_func, y, quantities, **kwargs)
+                rec = backward_sweep(fwd, self.loss_func, y, quantities, loss_value=value, **kwargs)
                 return rec, (rec if stats else None), 1.0, X, y
-            full = backward_sweep(fwd, self.loss_func, y, set())
+            full = backward_sweep(fwd, self.loss_func, y, set(), loss_value=value)
             grads = [p.grad for p in self._all_params()]
             for p in self._all_params():
                 p.grad = None
@@ -470,28 +471,27 @@ class KFAC(torch.optim.Optimizer):
         return update, q.model_change
 
     def _fixed_lr_update(self, params, flat_g, proposal):
-        sizes = [p.numel() for p in params]
-        chunks = proposal.split(sizes)
         group_of = {p: g for g in self.param_groups for p in g["params"]}
-        out = []
         kl = self.param_groups[0]["kl_clip"]
         nu = 1.0
         if kl is not None:
             lr = self.param_groups[0]["lr"]
             nu = dm.kl_clip_factor(lr, float(flat_g @ proposal), kl)
-        for p, d in zip(params, chunks):
+        out = torch.empty_like(proposal)
+        sizes = [p.numel() for p in params]
+        for p, d, o in zip(params, proposal.split(sizes), out.split(sizes)):
             group = group_of.get(p)
             if group is None:  # not given to this optimiser: left unchanged by _apply
-                out.append(torch.zeros_like(d))
+                o.zero_()
                 continue
-            d = d.view_as(p) * nu
+            d = d.view_as(p) if nu == 1.0 else d.view_as(p) * nu
             if group["momentum"]:
                 buf = self.state[p].get("momentum_buffer")
                 buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
                 self.state[p]["momentum_buffer"] = buf
                 d = buf
-            out.append((group["lr"] * d).reshape(-1))
-        return torch.cat(out)
+            torch.mul(d.reshape(-1), group["lr"], out=o)
+        return out
 
     @torch.no_grad()
     def _apply(self, params, update: Tensor) -> None:
