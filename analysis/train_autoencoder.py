@@ -117,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--init", default="sparse", choices=("sparse", "default"))
     parser.add_argument(
+        "--loss", default="mse", choices=("mse", "bce"), help="MSE, or M&G's Bernoulli loss"
+    )
+    parser.add_argument(
         "--min-damping", type=float, default=None, help="K-FAC rows: min_damping (default: KFAC's)"
     )
     parser.add_argument(
@@ -148,7 +151,9 @@ def main(argv=None) -> dict:
 
     problem_name = "mnist_autoencoder" if args.full else "mnist_autoencoder_half"
     problems = [
-        ck.problems.get_problem(problem_name, seed=s, init=args.init, device=args.device)
+        ck.problems.get_problem(
+            problem_name, seed=s, init=args.init, loss=args.loss, device=args.device
+        )
         for s in range(args.seeds)
     ]
     p0 = problems[0]
