@@ -345,7 +345,7 @@ class KFAC(torch.optim.Optimizer):
             for p in self._all_params():
                 p.grad = None
             X, y, fwd, value = capture_forward(self.net, self.loss_func, closure, forward)
-            value = torch.as_tensor(value) if value is not None else None
+            value = value if isinstance(value, torch.Tensor) else None  # else: recomputed
             N = X.shape[0]
             n_stats = max(1, int(round(self.stats_fraction * N)))
             quantities = set(self.preconditioner.quantities) if stats else set()
