@@ -252,6 +252,25 @@ class Linearization:
             return torch.stack(cols)
         return self._vjp_trick(f, V)
 
+    def output_and_jvp_columns(self, X, V: list[Tensor]) -> tuple[Tensor, Tensor]:
+        r"""Output :math:`f` and ``[k, *f.shape]`` :math:`J v_j`, both detached.
+
+        With :func:`torch.func.jvp` one vectorised pass gives both (the output
+        does not depend on the tangents); otherwise the output comes from a plain
+        forward pass and :meth:`jvp_columns`.
+        """
+        if self.use_func:
+            primals = tuple(p.detach() for p in self.params)
+            try:
+                with torch.no_grad():
+                    return torch.vmap(lambda *t: self._func_jvp(X, primals, t), out_dims=(None, 0))(
+                        *V
+                    )
+            except RuntimeError:
+                self.use_func = False
+        f = self.model(X)
+        return f.detach(), self.jvp_columns(X, V, f).detach()
+
     def _vjp_trick(self, f: Tensor, V: list[Tensor]) -> Tensor:
         u = torch.zeros_like(f, requires_grad=True)
         g = torch.autograd.grad(f, self.params, u, create_graph=True, materialize_grads=True)

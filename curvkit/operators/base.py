@@ -84,13 +84,25 @@ class CurvatureOperator:
     # -- products ------------------------------------------------------------------
     def matmat(self, X: Tensor) -> Tensor:
         """Multiply a ``[D, k]`` matrix; counts ``k`` matrix-vector products."""
+        X = self._check_columns(X)
+        self.matvecs += X.shape[1]
+        return self._matmat(X)
+
+    def quadratic_form(self, X: Tensor) -> Tensor:
+        r""":math:`X^\top M X`, ``[k, k]``, for a ``[D, k]`` matrix ``X``.
+
+        Here ``X.T @ self.matmat(X)``; the exact Gauss-Newton forms (GGN, Fisher,
+        empirical Fisher) override it with forward-mode products only.
+        """
+        X = self._check_columns(X)
+        return X.T @ self.matmat(X)
+
+    def _check_columns(self, X: Tensor) -> Tensor:
         if X.ndim != 2 or X.shape[0] != self.dim:
             raise ShapeError(
                 f"{type(self).__name__}: expected a [{self.dim}, k] matrix, got {tuple(X.shape)}."
             )
-        X = X.to(device=self.device, dtype=self.dtype)
-        self.matvecs += X.shape[1]
-        return self._matmat(X)
+        return X.to(device=self.device, dtype=self.dtype)
 
     def __matmul__(self, x):
         """Multiply a flat vector ``[D]``, a matrix ``[D, k]``, or a list of tensors.

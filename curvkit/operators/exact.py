@@ -218,9 +218,41 @@ class _GaussNewtonForm(ExactOperator):
     def _output_curvature(self, f: Tensor, y: Tensor, scale: float) -> oc.OutputCurvature:
         raise NotImplementedError
 
+    def _reset(self) -> None:
+        """Called before every product (the Monte Carlo Fisher reseeds its sampler)."""
+
     def _matmat(self, X):
         self._lin.use_dual = not has_backward_hooks(self.model)
+        self._reset()
         return super()._matmat(X)
+
+    def quadratic_form(self, X: Tensor) -> Tensor:
+        r""":math:`X^\top M X = \sum_n (J_n X)^\top \Lambda_n (J_n X)`, ``[k, k]``.
+
+        Only Jacobian-vector products (forward mode, all columns in one
+        vectorised pass where :func:`torch.func.jvp` applies) and the output-space
+        curvature: no backward pass. M&G's quadratic model needs just these
+        numbers, at about half the cost of ``X.T @ self.matmat(X)``.
+
+        Args:
+            X: ``[D, k]`` columns.
+
+        Returns:
+            The symmetric ``[k, k]`` matrix.
+        """
+        X = self._check_columns(X)
+        self.matvecs += X.shape[1]
+        self._lin.use_dual = not has_backward_hooks(self.model)
+        self._reset()
+        V = split_columns(X, self.param_shapes)
+        k = X.shape[1]
+        total = X.new_zeros(k, k)
+        with forward_context(self.model), torch.enable_grad():
+            for Xb, yb, scale in self._data():
+                f, JV = self._lin.output_and_jvp_columns(Xb, V)
+                lam = self._output_curvature(f.detach(), yb, scale)
+                total += JV.reshape(k, -1) @ lam(JV).reshape(k, -1).T
+        return total
 
     def _matmat_batch(self, X, y, scale, V):
         if V[0].shape[0] == 1:  # one pass gives f (with graph) and J v
@@ -264,10 +296,9 @@ class MCFisherOperator(_GaussNewtonForm):
         self.seed = seed
         self._generator = None
 
-    def _matmat(self, X):
+    def _reset(self):
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(self.seed)
-        return super()._matmat(X)
 
     def _output_curvature(self, f, y, scale):
         return oc.mc_fisher_curvature(self.loss_func, f, y, scale, self.mc_samples, self._generator)

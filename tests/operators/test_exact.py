@@ -393,6 +393,24 @@ def test_params_subset(make_case):
     assert_close(H, full[start : start + 15, start : start + 15])
 
 
+@pytest.mark.parametrize("op_name", OPERATORS)
+@pytest.mark.parametrize("model_name,loss_name,reduction", GRID, ids=GRID_IDS)
+def test_quadratic_form_equals_dense(op_name, model_name, loss_name, reduction, device, make_case):
+    # Gauss-Newton forms by forward-mode products only, the Hessian by the generic
+    # X^T (M X); several batches
+    case = make_case(model_name, loss_name, reduction, device, num=6, splits=(2, 4))
+    op = OPERATORS[op_name](case)
+    V = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    dense = op.to_dense()
+    matvecs = op.matvecs
+    Q = op.quadratic_form(V.to(device))
+    assert op.matvecs == matvecs + 3
+    assert Q.shape == (3, 3) and Q.device.type == device.type
+    assert_close(Q, V.to(device).T @ dense @ V.to(device))
+    with pytest.raises(ShapeError, match=r"expected a \[\d+, k\] matrix"):
+        op.quadratic_form(V[:-1])
+
+
 # -- models used with BackPACK ------------------------------------------------------------
 
 
@@ -509,6 +527,8 @@ def test_training_mode_batchnorm_warns_and_uses_batch_statistics(hooked, make_ca
     assert_close(dense, ref_ggn(ref_case))
     v = torch.randn(G.dim, dtype=torch.float64)
     assert_close(G @ v, dense @ v)
+    V = torch.randn(G.dim, 2, dtype=torch.float64)
+    assert_close(G.quadratic_form(V), V.T @ dense @ V)
 
 
 def test_training_mode_dropout_warns(make_case):
