@@ -449,24 +449,16 @@ class KFAC(torch.optim.Optimizer):
         st = self.state["kfac"]
         prev = st.get("prev_update")
         vecs = [proposal] if prev is None else [proposal, prev]
-        G = ggn(self.net, self.loss_func, (X, y), params=params)
         V = torch.stack(vecs, 1)
-        GV = G.matmat(V)
-        self.comm.average_([GV])
-        CV = GV + (st["damping"] + self.l2) * V
-        dCd = float(proposal @ CV[:, 0])
+        # V^T G V by forward-mode products on the batch (no backward pass)
+        Q = ggn(self.net, self.loss_func, (X, y), params=params).quadratic_form(V)
+        self.comm.average_([Q])
+        C = (Q + (st["damping"] + self.l2) * (V.T @ V)).tolist()
         gd = float(flat_g @ proposal)
         if prev is None:
-            q = dm.solve_alpha_mu(dCd, 0.0, 0.0, gd, 0.0, False)
+            q = dm.solve_alpha_mu(C[0][0], 0.0, 0.0, gd, 0.0, False)
         else:
-            q = dm.solve_alpha_mu(
-                dCd,
-                float(proposal @ CV[:, 1]),
-                float(prev @ CV[:, 1]),
-                gd,
-                float(flat_g @ prev),
-                True,
-            )
+            q = dm.solve_alpha_mu(C[0][0], C[0][1], C[1][1], gd, float(flat_g @ prev), True)
         update = q.alpha * proposal if prev is None else q.alpha * proposal + q.mu * prev
         return update, q.model_change
 
