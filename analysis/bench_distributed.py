@@ -14,7 +14,7 @@ then times ``--repeats`` inverse rebuilds with each assignment. Times are the
 median over steps of the slowest process.
 
 Rows: processes, structure, median step time, communication per step (the
-communicator's collectives: averaging of gradients, factors and GGN products,
+communicator's collectives: averaging of gradients, factors and the quadratic model,
 agreement flags, ρ's loss) and its share of the step, inverse phase with both
 assignments and their ratio.
 

@@ -11,7 +11,8 @@ One step (M&G Algorithm 2, §5–§7):
    :math:`\eta\theta` in :math:`\nabla h`);
 4. either M&G §7: :math:`\delta = \alpha\Delta + \mu\delta_0` minimising the exact
    quadratic model :math:`M(\delta) = \tfrac12\delta^\top(F + (\lambda+\eta)I)\delta
-   + \nabla h^\top\delta` with GGN-vector products on the current batch; or a fixed
+   + \nabla h^\top\delta` with the exact GGN of the current batch along
+   :math:`\Delta, \delta_0` (forward-mode products); or a fixed
    learning rate with momentum (optionally KL-clipped, Ba et al. 2017);
 5. every ``T1`` steps the Levenberg–Marquardt rule adapts :math:`\lambda` from
    :math:`\rho = (h(\theta+\delta) - h(\theta)) / M(\delta)` (M&G §6.5).
