@@ -307,8 +307,16 @@ class DistributedCommunicator(Communicator):
         pre.inverse_damping = damping
 
     def _tridiagonal(self, pre, damping: float):
-        r"""Tri-diagonal inverse (M&G §4.3): eigendecompositions first, then the chain pieces."""
-        eig = self._distribute(pre, "eig", lambda i: [km.eigh_psd(pre.G[i]), km.eigh_psd(pre.A[i])])
+        r"""Tri-diagonal inverse (M&G §4.3) from chain pieces computed by their owners.
+
+        Undamped, the pieces share eigendecompositions of the factors, computed first
+        (also distributed); damped, each piece factorises its own shifted factors.
+        """
+        eig = None
+        if damping == 0:
+            eig = self._distribute(
+                pre, "eig", lambda i: [km.eigh_psd(pre.G[i]), km.eigh_psd(pre.A[i])]
+            )
         pieces = self._distribute(
             pre, "chain", lambda i: _chain_piece(pre, eig, i, damping), _chain_costs(pre)
         )
@@ -412,7 +420,7 @@ def _chain_costs(pre) -> list[float]:
 
     Linked to the next layer: :math:`2c_i + c_{i+1}` (two generalised eigenproblems of
     layer :math:`i`'s sizes, products with layer :math:`i+1`'s inverses); otherwise
-    :math:`c_i/4` (two inverses from known eigendecompositions). Fitted to timings
+    :math:`c_i/4` (two factor inverses). Fitted to timings
     of the half-width autoencoder; only the balance between processes depends on it.
     """
     c = _costs(pre)
@@ -439,8 +447,8 @@ def _chain_piece(pre, eig: list, i: int, damping: float) -> list:
     r"""Layer ``i``'s :math:`(\Psi^G_i, \Psi^A_i)` (or ``None``) and :math:`\Sigma_{i|i+1}^{-1}`.
 
     A two-layer :class:`~curvkit.operators.tridiag.TriDiagonalKFAC` over layers ``i``,
-    ``i + 1`` (one layer where the chain breaks) given the shared eigendecompositions
-    computes exactly the pieces the whole chain's operator would.
+    ``i + 1`` (one layer where the chain breaks), given the shared eigendecompositions
+    ``eig`` when undamped, computes exactly the pieces the whole chain's operator would.
     """
     idx = [i, i + 1] if i + 1 < len(pre.layers) and _linked(pre, i) else [i]
     cross = [pre.cross_A[i]], [pre.cross_G[i]]
@@ -450,7 +458,8 @@ def _chain_piece(pre, eig: list, i: int, damping: float) -> list:
         [pre.G[j] for j in idx],
         *(cross if len(idx) == 2 else ([], [])),
     )
-    op._eig = [tuple(tuple(e) for e in eig[j]) for j in idx]
+    if eig is not None:
+        op._eig = [tuple(tuple(e) for e in eig[j]) for j in idx]
     inv = op.inverse(damping)
     return [inv.psi[0] if len(idx) == 2 else None, inv.sigma_inv[0]]
 

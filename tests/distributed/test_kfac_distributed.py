@@ -144,6 +144,26 @@ def test_distributed_inverse_equals_everywhere(structure):
     assert "inverse/broadcast" not in every_run[0]["counts"]
 
 
+def _undamped_refresh_worker(rank, world):
+    warnings.simplefilter("ignore")
+    model, loss_func = make_model("mlp"), make_loss("ce")
+    comm = DistributedCommunicator(inverse_assignment="distributed")
+    opt = KFAC(model, loss_func, comm=comm, **{**BASE, "kind": "kflr", "structure": "tridiagonal"})
+    train(opt, model, loss_func, lambda k: shard(*batch("mlp", "ce", k), rank, 2), steps=2)
+    pre = opt.preconditioner
+    v = torch.linspace(-1, 1, pre.inverse.shape[0], dtype=DT)
+    comm.refresh(pre, 0.0)  # undamped: shared eigendecompositions, then the chain pieces
+    distributed = pre.inverse @ v
+    pre.refresh(0.0)  # the same on this process alone
+    return {"distributed": distributed, "local": pre.inverse @ v, "counts": comm.counts}
+
+
+def test_undamped_tridiagonal_refresh_distributed_equals_local():
+    for r in run_workers(_undamped_refresh_worker):
+        assert rel(r["distributed"], r["local"]) <= 1e-10
+        assert r["counts"]["inverse/broadcast"] > 0
+
+
 def test_unequal_shards_weighted_by_batch_size():
     sizes = [5, 11]
     options = dict(kind="kflr")
