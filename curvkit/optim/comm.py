@@ -18,8 +18,12 @@ class Communicator:
     rank = 0
     world_size = 1
 
-    def average_(self, tensors: list[Tensor]) -> None:
-        """Average ``tensors`` over processes, in place."""
+    def average_(self, tensors: list[Tensor], symmetric: int = 0) -> None:
+        """Average ``tensors`` over processes, in place.
+
+        The first ``symmetric`` tensors are symmetric matrices: only their upper
+        triangles need to travel.
+        """
 
     def average_scalar(self, value: float) -> float:
         """Average a Python number over processes."""

@@ -236,9 +236,15 @@ class DistributedCommunicator(Communicator):
             raise ShapeError(f"set_batch_size: n must be a positive integer or None, got {n!r}.")
         self.batch_size = None if n is None else int(n)
 
-    def average_(self, tensors: list[Tensor]) -> None:
-        """Average ``tensors`` over processes in place: one all-reduce of their concatenation."""
-        tensors = [t for t in tensors if t is not None]
+    def average_(self, tensors: list[Tensor], symmetric: int = 0) -> None:
+        """Average ``tensors`` over processes in place: one all-reduce of their concatenation.
+
+        Of the first ``symmetric`` tensors (symmetric matrices) only the upper
+        triangles are sent; the averages are mirrored back.
+        """
+        sym = [t for t in tensors[:symmetric] if t is not None]
+        rest = [t for t in tensors[symmetric:] if t is not None]
+        tensors = sym + rest
         if not tensors or self.world_size == 1:
             return
         for t in tensors:
@@ -248,14 +254,23 @@ class DistributedCommunicator(Communicator):
                     f"device, got {t.dtype} on {t.device} beside {tensors[0].device}."
                 )
         dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+        upper = [_upper_indices(t) for t in sym]
+        flat = torch.cat(
+            [t[i, j].to(dtype) for t, (i, j) in zip(sym, upper)]
+            + [t.reshape(-1).to(dtype) for t in rest]
+        )
         if self.batch_size is not None:
             flat = torch.cat([flat.mul_(self.batch_size), flat.new_full((1,), self.batch_size)])
         label = _CALLERS.get(sys._getframe(1).f_code.co_name, "other")
         self._all_reduce(f"average/{label}", flat)
         flat = flat[:-1] / flat[-1] if self.batch_size is not None else flat.div_(self.world_size)
         offset = 0
-        for t in tensors:
+        for t, (i, j) in zip(sym, upper):
+            part = flat[offset : offset + i.numel()].to(t.dtype)
+            t[i, j] = part
+            t[j, i] = part
+            offset += i.numel()
+        for t in rest:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
@@ -408,6 +423,22 @@ class DistributedCommunicator(Communicator):
                     offset += n
                 out[i] = unflatten(specs[i], leaves)
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def _triu(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    i, j = torch.triu_indices(d, d, device=device)
+    return i, j
+
+
+def _upper_indices(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column indices of the upper triangle of the square matrix ``t``."""
+    if t.ndim != 2 or t.shape[0] != t.shape[1]:
+        raise ShapeError(
+            f"DistributedCommunicator.average_: symmetric tensors must be square matrices, "
+            f"got shape {tuple(t.shape)}."
+        )
+    return _triu(t.shape[0], t.device)
 
 
 def _costs(pre) -> list[float]:

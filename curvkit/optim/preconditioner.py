@@ -139,8 +139,8 @@ class KroneckerPreconditioner:
                 new_cA.append(scale * r.cross_A.to(self.factor_dtype) if ok else None)
                 new_cG.append(r.cross_G[self.kind].to(self.factor_dtype) if ok else None)
         tensors = new_A + new_G + [t for t in new_cA + new_cG if t is not None]
-        if comm is not None:
-            comm.average_(tensors)
+        if comm is not None:  # A and G are symmetric: their upper triangles suffice
+            comm.average_(tensors, symmetric=len(new_A) + len(new_G))
         if not all_finite(tensors):
             raise FloatingPointError("Non-finite Kronecker factors in this batch.")
         self.updates += 1

@@ -164,6 +164,26 @@ def test_undamped_tridiagonal_refresh_distributed_equals_local():
         assert r["counts"]["inverse/broadcast"] > 0
 
 
+def _average_worker(rank, world):
+    gen = torch.Generator().manual_seed(rank)
+    B = torch.randn(5, 5, generator=gen, dtype=DT)
+    S, M, v = B + B.T, torch.randn(3, 4, generator=gen, dtype=DT), torch.randn(6, dtype=DT)
+    inputs = [S.clone(), M.clone(), v.clone()]
+    comm = DistributedCommunicator()
+    comm.average_([S, M, v], symmetric=1)  # only S's upper triangle travels
+    with pytest.raises(ShapeError, match="square"):
+        comm.average_([M], symmetric=1)
+    return {"inputs": inputs, "outputs": [S, M, v]}
+
+
+def test_average_sends_upper_triangles_of_symmetric_tensors():
+    out = run_workers(_average_worker)
+    for r in out:
+        for j in range(3):
+            expected = (out[0]["inputs"][j] + out[1]["inputs"][j]) / 2
+            assert torch.allclose(r["outputs"][j], expected, rtol=1e-14, atol=1e-14)
+
+
 def test_unequal_shards_weighted_by_batch_size():
     sizes = [5, 11]
     options = dict(kind="kflr")
