@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -177,19 +177,20 @@ class LayeredOperator(CurvatureOperator):
     def _apply_layer(self, i: int, mats: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
 
-    def _merge_all(self, X: Tensor, mats: Sequence[Tensor]) -> Tensor:
-        """One ``[k, out, in(+1)]`` result per joint layer into flat columns shaped like ``X``."""
+    def _merge_all(self, X: Tensor, mats: Iterable[Sequence[Tensor]]) -> Tensor:
+        """Per layer the matrices of :meth:`KronLayer.split` into flat columns shaped like ``X``.
+
+        ``mats`` may be a generator: each layer's result is merged before the next is made.
+        """
         out = torch.empty_like(X)
         for layer, M, Ol in zip(self.layers, mats, out.split(self.block_sizes)):
-            layer.merge([M], Ol)
+            layer.merge(M, Ol)
         return out
 
     def _matmat(self, X: Tensor) -> Tensor:
-        out = torch.empty_like(X)
-        blocks = zip(self.layers, X.split(self.block_sizes), out.split(self.block_sizes))
-        for i, (layer, Xl, Ol) in enumerate(blocks):
-            layer.merge(self._apply_layer(i, layer.split(Xl)), Ol)
-        return out
+        parts = zip(self.layers, X.split(self.block_sizes))
+        results = (self._apply_layer(i, layer.split(Xl)) for i, (layer, Xl) in enumerate(parts))
+        return self._merge_all(X, results)
 
 
 class KronEigenOperator(LayeredOperator):

@@ -201,7 +201,7 @@ class TriDiagonalKFAC(LayeredOperator):
             if chain[i] is not None:
                 psi_g, psi_a = chain[i][:2]
                 z[i] = z[i] + km.sandwich(psi_g, z[i + 1], psi_a.T)
-        return self._merge_all(X, z)
+        return self._merge_all(X, [[zi] for zi in z])
 
     def inverse(self, damping: float = 0.0) -> TriDiagonalInverse:
         r""":math:`\breve F^{-1} = \Xi^\top \Lambda \Xi` with M&G's damping (§6.3 with §4.3).
@@ -288,7 +288,7 @@ class TriDiagonalInverse(LayeredOperator):
             if self.psi[i] is not None:
                 psi_g, psi_a = self.psi[i]
                 u[i + 1] = u[i + 1] - km.sandwich(psi_g.T, z[i], psi_a)
-        return self._merge_all(X, u)
+        return self._merge_all(X, [[ui] for ui in u])
 
     def state_dict(self) -> dict:
         r""":math:`\Psi` and the factored :math:`\Sigma^{-1}` as nested lists of tensors."""
