@@ -89,13 +89,22 @@ def assemble_homogeneous(gram_a: Tensor, col_sum: Tensor, count: float, scale: f
     Returns:
         ``[d + 1, d + 1]``.
     """
-    d = gram_a.shape[0]
-    out = gram_a.new_empty(d + 1, d + 1)
-    out[:d, :d] = gram_a
-    out[:d, d] = col_sum
-    out[d, :d] = col_sum
-    out[d, d] = count
+    out = _bordered(gram_a, col_sum, col_sum, count)
     return out if scale == 1.0 else out.mul_(scale)
+
+
+def _bordered(core: Tensor, bottom: Tensor | None, right: Tensor | None, corner: float) -> Tensor:
+    """``core`` with a row appended below and/or a column to the right (``corner`` where both)."""
+    d1, d2 = core.shape
+    out = core.new_empty(d1 + (bottom is not None), d2 + (right is not None))
+    out[:d1, :d2] = core
+    if bottom is not None:
+        out[d1, :d2] = bottom
+    if right is not None:
+        out[:d1, d2] = right
+    if bottom is not None and right is not None:
+        out[d1, d2] = corner
+    return out
 
 
 def homogeneous_gram(a: Tensor, scale: float, homogeneous: bool) -> Tensor:
@@ -124,13 +133,6 @@ def homogeneous_cross(a1: Tensor, a2: Tensor, scale: float, hom1: bool, hom2: bo
     cross = torch.addmm(a1.new_empty(()), a1.T, a2, beta=0, alpha=scale)
     if not (hom1 or hom2):
         return cross
-    (d1, d2), n = cross.shape, a1.shape[0]
-    out = cross.new_empty(d1 + int(hom1), d2 + int(hom2))
-    out[:d1, :d2] = cross
-    if hom1:
-        out[d1, :d2] = a2.sum(0).mul_(scale)
-    if hom2:
-        out[:d1, d2] = a1.sum(0).mul_(scale)
-    if hom1 and hom2:
-        out[d1, d2] = n * scale
-    return out
+    bottom = a2.sum(0).mul_(scale) if hom1 else None
+    right = a1.sum(0).mul_(scale) if hom2 else None
+    return _bordered(cross, bottom, right, a1.shape[0] * scale)
