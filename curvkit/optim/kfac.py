@@ -430,30 +430,48 @@ class KFAC(torch.optim.Optimizer):
         """
         st = self.state["kfac"]
         omega2 = math.sqrt(19.0 / 20.0) ** self.T2
-        best = None
+        candidates = []
         for gamma in (st["gamma"], omega2 * st["gamma"], st["gamma"] / omega2):
             self._refresh(gamma)
             with self._timer("precondition"):
                 proposal = self.preconditioner.apply(flat_g).neg_()
-            with self._timer("quadratic_model"):
-                update, change = self._automatic_update(X, y, params, flat_g, proposal)
-            if best is None or change < best[2]:
-                best = (gamma, self.preconditioner.inverse, change, update)
+            candidates.append((gamma, self.preconditioner.inverse, proposal))
+        prev = st.get("prev_update")
+        with self._timer("quadratic_model"):
+            # the three proposals and the previous update along the exact GGN at once
+            extra = [] if prev is None else [prev]
+            Q = self._quadratic(X, y, params, [p for *_, p in candidates] + extra)
+            best = None
+            for j, (gamma, inverse, proposal) in enumerate(candidates):
+                idx = [j] if prev is None else [j, 3]
+                update, change = self._automatic_update(
+                    X, y, params, flat_g, proposal, Q[idx][:, idx]
+                )
+                if best is None or change < best[2]:
+                    best = (gamma, inverse, change, update)
         gamma, inverse, change, update = best
         st["gamma"] = gamma
         self.preconditioner.inverse, self.preconditioner.inverse_damping = inverse, gamma**2
         return update, change
 
-    def _automatic_update(self, X, y, params, flat_g, proposal):
+    def _quadratic(self, X, y, params, vecs) -> Tensor:
+        """``VᵀGV`` for the exact GGN ``G`` on the batch, by forward-mode products only."""
         from curvkit.operators.exact import ggn
 
+        Q = ggn(self.net, self.loss_func, (X, y), params=params).quadratic_form(
+            torch.stack(vecs, 1)
+        )
+        self.comm.average_([Q])
+        return Q
+
+    def _automatic_update(self, X, y, params, flat_g, proposal, Q=None):
+        """M&G §7: ``α``, ``μ`` from the quadratic model (``Q``: its GGN part, if known)."""
         st = self.state["kfac"]
         prev = st.get("prev_update")
         vecs = [proposal] if prev is None else [proposal, prev]
+        if Q is None:
+            Q = self._quadratic(X, y, params, vecs)
         V = torch.stack(vecs, 1)
-        # V^T G V by forward-mode products on the batch (no backward pass)
-        Q = ggn(self.net, self.loss_func, (X, y), params=params).quadratic_form(V)
-        self.comm.average_([Q])
         C = (Q + (st["damping"] + self.l2) * (V.T @ V)).tolist()
         gd = float(flat_g @ proposal)
         if prev is None:
