@@ -124,3 +124,23 @@ def test_bench_spectral_quick(tmp_path):
     eig = res["eigenvalues"]
     # float32 Lanczos against float64 dense eigvalsh of the same GGN
     np.testing.assert_allclose(eig["value"], eig["dense"], rtol=0, atol=1e-4 * eig["dense"].max())
+
+
+def test_tri_vs_block_direction_quick(tmp_path):
+    from curvkit import train as T
+
+    script = load("tri_vs_block_direction")
+    summary = script.main(["--quick", "--every", "2", "--threads", "1", "--out", str(tmp_path)])
+    for f in ("steps.csv", "curve.csv", "summary.md"):
+        assert (tmp_path / f).is_file(), f
+    assert summary["scored"].sum() == 6
+    steps = pd.read_csv(tmp_path / "steps.csv")
+    # α, μ minimise the quadratic model: no scored step can increase it
+    assert (steps[["model_block", "model_tri"]] > 0).all().all()
+    # the scoring leaves no trace: the run is the plain block-diagonal K-FAC run
+    problem = ck.problems.get_problem("mnist_autoencoder_half", seed=0, init="sparse")
+    method = T.Method("plain", T._kfac(damping=1e-3, min_damping=1e-6), False)
+    plain = T.train_run(problem, "kfac", None, 12, 250, 0, 1, method=method)
+    curve = pd.read_csv(tmp_path / "curve.csv")
+    np.testing.assert_allclose(curve["train_loss"], [r["train_loss"] for r in plain], rtol=1e-5)
+    np.testing.assert_allclose(curve["damping"][1:], [r["damping"] for r in plain[1:]])
