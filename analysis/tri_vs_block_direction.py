@@ -70,8 +70,11 @@ def instrument(opt, follow: str, every: int, train_data, rows: list) -> None:
 
     def update(X, y, params, flat_g, proposal, Q=None):
         k = st["step"] + 1
-        props = {s: -held[s].matmat(flat_g.unsqueeze(1)).squeeze(1) for s in STRUCTURES}
-        if k % every == 0:
+        if k % every == 0:  # `proposal` is the followed inverse's; the other one only here
+            props = {
+                s: proposal if s == follow else -held[s].matmat(flat_g.unsqueeze(1)).squeeze(1)
+                for s in STRUCTURES
+            }
             row = dict(step=k, damping=st["damping"])
             saved = [p.detach().clone() for p in params]
             for s in STRUCTURES:
@@ -81,7 +84,7 @@ def instrument(opt, follow: str, every: int, train_data, rows: list) -> None:
             for p, q in zip(params, saved):  # undo round-off of the trial steps exactly
                 p.data.copy_(q)
             rows.append(row)
-        return automatic(X, y, params, flat_g, props[follow], Q)
+        return automatic(X, y, params, flat_g, proposal, Q)
 
     opt._automatic_update = update
 
