@@ -8,7 +8,7 @@ install:
 	$(PYTHON) -m pip install --quiet --root-user-action=ignore -c constraints.txt -e ".[test]"
 
 run: install
-	$(PYTHON) -m curvkit.cli report --out results/report
+	$(PYTHON) -m curvkit report --out results/report
 
 test: install lint
 	$(PYTHON) -m pytest

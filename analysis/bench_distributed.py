@@ -66,8 +66,8 @@ def _worker(rank, world, port, args, structure, out):
         timeout=timedelta(seconds=300),
     )
     import curvkit as ck
+    from curvkit.distributed.kfac import DistributedCommunicator
     from curvkit.optim import KFAC
-    from curvkit.optim.distributed import DistributedCommunicator
 
     problem = ck.problems.get_problem(args.problem, seed=0)
     model, loss_func = problem.model, problem.loss_func

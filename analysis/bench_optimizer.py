@@ -53,7 +53,7 @@ import pandas as pd
 import torch
 
 import curvkit as ck
-from curvkit.train import markdown_table
+from curvkit.app.train import markdown_table
 
 LR = 1e-3
 DAMPING = 1e-2

@@ -16,7 +16,7 @@ Rows: one gradient (median of ``--reps``); one GGN-vector product (median);
 ``ck.eigenvalues(G, k=20, method="lanczos")`` (restarted Lanczos, Krylov size
 41, relative residual tolerance :math:`\sqrt{\epsilon}`); ``ck.spectral_density``
 (``--probes`` probes x ``--slq-steps`` Lanczos steps, log scale); and the
-wall time of ``curvkit report`` (:func:`curvkit.report.build_report`) on its
+wall time of ``curvkit report`` (:func:`curvkit.app.report.build_report`) on its
 default problem. ``--quick`` uses a small MLP on random data and adds a dense
 cross-check of the Lanczos eigenvalues.
 
@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
         }
     )
     if not args.no_report:
-        from curvkit.report import DEFAULT_PROBLEM, build_report
+        from curvkit.app.report import DEFAULT_PROBLEM, build_report
 
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 import curvkit as ck
-from curvkit.train import markdown_table
+from curvkit.app.train import markdown_table
 
 CLASSIFIERS = ("digits_mlp", "digits_cnn", "mnist1d_mlp", "mnist_cnn")
 AUTOENCODER = "mnist_autoencoder_half"

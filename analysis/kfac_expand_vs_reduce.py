@@ -42,7 +42,7 @@ import torch
 
 import curvkit as ck
 from curvkit import plotting
-from curvkit.metrics import BlockView
+from curvkit.diagnostics.metrics import BlockView
 from curvkit.operators.base import DenseOperator
 from curvkit.operators.exact import loss_and_gradient
 

@@ -49,7 +49,7 @@ import pandas as pd
 import torch
 
 import curvkit as ck
-from curvkit import train as T
+from curvkit.app import train as T
 
 #: Learning-rate grid shared by exact NGD and fixed-lr K-FAC (same update rule).
 LR_GRID = (0.01, 0.03, 0.1, 0.3)

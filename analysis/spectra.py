@@ -46,7 +46,7 @@ import torch
 
 import curvkit as ck
 from curvkit import plotting
-from curvkit.spectral import SpectralDensity
+from curvkit.diagnostics.spectral import SpectralDensity
 
 NAME = "spectra"
 OPERATORS = ("Hessian", "GGN", "Fisher (MC)", "EF")

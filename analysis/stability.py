@@ -55,7 +55,7 @@ import pandas as pd
 import torch
 
 import curvkit as ck
-from curvkit import train as T
+from curvkit.app import train as T
 
 
 def _decades(lo: float, hi: float, step: float) -> tuple[float, ...]:

@@ -53,7 +53,7 @@ import pandas as pd
 import torch
 
 import curvkit as ck
-from curvkit import train as T
+from curvkit.app import train as T
 
 GRIDS = {
     "sgd": (0.1, 0.3, 1.0, 3.0, 10.0),

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 import curvkit as ck
-from curvkit import train as T
+from curvkit.app import train as T
 from curvkit.operators.kronecker import BlockDiagonalKFAC
 
 STRUCTURES = ("block", "tri")

@@ -42,33 +42,36 @@ _EXPORTS = {
     "diag_ggn": "curvkit.operators.diagonal",
     "diag_hessian": "curvkit.operators.diagonal",
     # comparison and spectra
-    "compare": "curvkit.metrics",
-    "eigenvalues": "curvkit.spectral",
-    "eigenvectors": "curvkit.spectral",
-    "spectral_density": "curvkit.spectral",
-    "trace": "curvkit.spectral",
-    "diagonal": "curvkit.spectral",
-    "lambda_max": "curvkit.spectral",
-    "lambda_min": "curvkit.spectral",
-    "condition_number": "curvkit.spectral",
-    "effective_rank": "curvkit.spectral",
-    "logdet": "curvkit.spectral",
-    "memory_report": "curvkit.memory",
-    "CurvatureTracker": "curvkit.tracking",
+    "compare": "curvkit.diagnostics.metrics",
+    "eigenvalues": "curvkit.diagnostics.spectral",
+    "eigenvectors": "curvkit.diagnostics.spectral",
+    "spectral_density": "curvkit.diagnostics.spectral",
+    "trace": "curvkit.diagnostics.spectral",
+    "diagonal": "curvkit.diagnostics.spectral",
+    "lambda_max": "curvkit.diagnostics.spectral",
+    "lambda_min": "curvkit.diagnostics.spectral",
+    "condition_number": "curvkit.diagnostics.spectral",
+    "effective_rank": "curvkit.diagnostics.spectral",
+    "logdet": "curvkit.diagnostics.spectral",
+    "memory_report": "curvkit.diagnostics.memory",
+    "CurvatureTracker": "curvkit.diagnostics.tracking",
 }
-_SUBMODULES = (
-    "problems",
-    "optim",
-    "operators",
-    "extraction",
-    "plotting",
-    "metrics",
-    "spectral",
-    "tracking",
-    "report",
-    "distributed",
-    "launch",
-)
+#: Sub-packages and the modules users reach as ``ck.<name>`` (loaded on first use).
+_SUBMODULES = {
+    "problems": "curvkit.problems",
+    "optim": "curvkit.optim",
+    "operators": "curvkit.operators",
+    "extraction": "curvkit.extraction",
+    "diagnostics": "curvkit.diagnostics",
+    "distributed": "curvkit.distributed",
+    "app": "curvkit.app",
+    "plotting": "curvkit.plotting",
+    "metrics": "curvkit.diagnostics.metrics",
+    "spectral": "curvkit.diagnostics.spectral",
+    "tracking": "curvkit.diagnostics.tracking",
+    "launch": "curvkit.distributed.launch",
+    "report": "curvkit.app.report",
+}
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
@@ -79,7 +82,7 @@ def __getattr__(name):
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        module = import_module(f"curvkit.{name}")
+        module = import_module(_SUBMODULES[name])
         globals()[name] = module
         return module
     raise AttributeError(f"module 'curvkit' has no attribute {name!r}")

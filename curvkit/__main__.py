@@ -1,3 +1,3 @@
-from curvkit.cli import main
+from curvkit.app.cli import main
 
 raise SystemExit(main())

@@ -9,8 +9,8 @@ with :func:`matplotlib.rc_context` around building and saving: the global
 
 Inputs are the outputs of the other modules: dense matrices and
 ``block_slices()`` of :mod:`curvkit.operators`, the tidy tables of
-:func:`curvkit.metrics.compare` and :meth:`curvkit.tracking.CurvatureTracker.to_dataframe`,
-:class:`curvkit.spectral.SpectralDensity` objects.
+:func:`curvkit.compare` and :meth:`curvkit.CurvatureTracker.to_dataframe`,
+:class:`curvkit.diagnostics.spectral.SpectralDensity` objects.
 
 Example:
     >>> import torch, curvkit as ck
@@ -424,14 +424,14 @@ def spectral_densities(
     path=None,
     formats: Sequence[str] = ("png", "pdf"),
 ) -> Figure:
-    r"""Overlaid spectral densities from :func:`curvkit.spectral.spectral_density`.
+    r"""Overlaid spectral densities from :func:`curvkit.diagnostics.spectral.spectral_density`.
 
     Densities over :math:`\log_{10}\lambda` (``sd.log``) share a panel with a
     logarithmic eigenvalue axis; linear densities share another (so a PSD
     GGN on a log axis and an indefinite Hessian on a linear one can sit side by side).
 
     Args:
-        densities: Name -> :class:`~curvkit.spectral.SpectralDensity` (``grid``,
+        densities: Name -> :class:`~curvkit.diagnostics.spectral.SpectralDensity` (``grid``,
             ``density``, ``log``, ``mass_below_cutoff`` are used).
         logy: Logarithmic density axis (values below ``floor`` times the largest are clipped).
         floor: Relative floor of the log density axis.
@@ -552,7 +552,7 @@ def metric_bars(
     path=None,
     formats: Sequence[str] = ("png", "pdf"),
 ) -> Figure:
-    r"""Bars of one metric of :func:`curvkit.metrics.compare` per approximation.
+    r"""Bars of one metric of :func:`curvkit.diagnostics.metrics.compare` per approximation.
 
     ``"directional"`` (curvature ratios :math:`v^\top A v / v^\top B v`) is drawn
     as groups per direction (top eigenvectors, gradient) on a log axis with the
@@ -638,7 +638,7 @@ def preconditioning_quality(
 ) -> Figure:
     r"""Preconditioned-step quality against the damping :math:`\lambda` (log axis).
 
-    Two panels from :func:`curvkit.metrics.compare`'s ``precond_cosine``
+    Two panels from :func:`curvkit.diagnostics.metrics.compare`'s ``precond_cosine``
     (:math:`\cos(d_A, d_B)`) and ``precond_reduction`` (fraction of the optimal
     reduction of the damped quadratic model, M&G 2015 §6.4), one line per approximation.
 
@@ -852,7 +852,7 @@ def curvature_over_training(
     path=None,
     formats: Sequence[str] = ("png", "pdf"),
 ) -> Figure:
-    """Curves of a :class:`curvkit.tracking.CurvatureTracker` log, one panel per quantity.
+    """Curves of a :class:`curvkit.CurvatureTracker` log, one panel per quantity.
 
     Args:
         df: The tracker's table (columns ``step``, ``quantity``, ``value``;

@@ -127,7 +127,7 @@ def test_bench_spectral_quick(tmp_path):
 
 
 def test_tri_vs_block_direction_quick(tmp_path):
-    from curvkit import train as T
+    from curvkit.app import train as T
 
     script = load("tri_vs_block_direction")
     summary = script.main(["--quick", "--every", "2", "--threads", "1", "--out", str(tmp_path)])

@@ -7,7 +7,7 @@ from importlib import metadata
 import pytest
 import torch
 
-from curvkit.cli import COMMANDS, format_table, main
+from curvkit.app.cli import COMMANDS, format_table, main
 from curvkit.problems import get_problem, list_problems
 from tests.reference import DEVICES, assert_allclose_report, dense_ggn, dense_hessian
 
@@ -37,7 +37,10 @@ def extract_json(tmp_path, capsys, *args):
 
 def test_help_lists_every_command():
     out = subprocess.run(
-        [sys.executable, "-m", "curvkit.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "curvkit.app.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for name in COMMANDS:
         assert name in out
@@ -49,7 +52,7 @@ def test_console_script_is_declared():
     except metadata.PackageNotFoundError:
         pytest.skip("curvkit is not installed (pip install -e .)")
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
-    assert scripts.get("curvkit") == "curvkit.cli:main"
+    assert scripts.get("curvkit") == "curvkit.app.cli:main"
 
 
 def test_problems_lists_every_problem_with_its_size(capsys):
@@ -143,7 +146,7 @@ def test_cuda_device_without_cuda_is_a_one_line_error(capsys):
 
 def test_error_in_a_real_process_has_no_traceback():
     proc = subprocess.run(
-        [sys.executable, "-m", "curvkit.cli", "extract", "--problem", "nope"],
+        [sys.executable, "-m", "curvkit.app.cli", "extract", "--problem", "nope"],
         capture_output=True,
         text=True,
     )

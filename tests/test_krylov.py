@@ -4,8 +4,8 @@ import pytest
 import torch
 from reference import DEVICES
 
+from curvkit.diagnostics.krylov import krylov_schur, lanczos, make_generator, tridiagonal
 from curvkit.errors import ShapeError
-from curvkit.krylov import krylov_schur, lanczos, make_generator, tridiagonal
 from curvkit.operators.base import CurvatureOperator
 
 

@@ -8,9 +8,9 @@ import torch
 from reference import DEVICES
 
 import curvkit as ck
-from curvkit import spectral
+from curvkit.diagnostics import spectral
+from curvkit.diagnostics.metrics import COLUMNS, METRICS, BlockView
 from curvkit.errors import ShapeError
-from curvkit.metrics import COLUMNS, METRICS, BlockView
 from curvkit.operators.base import CurvatureOperator
 
 DT = torch.float64

@@ -354,7 +354,7 @@ def test_estimator_error_aggregates_seeds(tmp_path):
 
 
 def test_curvature_over_training_from_tracker(tmp_path):
-    from curvkit.tracking import COLUMNS, CurvatureTracker
+    from curvkit.diagnostics.tracking import COLUMNS, CurvatureTracker
 
     model, loss_func, X, y = _regression("cpu")
     tracker = CurvatureTracker(model, loss_func, every=1, k=2, num_matvecs=6)
@@ -388,7 +388,8 @@ def test_save_formats_and_suffix(tmp_path):
 
 def test_import_curvkit_does_not_load_matplotlib():
     code = (
-        "import sys, curvkit, curvkit.report, curvkit.metrics, curvkit.spectral; "
+        "import sys, curvkit, curvkit.app.report, curvkit.diagnostics.metrics; "
+        "import curvkit.diagnostics.spectral; "
         "bad = [m for m in ('matplotlib', 'seaborn') if m in sys.modules]; "
         "assert not bad, bad"
     )

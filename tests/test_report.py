@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from curvkit import report
+from curvkit.app import report
+from curvkit.diagnostics.metrics import COLUMNS
 from curvkit.errors import ShapeError
-from curvkit.metrics import COLUMNS
 from curvkit.problems import get_problem
 from tests.reference import dense_ef, dense_ggn, dense_hessian
 

@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from curvkit import report
+from curvkit.app import report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 BROWSER = next((b for b in BROWSERS if shutil.which(b)), None)

@@ -7,7 +7,7 @@ import torch
 from reference import DEVICES
 
 import curvkit as ck
-from curvkit import spectral
+from curvkit.diagnostics import spectral
 from curvkit.errors import CurvkitError, ShapeError
 from curvkit.operators.base import CurvatureOperator
 

@@ -16,8 +16,8 @@ from reference import (
 from torch import nn
 
 import curvkit as ck
+from curvkit.diagnostics.tracking import COLUMNS, CurvatureTracker
 from curvkit.errors import ShapeError
-from curvkit.tracking import COLUMNS, CurvatureTracker
 
 
 def problem(device, seed=0):

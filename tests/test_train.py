@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import curvkit as ck
-from curvkit import train as T
-from curvkit.cli import main
+from curvkit.app import train as T
+from curvkit.app.cli import main
 from tests.reference import DEVICES
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"

@@ -4,7 +4,7 @@
 parallel training must agree across processes: averaging gradients, Kronecker
 statistics and curvature products, agreeing on a rejected step, and dividing
 inverse work. The default implementation does nothing (one process);
-:mod:`curvkit.optim.distributed` implements it on ``torch.distributed``.
+:mod:`curvkit.distributed.kfac` implements it on ``torch.distributed``.
 """
 
 from __future__ import annotations

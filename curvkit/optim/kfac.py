@@ -104,9 +104,9 @@ class KFAC(torch.optim.Optimizer):
             announced once and applied outside the quadratic model.
         fallback_lr: Learning rate of the fallback rule.
         comm: Where processes agree in data-parallel training (averaged gradients,
-            statistics and curvature products; see :mod:`curvkit.optim.distributed`).
-            Default: a ``DistributedCommunicator`` over the wrapper's process group
-            for a ``DistributedDataParallel`` model, else one process.
+            statistics and curvature products; see :mod:`curvkit.distributed.kfac`).
+            Default: one process. A ``DistributedDataParallel`` model needs one:
+            build the optimiser with :func:`curvkit.distributed.make_kfac`.
 
     Example:
         >>> import torch, curvkit as ck
@@ -219,10 +219,12 @@ class KFAC(torch.optim.Optimizer):
         )
         self.fallback, self.fallback_lr = fallback, fallback_lr
         self._announced = False
-        if comm is None and self.net is not model:  # DDP: average over its process group
-            from curvkit.optim.distributed import DistributedCommunicator
-
-            comm = DistributedCommunicator(process_group=model.process_group)
+        if comm is None and self.net is not model:
+            raise ShapeError(
+                "KFAC got a DistributedDataParallel model without a communicator; build it "
+                "with curvkit.distributed.make_kfac(model, loss_func, ...), which adds the "
+                "communicator and a per-process sampling seed."
+            )
         self.comm = comm if comm is not None else Communicator()
         self.generator = torch.Generator(device=_device_of(model)).manual_seed(seed)
         self.state["kfac"] = {

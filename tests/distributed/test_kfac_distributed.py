@@ -16,15 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from curvkit.errors import ShapeError
-from curvkit.optim import KFAC
-from curvkit.optim.distributed import (
+from curvkit.distributed.kfac import (
     DistributedCommunicator,
     assign_layers,
     flatten,
     make_kfac,
     unflatten,
 )
+from curvkit.errors import ShapeError
+from curvkit.optim import KFAC
 from tests.distributed.harness import MARKS, run_workers
 
 DT = torch.float64
@@ -348,7 +348,9 @@ def _ddp_worker(rank, world):
     net = make_model("mlp")
     model = nn.parallel.DistributedDataParallel(net)
     loss_func = make_loss("ce")
-    opt = KFAC(model, loss_func, kind="kflr", **BASE)  # the communicator comes with DDP
+    with pytest.raises(ShapeError, match="make_kfac"):
+        KFAC(model, loss_func, kind="kflr", **BASE)  # no communicator: refused
+    opt = make_kfac(model, loss_func, kind="kflr", **BASE)
     theta = train(opt, model, loss_func, lambda k: shard(*batch("mlp", "ce", k), rank, 2))
     auto = isinstance(opt.comm, DistributedCommunicator)
     return {"theta": theta, "net_is_inner": opt.net is net and auto}

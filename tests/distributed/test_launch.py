@@ -1,4 +1,4 @@
-"""``curvkit.launch``: the torchrun command, a real 2-process launch, argument handling."""
+"""``curvkit.distributed.launch``: the torchrun command, a 2-process launch, argument handling."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from curvkit.distributed.launch import (
+    init_from_env,
+    launch,
+    launched,
+    strip_option,
+    torchrun_command,
+)
 from curvkit.errors import ShapeError
-from curvkit.launch import init_from_env, launch, launched, strip_option, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +32,7 @@ def test_torchrun_command():
         "--nproc_per_node",
         "3",
         "-m",
-        "curvkit.cli",
+        "curvkit",
         "train",
         "--steps",
         "5",

@@ -24,7 +24,7 @@ averaged (:func:`make_kfac` raises).
 Example (run with ``torchrun --nproc_per_node 2 script.py``; see ``docs/distributed.md``)::
 
     import torch.distributed as dist
-    from curvkit.optim.distributed import make_kfac
+    from curvkit.distributed.kfac import make_kfac
 
     dist.init_process_group("gloo")
     opt = make_kfac(model, loss_func, structure="tridiagonal")

@@ -1,15 +1,15 @@
 """Start a curvkit command on several processes, and join a started one.
 
 ``curvkit train --nproc 2 ...`` re-invokes itself through ``torchrun``
-(:func:`launch`): one process per shard, each running ``python -m curvkit.cli train
+(:func:`launch`): one process per shard, each running ``python -m curvkit train
 ...`` with the ``torch.distributed`` environment set (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ...). Inside each process :func:`init_from_env` joins the group
 (gloo on CPU, NCCL on CUDA) and :func:`shutdown` leaves it cleanly.
 
 Example:
-    >>> from curvkit.launch import torchrun_command
+    >>> from curvkit.distributed.launch import torchrun_command
     >>> torchrun_command(2, ["train", "--steps", "10"])[1:8]
-    ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'curvkit.cli']
+    ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'curvkit']
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def launched() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-def torchrun_command(nproc: int, argv: Sequence[str], module: str = "curvkit.cli") -> list[str]:
+def torchrun_command(nproc: int, argv: Sequence[str], module: str = "curvkit") -> list[str]:
     """The command that runs ``python -m module *argv`` on ``nproc`` local processes.
 
     Args:
@@ -65,7 +65,7 @@ def torchrun_command(nproc: int, argv: Sequence[str], module: str = "curvkit.cli
 def launch(
     nproc: int,
     argv: Sequence[str],
-    module: str = "curvkit.cli",
+    module: str = "curvkit",
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     stdout=None,

@@ -4,7 +4,7 @@ r"""The ``curvkit report`` job: every comparison of one problem on one self-cont
 the exact Hessian, GGN, Monte Carlo Fisher and empirical Fisher as dense
 matrices beside K-FAC (Monte Carlo), KFLR, KFRA, EKFAC, the diagonal GGN and
 tri-diagonal KFLR; compares every one with the GGN
-(:func:`curvkit.metrics.compare`); computes spectra (dense, Lanczos, stochastic
+(:func:`curvkit.diagnostics.metrics.compare`); computes spectra (dense, Lanczos, stochastic
 Lanczos quadrature), trace estimates with standard errors, the storage of each
 representation and the loss along top eigenvectors against random directions;
 and writes ``DIR/index.html`` (figures embedded, tables, command line, versions,
@@ -239,7 +239,7 @@ def _dense_op(M, ref):
 def _compare_all(dense, ref_op, g, grid, k, seed, bar):
     import pandas as pd
 
-    from curvkit.metrics import compare
+    from curvkit.diagnostics.metrics import compare
 
     reference = _dense_op(dense[REFERENCE], ref_op)
     frames = []
@@ -421,7 +421,7 @@ def build_report(
     from tqdm.auto import tqdm
 
     import curvkit as ck
-    from curvkit import _report_html
+    from curvkit.app import report_html as _report_html
     from curvkit.operators.exact import loss_and_gradient
 
     if dtype not in _DTYPES:

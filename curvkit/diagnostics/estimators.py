@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvkit.diagnostics.krylov import make_generator, rademacher
 from curvkit.errors import ShapeError
-from curvkit.krylov import make_generator, rademacher
 from curvkit.operators.base import CurvatureOperator
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "exact")

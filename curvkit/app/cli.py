@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from curvkit import report, train
+from curvkit.app import report, train
+from curvkit.app.common import cell, format_table, parse_device, progress
 from curvkit.errors import CurvkitError, ShapeError
 from curvkit.extraction import QUANTITIES
 
@@ -38,37 +39,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _progress(iterable, args, **kwargs):
-    """A tqdm bar on stderr that shows after 2 s, only on a terminal and without --quiet."""
-    from tqdm import tqdm
-
-    disable = getattr(args, "quiet", False) or not sys.stderr.isatty()
-    return tqdm(iterable, disable=disable, delay=2.0, leave=False, **kwargs)
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, tuple):
-        return "x".join(map(str, value))
-    return "" if value is None else str(value)
-
-
-def format_table(rows: list[dict]) -> str:
-    """Rows of dicts as an aligned text table (columns in order of first appearance)."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    numeric = [all(isinstance(row.get(c), (int, float)) for row in rows) for c in columns]
-
-    def line(values):
-        just = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
-        return "  ".join(just).rstrip()
-
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
-
-
-# -- curvkit problems ----------------------------------------------------------------------
 def _add_problems(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -77,7 +47,7 @@ def _run_problems(args: argparse.Namespace) -> int:
     from curvkit.problems import get_problem, list_problems
 
     rows = []
-    for name in _progress(list_problems(), args, desc="loading problems"):
+    for name in progress(list_problems(), args, desc="loading problems"):
         p = get_problem(name)
         rows.append(
             {
@@ -116,16 +86,6 @@ def _add_extract(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (median)")
     parser.add_argument("--out", type=Path, help="also write extract.json and extract.csv here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ShapeError(f"--device {name!r} is not a device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ShapeError(f"--device {name!r}: CUDA is not available on this machine.")
-    return device
 
 
 def _median_time(fn: Callable, repeat: int, device: torch.device, bar) -> tuple[float, object]:
@@ -169,7 +129,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--repeat", args.repeat)):
         if value < 1:
             raise ShapeError(f"{flag} must be positive, got {value}.")
-    device = _device(args.device)
+    device = parse_device(args.device)
     problem = get_problem(args.problem, seed=args.seed, dtype=_DTYPES[args.dtype], device=device)
     X, y = problem.batch(args.batch_size)
     model, loss_func = problem.model, problem.loss_func
@@ -187,7 +147,7 @@ def _run_extract(args: argparse.Namespace) -> int:
             generator=generator,
         )  # fmt: skip
 
-    with _progress(None, args, total=2 * (args.repeat + 1), desc="timing") as bar:
+    with progress(None, args, total=2 * (args.repeat + 1), desc="timing") as bar:
         t_plain, _ = _median_time(plain, args.repeat, device, bar)
         t_extract, records = _median_time(extract, args.repeat, device, bar)
     rows = _layer_rows(records)
@@ -239,7 +199,7 @@ def _write_extract(args, problem, device, quantities, records, rows, t_plain, t_
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _cell(v) if isinstance(v, tuple) else v for k, v in row.items()})
+            writer.writerow({k: cell(v) if isinstance(v, tuple) else v for k, v in row.items()})
     print(f"\nwrote {args.out / 'extract.json'} and {args.out / 'extract.csv'}")
 
 

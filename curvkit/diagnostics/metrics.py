@@ -36,12 +36,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from curvkit.diagnostics.estimators import probe_samples
+from curvkit.diagnostics.krylov import make_generator
+from curvkit.diagnostics.spectral import eigenvalues, eigenvectors
 from curvkit.errors import ShapeError
-from curvkit.estimators import probe_samples
-from curvkit.krylov import make_generator
 from curvkit.operators.base import CurvatureOperator
 from curvkit.operators.cg import CGInverse
-from curvkit.spectral import eigenvalues, eigenvectors
 
 METRICS = ("frobenius", "cosine", "spectral", "overlap", "directional", "preconditioning")
 COLUMNS = [
@@ -254,7 +254,7 @@ def compare(
     :math:`\operatorname{tr}(AB) = \mathbb E (Az)^\top(Bz)` (Hutchinson 1990); the
     ratios' standard errors come from the delta method on the samples'
     covariance (``method="hutchinson"``). ``spectral``, ``overlap`` and
-    ``directional`` then use Lanczos (:func:`curvkit.spectral.eigenvectors`,
+    ``directional`` then use Lanczos (:func:`curvkit.diagnostics.spectral.eigenvectors`,
     ``stderr = 0``: converged to its tolerance) and the damped solves use
     conjugate gradients (:class:`~curvkit.operators.cg.CGInverse`,
     ``method="cg"``). A block larger than ``exact_threshold`` is compared

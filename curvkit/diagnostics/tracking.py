@@ -5,7 +5,7 @@ model on a batch every ``every`` steps of a training loop and keeps a tidy log:
 
 .. code-block:: python
 
-    from curvkit.tracking import CurvatureTracker
+    from curvkit.diagnostics.tracking import CurvatureTracker
 
     tracker = CurvatureTracker(model, loss_func, every=50, k=5)
     for step, (X, y) in enumerate(loader):
@@ -17,13 +17,13 @@ Quantities (one or more rows each per recorded step):
 
 - ``loss`` and ``grad_norm`` (always; the gradient is needed anyway);
 - ``top_eigenvalues``: rows ``eigenvalue`` with ``index = 1..k`` (Lanczos);
-- ``trace``: :func:`curvkit.spectral.trace` with its standard error;
+- ``trace``: :func:`curvkit.diagnostics.spectral.trace` with its standard error;
 - ``grad_overlap``: :math:`\|V_k^\top g\|^2/\|g\|^2`, the fraction of the
   gradient in the top-``k`` eigenspace (Gur-Ari, Roberts & Dyer 2018,
   arXiv:1812.04754);
 - ``approx_error``: ``approx_frobenius`` and ``approx_cosine`` of an
   approximation built by ``approx(model, loss_func, (X, y))`` against the
-  exact curvature (:func:`curvkit.metrics.compare`).
+  exact curvature (:func:`curvkit.diagnostics.metrics.compare`).
 
 Recording leaves the parameters and their ``.grad`` as it found them (an
 ``approx`` that backpropagates, such as K-FAC's extraction, has its gradients
@@ -57,7 +57,7 @@ class CurvatureTracker:
         k: Number of top eigenvalues (and the eigenspace of ``grad_overlap``).
         approx: ``approx(model, loss_func, (X, y)) -> CurvatureOperator``, e.g.
             ``lambda m, l, d: ck.kfac(m, l, d, kind="kflr")``.
-        trace_method: Method of :func:`curvkit.spectral.trace`.
+        trace_method: Method of :func:`curvkit.diagnostics.spectral.trace`.
         num_matvecs: Product budget of the trace and Frobenius estimates.
         params: Parameters to measure (default: all trainable ones).
         eval_mode: Measure with the model in evaluation mode (restored afterwards).
@@ -143,9 +143,9 @@ class CurvatureTracker:
         return rows
 
     def _measure(self, step: int, data) -> list[dict]:
-        from curvkit.metrics import compare
+        from curvkit.diagnostics.metrics import compare
+        from curvkit.diagnostics.spectral import eigenvectors, trace
         from curvkit.operators.exact import ggn, hessian, loss_and_gradient
-        from curvkit.spectral import eigenvectors, trace
 
         build = ggn if self.curvature == "ggn" else hessian
         op = build(self.model, self.loss_func, data, params=self.params)

@@ -1,4 +1,4 @@
-r"""Exact curvature on data sharded over processes (``torch.distributed``).
+r"""Exact curvature operators on data sharded over processes (``torch.distributed``).
 
 Each process builds an operator on its own shard of the data;
 :class:`DistributedOperator` sums the processes' products with the weights that

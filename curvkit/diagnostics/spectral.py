@@ -5,14 +5,14 @@ through matrix-vector products on the operator's device; small operators
 (``D <= DENSE_MAX_DIM``) are densified and solved exactly by default.
 
 - :func:`eigenvalues` / :func:`eigenvectors`: extreme eigenpairs by restarted
-  Lanczos (:func:`curvkit.krylov.krylov_schur`), dense ``eigh``, or SciPy's
+  Lanczos (:func:`curvkit.diagnostics.krylov.krylov_schur`), dense ``eigh``, or SciPy's
   ``eigsh``, with residual norms :math:`\|Av - \lambda v\|` and product counts.
 - :func:`spectral_density`: stochastic Lanczos quadrature (Ghorbani, Krishnan &
   Xiao 2019, arXiv:1901.10159; log-scale variant of Papyan 2020, arXiv:2008.11865).
 - Scalars: :func:`lambda_max`, :func:`lambda_min`, :func:`condition_number`,
   :func:`effective_rank`, :func:`logdet`.
 
-Trace and diagonal estimators live in :mod:`curvkit.estimators` and are
+Trace and diagonal estimators live in :mod:`curvkit.diagnostics.estimators` and are
 re-exported here (:func:`trace`, :func:`diagonal`).
 """
 
@@ -24,9 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvkit.errors import CurvkitError, ShapeError
-from curvkit.estimators import Estimate, diagonal, trace
-from curvkit.krylov import (
+from curvkit.diagnostics.estimators import Estimate, diagonal, trace
+from curvkit.diagnostics.krylov import (
     WHICH,
     krylov_schur,
     lanczos,
@@ -35,6 +34,7 @@ from curvkit.krylov import (
     rademacher,
     tridiagonal,
 )
+from curvkit.errors import CurvkitError, ShapeError
 from curvkit.operators.base import CurvatureOperator
 
 __all__ = [
@@ -467,7 +467,7 @@ def logdet(
         seed: SLQ seed.
 
     Returns:
-        An :class:`~curvkit.estimators.Estimate` (standard error 0 unless SLQ).
+        An :class:`~curvkit.diagnostics.estimators.Estimate` (standard error 0 unless SLQ).
 
     Raises:
         ShapeError: If ``method`` is unknown or unavailable for ``op``.

@@ -1,4 +1,4 @@
-"""Figures and the HTML page of :mod:`curvkit.report` (one self-contained file, no scripts)."""
+"""Figures and the HTML page of :mod:`curvkit.app.report` (one self-contained file, no scripts)."""
 
 from __future__ import annotations
 

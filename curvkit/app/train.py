@@ -66,7 +66,7 @@ class Method:
 
 def _kfac(**kwargs):
     def build(model, loss_func, lr):
-        from curvkit.optim.distributed import make_kfac
+        from curvkit.distributed.kfac import make_kfac
 
         # a plain KFAC in one process; with the communicator under torchrun
         return make_kfac(model, loss_func, **({"lr": lr} if lr is not None else {}), **kwargs)
@@ -167,7 +167,7 @@ def train_run(
         ``damping`` for K-FAC. A run whose loss is not finite or exceeds
         :data:`DIVERGED` times its initial value stops with a last row of ``inf``.
     """
-    from curvkit.launch import init_from_env
+    from curvkit.distributed.launch import init_from_env
 
     method = METHODS[name] if method is None else method
     net = model = copy.deepcopy(problem.model)
@@ -453,14 +453,14 @@ def run(args: argparse.Namespace) -> int:
     """Run ``curvkit train``: tune (optionally), train, write CSV, markdown and figure."""
     from tqdm import tqdm
 
-    from curvkit.cli import _device, format_table
-    from curvkit.launch import init_from_env, launch, launched, shutdown, strip_option
+    from curvkit.app.common import format_table, parse_device
+    from curvkit.distributed.launch import init_from_env, launch, launched, shutdown, strip_option
     from curvkit.problems import PROBLEMS, get_problem
 
     cfg = _settings(args)
     if args.nproc > 1 and not launched():  # re-run this command on nproc processes
         return launch(args.nproc, strip_option(getattr(args, "argv", sys.argv[1:])))
-    device = _device(args.device)
+    device = parse_device(args.device)
     rank, world = init_from_env(device)
     if cfg["batch_size"] % world:
         raise ShapeError(f"--batch-size={cfg['batch_size']} is not divisible by {world} processes.")
