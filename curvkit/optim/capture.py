@@ -34,13 +34,14 @@ def capture_batch(
     seen: dict[str, list] = {"X": [], "y": []}
     h1 = model.register_forward_pre_hook(lambda m, args: seen["X"].append(args[0]))
     h2 = loss_func.register_forward_pre_hook(lambda m, args: seen["y"].append(args[1]))
-    try:
-        with torch.no_grad():
-            closure()
-    finally:
-        h1.remove()
-        h2.remove()
-    _check(seen)
+    with restored_buffers_on_error(model):
+        try:
+            with torch.no_grad():
+                closure()
+        finally:
+            h1.remove()
+            h2.remove()
+        _check(seen)
     return seen["X"][0].detach(), seen["y"][0].detach()
 
 
