@@ -243,6 +243,7 @@ class KFAC(torch.optim.Optimizer):
             raise ShapeError(f"KFAC: factor_dtype must be float32 or float64, got {factor_dtype}.")
         net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         check_untied(net, "KFAC")
+        self._automatic = lr is None  # the step mode; param groups may not change it
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip)
@@ -320,13 +321,14 @@ class KFAC(torch.optim.Optimizer):
                 )
             seen[id(p)] = i
         self._check_group({**self.defaults, **param_group})
-        if self.param_groups:
-            lr = param_group.get("lr", self.defaults["lr"])
-            if (lr is None) != (self.param_groups[0]["lr"] is None):
-                raise ShapeError(
-                    "KFAC: the automatic step (lr=None) sets one step for all parameters; "
-                    "give every parameter group lr=None or every group a fixed lr."
-                )
+        lr = param_group.get("lr", self.defaults["lr"])
+        if (lr is None) != self._automatic:
+            raise ShapeError(
+                f"KFAC: a parameter group has lr={lr!r}, but the optimiser uses "
+                f"{'the automatic step (lr=None)' if self._automatic else 'a fixed lr'}; the "
+                "automatic step sets one step for all parameters, so give every parameter "
+                "group lr=None or every group a fixed lr."
+            )
         super().add_param_group(param_group)
 
     @staticmethod
@@ -346,7 +348,20 @@ class KFAC(torch.optim.Optimizer):
                 "KFAC: parameter groups mix lr=None (automatic step) with a fixed lr; give "
                 "every group lr=None or every group a fixed lr."
             )
-        if modes == {True} and any("initial_lr" in group for group in groups):
+        for i, group in enumerate(groups):
+            if (group["lr"] is None) != self._automatic:
+                if self._automatic:
+                    raise ShapeError(
+                        f"KFAC: constructed with lr=None (the automatic step of M&G §7, which "
+                        f"chooses the step size itself), but param group {i} now has "
+                        f"lr={group['lr']!r} (set by an LR scheduler or by hand). Construct "
+                        "KFAC with a fixed lr to schedule it."
+                    )
+                raise ShapeError(
+                    f"KFAC: constructed with a fixed lr, but param group {i} now has lr=None; "
+                    "construct KFAC with lr=None for the automatic step."
+                )
+        if self._automatic and any("initial_lr" in group for group in groups):
             raise ShapeError(
                 "KFAC: an LR scheduler is attached, but with lr=None the automatic step "
                 "(M&G §7) chooses the step size from the quadratic model and has no learning "
@@ -435,7 +450,7 @@ class KFAC(torch.optim.Optimizer):
             flat_g = torch.cat([g.reshape(-1) for g in grads])
             if self.l2:
                 flat_g = flat_g + self.l2 * torch.cat([p.detach().reshape(-1) for p in params])
-            automatic = self.param_groups[0]["lr"] is None
+            automatic = self._automatic
             gamma = st["gamma"]
             pending: list[tuple[dict, str, object]] = []  # buffer updates, kept if accepted
             if automatic and self.T2 is not None and k % self.T2 == 0:
@@ -747,17 +762,17 @@ class KFAC(torch.optim.Optimizer):
         if not isinstance(counters, dict) or any(k not in counters for k in need):
             raise ShapeError(f"KFAC.load_state_dict: the state lacks the K-FAC counters {need}.")
         groups = state_dict["param_groups"]
-        try:
-            self._check_groups([{**self.defaults, **g} for g in groups])
-        except ShapeError as err:
-            raise ShapeError(f"KFAC.load_state_dict: {err}") from None
-        automatic = self.param_groups[0]["lr"] is None
+        automatic = self._automatic
         if groups and (groups[0].get("lr") is None) != automatic:
             mode = "automatic (lr=None)" if groups[0].get("lr") is None else "fixed-lr"
             raise ShapeError(
                 f"KFAC.load_state_dict: the state is from a {mode} optimiser; construct KFAC "
                 f"with {'lr=None' if mode.startswith('auto') else 'a fixed lr'} to load it."
             )
+        try:
+            self._check_groups([{**self.defaults, **g} for g in groups])
+        except ShapeError as err:
+            raise ShapeError(f"KFAC.load_state_dict: {err}") from None
         fresh = copy(self.preconditioner)  # configuration; the loaded state replaces the rest
         fresh.load_state_dict(pre_state)  # raises on a mismatch; self is untouched
         generator = torch.Generator(device=self.generator.device)

@@ -377,3 +377,25 @@ def test_float64_model_gets_float64_factors_and_steps():
     opt.step(lambda: loss_func(model(X), y))
     assert all(A.dtype == torch.float64 for A in opt.preconditioner.A)
     assert all(G.dtype == torch.float64 for G in opt.preconditioner.G)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10),
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10),
+    ],
+    ids=["StepLR", "OneCycleLR", "CosineAnnealingLR"],
+)
+def test_schedulers_cannot_switch_the_automatic_step(make):
+    """OneCycleLR writes a number into lr: that must not silently turn into the fixed-lr mode."""
+    loss_func, X, y = _batch("ce")
+    model = _mlp()
+    opt = ck.optim.KFAC(model, loss_func)
+    make(opt)
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ShapeError, match="lr"):
+        opt.step(lambda: loss_func(model(X), y))
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters()))
+    assert opt.state["kfac"]["step"] == 0 and opt.preconditioner.updates == 0
