@@ -27,6 +27,7 @@ any state changes, so a call that raises changes nothing.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections import defaultdict
@@ -68,14 +69,14 @@ def _check_number(
     """
     if value is None and none:
         return
-    bound = "positive" if positive else "non-negative"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    bound = ("" if infinite else "finite ") + ("positive" if positive else "non-negative")
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if ok:
         v = float(value)
         ok = (v > 0 if positive else v >= 0) and (math.isfinite(v) or (infinite and v > 0))
     if not ok:
         extra = " or None" if none else ""
-        raise ShapeError(f"KFAC: {name} must be a finite {bound} number{extra}, got {value!r}.")
+        raise ShapeError(f"KFAC: {name} must be a {bound} number{extra}, got {value!r}.")
 
 
 class KFAC(torch.optim.Optimizer):
