@@ -38,8 +38,6 @@ from torch import Tensor, nn
 from curvkit.errors import ShapeError, UnsupportedLossError
 from curvkit.extraction.losses import LIKELIHOOD_LOSSES, check_likelihood_options, sample_labels
 
-__all__ = ["LIKELIHOOD_LOSSES", "check_likelihood_loss"]
-
 OutputCurvature = Callable[[Tensor], Tensor]
 
 

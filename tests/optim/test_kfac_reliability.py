@@ -130,11 +130,18 @@ def test_nan_batch_leaves_batchnorm_statistics_and_fallback_state():
 
 
 @pytest.mark.parametrize("lr", [None, 0.1])
-def test_rejected_update_does_not_fold_factors_or_momentum(lr):
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(ekfac=True), dict(structure="tridiagonal")],
+    ids=["block", "ekfac", "tri"],
+)
+def test_rejected_update_does_not_fold_factors_or_momentum(lr, options):
     """A step rejected after the statistics pass keeps the averages and buffers as they were."""
     loss_func, X, y = _batch("ce")
     model = _mlp()
-    opt = ck.optim.KFAC(model, loss_func, lr=lr, momentum=0.9 if lr else 0.0, kind="kflr", T_inv=1)
+    opt = ck.optim.KFAC(
+        model, loss_func, lr=lr, momentum=0.9 if lr else 0.0, kind="kflr", T_inv=1, **options
+    )
     for _ in range(2):
         opt.step(lambda: loss_func(model(X), y))
     state, params, _ = _snapshot(opt, model)
@@ -144,7 +151,8 @@ def test_rejected_update_does_not_fold_factors_or_momentum(lr):
     del opt.preconditioner.apply
     assert opt.events[-1]["reason"] == "non-finite update"
     after = opt.state_dict()
-    for key in ("A", "G", "bias_scale", "updates"):
+    keys = ("A", "G", "cross_A", "cross_G", "bias_scale", "updates", "bases", "S", "scale_updates")
+    for key in keys:
         _assert_same(state["preconditioner"][key], after["preconditioner"][key], key)
     for k, v in state["state"].items():
         if k != "kfac":
