@@ -32,9 +32,92 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvkit.errors import ShapeError, UnsupportedLossError
+from curvkit.errors import NonFiniteError, ShapeError, UnsupportedLossError
 
 _SUPPORTED = "MSELoss, CrossEntropyLoss (class-index targets), BCEWithLogitsLoss"
+
+#: Losses that are negative log-likelihoods of a distribution over the target.
+LIKELIHOOD_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+
+
+def check_likelihood_options(loss_func: nn.Module, what: str) -> None:
+    """Raise unless ``loss_func``'s options keep it a negative log-likelihood.
+
+    Class weights, ``pos_weight`` and label smoothing change the loss into one that
+    is no longer the likelihood the Monte Carlo labels are drawn from.
+
+    Args:
+        loss_func: A loss from :data:`LIKELIHOOD_LOSSES`.
+        what: The computation, for the message.
+
+    Raises:
+        UnsupportedLossError: Naming the loss and the option.
+    """
+    name = type(loss_func).__name__
+    if (
+        getattr(loss_func, "weight", None) is not None
+        or getattr(loss_func, "pos_weight", None) is not None
+    ):
+        raise UnsupportedLossError(
+            f"{what}: {name} with class weights (weight / pos_weight) is not a likelihood; "
+            "use weight=None and pos_weight=None (or curvkit.ggn for the weighted loss)."
+        )
+    if isinstance(loss_func, nn.CrossEntropyLoss) and loss_func.label_smoothing != 0:
+        raise UnsupportedLossError(
+            f"{what}: {name} with label_smoothing={loss_func.label_smoothing} is not a "
+            "likelihood; use label_smoothing=0 (or curvkit.ggn for the smoothed loss)."
+        )
+
+
+def sample_labels(
+    loss_func: nn.Module,
+    output: Tensor,
+    mc_samples: int,
+    generator: torch.Generator | None,
+    probs: Tensor | None = None,
+) -> Tensor:
+    r"""Labels drawn from the model's predictive distribution (the one owner of this draw).
+
+    The extraction's Monte Carlo factors and the Monte Carlo Fisher operator both
+    draw here, so they consume ``generator`` with the same calls (those of
+    curvlinops' ``FisherMCLinearOperator``) and give the same labels for the same seed.
+
+    - ``MSELoss``: standard normal noise :math:`arepsilon`, ``[M, *output.shape]``
+      (the label is :math:`\hat y = f + \sigmaarepsilon`; each caller applies its
+      :math:`\sigma`);
+    - ``CrossEntropyLoss``: class indices ``[M, N]`` from
+      :math:`\operatorname{Cat}(\operatorname{softmax} f_n)`;
+    - ``BCEWithLogitsLoss``: labels in :math:`\{0, 1\}`, ``[M, *output.shape]``, from
+      :math:`\mathrm{Bern}(\sigma(f))`.
+
+    Args:
+        loss_func: A loss from :data:`LIKELIHOOD_LOSSES`.
+        output: Model output (``[N, C]`` for cross-entropy), detached.
+        mc_samples: Labels per example ``M``.
+        generator: Random generator.
+        probs: ``softmax(output, 1)`` (cross-entropy) or ``sigmoid(output)`` (BCE)
+            if the caller has it already.
+
+    Returns:
+        The draws described above.
+
+    Raises:
+        NonFiniteError: If ``output`` has NaN or infinite entries (there is no
+            distribution to sample from); the generator is left untouched.
+    """
+    if not bool(torch.isfinite(output).all()):
+        raise NonFiniteError(
+            f"Monte Carlo labels for {type(loss_func).__name__}: the model output has NaN or "
+            "infinite entries, so its predictive distribution is undefined."
+        )
+    if isinstance(loss_func, nn.MSELoss):
+        shape = (mc_samples, *output.shape)
+        return torch.randn(shape, generator=generator, dtype=output.dtype, device=output.device)
+    if isinstance(loss_func, nn.CrossEntropyLoss):
+        p = output.softmax(dim=1) if probs is None else probs
+        return torch.multinomial(p, mc_samples, replacement=True, generator=generator).T
+    p = output.sigmoid() if probs is None else probs
+    return torch.bernoulli(p[None].expand(mc_samples, *p.shape), generator=generator)
 
 
 class LossHandler:
@@ -56,6 +139,8 @@ class LossHandler:
         self.output = output
         self.y = y
         self.N, self.C = output.shape
+        if self.N == 0:
+            raise ShapeError(f"The batch is empty: {type(loss_func).__name__} got 0 examples.")
         self.R = 1.0 / self.N if loss_func.reduction == "mean" else 1.0
 
     def _elementwise_targets(self, name: str) -> None:
@@ -112,10 +197,7 @@ class MSELossHandler(LossHandler):
 
     def sqrt_hessian_sampled(self, mc_samples, generator):
         """See :meth:`LossHandler.sqrt_hessian_sampled`."""
-        shape = (mc_samples, *self.output.shape)
-        eps = torch.randn(
-            shape, generator=generator, dtype=self.output.dtype, device=self.output.device
-        )
+        eps = sample_labels(self.loss_func, self.output, mc_samples, generator)
         # f - y_hat = -sqrt(C_eff / 2) eps, formed without the cancellation
         return eps.mul_(-math.sqrt(2.0 / self.c_eff / mc_samples))
 
@@ -163,8 +245,8 @@ class CrossEntropyLossHandler(LossHandler):
 
     def sqrt_hessian_sampled(self, mc_samples, generator):
         """See :meth:`LossHandler.sqrt_hessian_sampled`."""
-        labels = torch.multinomial(self.probs, mc_samples, replacement=True, generator=generator)
-        onehot = F.one_hot(labels.T, self.C).to(self.probs.dtype)  # [M, N, C]
+        labels = sample_labels(self.loss_func, self.output, mc_samples, generator, self.probs)
+        onehot = F.one_hot(labels, self.C).to(self.probs.dtype)  # [M, N, C]
         return (self.probs[None] - onehot) / math.sqrt(mc_samples)
 
     def hessian_mean(self):
@@ -200,8 +282,7 @@ class BCEWithLogitsLossHandler(LossHandler):
 
     def sqrt_hessian_sampled(self, mc_samples, generator):
         """See :meth:`LossHandler.sqrt_hessian_sampled`."""
-        probs = self.sig[None].expand(mc_samples, -1, -1)
-        y_hat = torch.bernoulli(probs, generator=generator)
+        y_hat = sample_labels(self.loss_func, self.output, mc_samples, generator, self.sig)
         return (self.sig[None] - y_hat) / math.sqrt(self.c_eff * mc_samples)
 
     def hessian_mean(self):
@@ -233,19 +314,9 @@ def check_loss(loss_func: nn.Module) -> type[LossHandler]:
         raise UnsupportedLossError(
             f"{name}(reduction={loss_func.reduction!r}) is not supported; use 'mean' or 'sum'."
         )
-    if isinstance(loss_func, nn.CrossEntropyLoss):
-        if loss_func.weight is not None:
-            raise UnsupportedLossError("CrossEntropyLoss with class weights is not supported.")
-        if loss_func.label_smoothing != 0.0:
-            raise UnsupportedLossError("CrossEntropyLoss with label_smoothing is not supported.")
-        if loss_func.ignore_index != -100:
-            raise UnsupportedLossError(
-                "CrossEntropyLoss with a custom ignore_index is not supported."
-            )
-    if isinstance(loss_func, nn.BCEWithLogitsLoss) and (
-        loss_func.weight is not None or loss_func.pos_weight is not None
-    ):
-        raise UnsupportedLossError("BCEWithLogitsLoss with weight or pos_weight is not supported.")
+    check_likelihood_options(loss_func, "extract")
+    if isinstance(loss_func, nn.CrossEntropyLoss) and loss_func.ignore_index != -100:
+        raise UnsupportedLossError("CrossEntropyLoss with a custom ignore_index is not supported.")
     return handler
 
 

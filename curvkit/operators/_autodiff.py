@@ -42,13 +42,16 @@ def resolve_params(
     Args:
         model: The network.
         params: Parameters to differentiate, or ``None`` for every parameter
-            with ``requires_grad``.
+            with ``requires_grad``. A parameter shared by several modules (tied
+            weights) is one parameter: it appears once in the flat order, under
+            its first name in ``model.named_parameters()``.
 
     Returns:
         The parameters in flat order and their names (``"0.weight"``).
 
     Raises:
-        ShapeError: If a parameter is not one of ``model``'s, or none is left.
+        ShapeError: If a parameter is not one of ``model``'s, appears twice in
+            ``params`` (e.g. ``[w, w]``), or none is left.
     """
     named = list(model.named_parameters(remove_duplicate=True))
     if params is None:
@@ -56,7 +59,15 @@ def resolve_params(
     else:
         by_id = {id(p): n for n, p in named}
         pairs = []
+        first: dict[int, int] = {}
         for i, p in enumerate(params):
+            if id(p) in first:
+                raise ShapeError(
+                    f"params[{i}] is params[{first[id(p)]}] ({by_id.get(id(p), 'the same tensor')}"
+                    "): a parameter may appear once; a weight tied between modules is one "
+                    "parameter and is listed once."
+                )
+            first[id(p)] = i
             if id(p) not in by_id:
                 raise ShapeError(
                     f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the model; "

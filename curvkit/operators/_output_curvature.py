@@ -36,15 +36,16 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.errors import ShapeError, UnsupportedLossError
-
-#: Losses whose Fisher, Monte Carlo Fisher and empirical Fisher are supported.
-LIKELIHOOD_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+from curvkit.extraction.losses import LIKELIHOOD_LOSSES, check_likelihood_options, sample_labels
 
 OutputCurvature = Callable[[Tensor], Tensor]
 
 
 def check_likelihood_loss(loss_func, what: str) -> None:
     """Raise unless ``loss_func`` is a negative log-likelihood the Fisher supports.
+
+    The options are checked by :func:`curvkit.extraction.losses.check_likelihood_options`,
+    the same check as the extraction's.
 
     Raises:
         UnsupportedLossError: Naming the loss and the supported ones.
@@ -55,19 +56,7 @@ def check_likelihood_loss(loss_func, what: str) -> None:
             f"{what} needs a likelihood loss; got {type(loss_func).__name__}. Supported: "
             f"{supported}. The GGN (curvkit.ggn) and Hessian (curvkit.hessian) accept any loss."
         )
-    if (
-        getattr(loss_func, "weight", None) is not None
-        or getattr(loss_func, "pos_weight", None) is not None
-    ):
-        raise UnsupportedLossError(
-            f"{what}: {type(loss_func).__name__} with class weights is not a likelihood; "
-            "use weight=None and pos_weight=None, or curvkit.ggn."
-        )
-    if isinstance(loss_func, nn.CrossEntropyLoss) and loss_func.label_smoothing != 0:
-        raise UnsupportedLossError(
-            f"{what}: CrossEntropyLoss with label_smoothing={loss_func.label_smoothing} is not a "
-            "likelihood; use label_smoothing=0 or curvkit.ggn."
-        )
+    check_likelihood_options(loss_func, what)
 
 
 def term_scale(loss_func, f: Tensor, scale: float) -> float:
@@ -174,19 +163,17 @@ def sample_scores(
       score :math:`\sigma(f) - \hat y`.
     """
     f = f.detach()
-    if isinstance(loss_func, nn.MSELoss):
-        std = torch.as_tensor(sqrt(0.5), device=f.device)
-        mean = torch.zeros(mc_samples, *f.shape, device=f.device, dtype=f.dtype)
-        return 2 * torch.normal(mean, std, generator=generator)
     if isinstance(loss_func, nn.CrossEntropyLoss):
         _check_ce_output(f, y, "Monte Carlo Fisher")
+    draws = sample_labels(loss_func, f, mc_samples, generator)  # the one owner of the draw
+    if isinstance(loss_func, nn.MSELoss):
+        std = torch.as_tensor(sqrt(0.5), device=f.device)
+        return 2 * draws.mul_(std)  # 2 (f - y_hat), y_hat = f + std * eps
+    if isinstance(loss_func, nn.CrossEntropyLoss):
         p = torch.softmax(f, dim=1)
-        idx = p.multinomial(num_samples=mc_samples, replacement=True, generator=generator).T
-        onehot = nn.functional.one_hot(idx, num_classes=f.shape[1]).to(f.dtype)
+        onehot = nn.functional.one_hot(draws, num_classes=f.shape[1]).to(f.dtype)
         return p.unsqueeze(0) - onehot
-    p = torch.sigmoid(f)
-    p = p.unsqueeze(0).expand(mc_samples, *f.shape)
-    return p - p.bernoulli(generator=generator)
+    return torch.sigmoid(f).unsqueeze(0) - draws
 
 
 def factored_curvature(S: Tensor, c: float) -> OutputCurvature:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from curvkit.data import as_batches, num_data
-from curvkit.errors import ShapeError
+from curvkit.errors import ShapeError, UnsupportedModuleError
 from curvkit.operators import kron_math as km
 from curvkit.operators.base import CurvatureOperator
 from curvkit.records import FACTOR_KINDS, LayerRecord, Records
@@ -125,6 +125,46 @@ def layers_and_factors(records: Records, kind: str) -> tuple[list[KronLayer], li
         [r.G[kind] for r in records],
         [r.bias_scale for r in records],
     )
+
+
+def tied_parameters(model: torch.nn.Module) -> list[list[tuple[str, torch.nn.Module]]]:
+    """Trainable parameters registered in more than one module (tied weights).
+
+    A module object used at two places counts as two modules (its parameters are
+    tied between them).
+
+    Returns:
+        Per shared parameter, its ``(qualified name, owning module)`` pairs.
+    """
+    owners: dict[int, list] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None and p.requires_grad:
+                owners.setdefault(id(p), []).append(
+                    (f"{mname}.{pname}" if mname else pname, module)
+                )
+    return [pairs for pairs in owners.values() if len(pairs) > 1]
+
+
+def check_untied(model: torch.nn.Module, what: str) -> None:
+    """Raise unless every trainable parameter belongs to one module.
+
+    Kronecker factors (and the extraction's per-layer diagonals) describe one
+    module's use of its weight; a weight shared by two modules has a curvature
+    block that is no Kronecker product of either module's factors.
+
+    Raises:
+        UnsupportedModuleError: Naming the parameter and both modules.
+    """
+    tied = tied_parameters(model)
+    if tied:
+        (n1, m1), (n2, m2) = tied[0][:2]
+        raise UnsupportedModuleError(
+            f"{what}: {n1!r} ({type(m1).__name__}) and {n2!r} ({type(m2).__name__}) are one "
+            "tied parameter; Kronecker factors are per module, so a weight shared by two "
+            "modules has no Kronecker block. Untie the weights, or use the exact operators "
+            "(curvkit.ggn, curvkit.fisher, curvkit.hessian), which count a tied weight once."
+        )
 
 
 def check_kind(kind: str, kinds: Sequence[str] = FACTOR_KINDS) -> None:
@@ -414,7 +454,9 @@ def kfac(
 
     Raises:
         ShapeError: On an unknown ``kind`` or ``structure``.
-        UnsupportedModuleError, UnsupportedLossError: From the extraction.
+        UnsupportedModuleError: For a weight tied between two modules (see
+            :func:`check_untied`), or from the extraction.
+        UnsupportedLossError: From the extraction.
     """
     check_kind(kind)
     if structure not in STRUCTURES:
@@ -503,9 +545,14 @@ def extract_batches(model, loss_func, data, quantities, seed: int = 0, **kwargs)
 
     Returns:
         The combined :class:`~curvkit.records.Records`.
+
+    Raises:
+        UnsupportedModuleError: For a weight tied between two modules (see
+            :func:`check_untied`), or from the extraction.
     """
     from curvkit.extraction import extract
 
+    check_untied(model, "Kronecker and diagonal extraction")
     batches = as_batches(data)
     total = num_data(batches)
     mean = getattr(loss_func, "reduction", "mean") == "mean"

@@ -34,13 +34,14 @@ def capture_batch(
     seen: dict[str, list] = {"X": [], "y": []}
     h1 = model.register_forward_pre_hook(lambda m, args: seen["X"].append(args[0]))
     h2 = loss_func.register_forward_pre_hook(lambda m, args: seen["y"].append(args[1]))
-    try:
-        with torch.no_grad():
-            closure()
-    finally:
-        h1.remove()
-        h2.remove()
-    _check(seen)
+    with restored_buffers_on_error(model):
+        try:
+            with torch.no_grad():
+                closure()
+        finally:
+            h1.remove()
+            h2.remove()
+        _check(seen)
     return seen["X"][0].detach(), seen["y"][0].detach()
 
 
@@ -56,7 +57,9 @@ def capture_forward(
         ``(X, y, state, value)``, ``value`` the closure's return value.
 
     Raises:
-        ShapeError: If the closure does not call the model and the loss once each.
+        ShapeError: If the closure does not call the model and the loss once each, or
+            calls ``backward()`` itself. The buffers are then restored (a failing call
+            leaves BatchNorm's running statistics as they were).
     """
     seen: dict[str, list] = {"X": [], "y": [], "state": []}
 
@@ -67,12 +70,20 @@ def capture_forward(
         return out
 
     hook = loss_func.register_forward_pre_hook(lambda m, args: seen["y"].append(args[1]))
-    try:
-        with _instance_forward(net, patched), torch.no_grad():
-            value = closure()
-    finally:
-        hook.remove()
-    _check(seen)
+    with restored_buffers_on_error(net):
+        try:
+            with _instance_forward(net, patched), torch.no_grad():
+                value = closure()
+        except RuntimeError as err:
+            if "does not require grad" not in str(err):
+                raise
+            raise ShapeError(
+                "The closure called backward(); K-FAC runs its own backward sweep. Return "
+                "the loss without calling backward, as in `lambda: loss_func(model(X), y)`."
+            ) from err
+        finally:
+            hook.remove()
+        _check(seen)
     return seen["X"][0].detach(), seen["y"][0].detach(), seen["state"][0], value
 
 
@@ -100,3 +111,16 @@ def preserved_buffers(model: nn.Module):
         with torch.no_grad():
             for b, value in saved:
                 b.copy_(value)
+
+
+@contextmanager
+def restored_buffers_on_error(model: nn.Module):
+    """Restore every buffer if the body raises; keep the body's changes otherwise."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+        raise

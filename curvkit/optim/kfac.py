@@ -17,14 +17,17 @@ One step (M&G Algorithm 2, §5–§7):
 5. every ``T1`` steps the Levenberg–Marquardt rule adapts :math:`\lambda` from
    :math:`\rho = (h(\theta+\delta) - h(\theta)) / M(\delta)` (M&G §6.5).
 
-A step whose loss, gradient or update is not finite is rejected: parameters stay
-as they were, :math:`\lambda` is raised and the event is recorded in
-:attr:`KFAC.events`.
+A step whose model output, loss, gradient, statistics or update is not finite is
+rejected: parameters, factor averages, inverse factors, momentum and fallback
+buffers and the label sampler stay as they were, :math:`\lambda` is raised and
+the event is recorded in :attr:`KFAC.events`. Every argument is validated before
+any state changes, so a call that raises changes nothing.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections import defaultdict
@@ -34,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.errors import ShapeError
+from curvkit.operators.kronecker import check_untied
 from curvkit.optim import damping as dm
 from curvkit.optim.capture import capture_forward, preserved_buffers
 from curvkit.optim.comm import Communicator
@@ -43,6 +47,38 @@ KINDS = ("kfac", "kflr", "empirical")
 FALLBACKS = ("adam", "sgd", None)
 
 
+class _NonFiniteBatch(Exception):
+    """Internal: the batch's output or loss is not finite (the step is rejected)."""
+
+    def __init__(self, loss):
+        super().__init__("non-finite model output or loss")
+        self.loss = loss
+
+
+def _check_number(
+    name: str, value, *, positive: bool = True, none: bool = False, infinite: bool = False
+) -> None:
+    """Raise :class:`ShapeError` unless ``value`` is a real number ``> 0`` (or ``>= 0``).
+
+    Args:
+        name: The argument, for the message.
+        value: Its value.
+        positive: ``> 0`` if true, ``>= 0`` otherwise.
+        none: Whether ``None`` is allowed.
+        infinite: Whether ``+inf`` is allowed.
+    """
+    if value is None and none:
+        return
+    bound = ("" if infinite else "finite ") + ("positive" if positive else "non-negative")
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = (v > 0 if positive else v >= 0) and (math.isfinite(v) or (infinite and v > 0))
+    if not ok:
+        extra = " or None" if none else ""
+        raise ShapeError(f"KFAC: {name} must be a {bound} number{extra}, got {value!r}.")
+
+
 class KFAC(torch.optim.Optimizer):
     r"""K-FAC for ``nn.Sequential`` models of Linear / Conv layers.
 
@@ -50,13 +86,17 @@ class KFAC(torch.optim.Optimizer):
         model: The model (an ``nn.Sequential`` the extraction supports).
         loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``.
         params: Parameters or parameter groups (default: the model's trainable
-            parameters). A layer's weight and bias must sit in the same group.
+            parameters). A layer's weight and bias must sit in the same group. A
+            parameter listed twice raises; so does a weight tied between two modules
+            (Kronecker factors are per module).
         structure: ``"block-diagonal"`` or ``"tridiagonal"``.
         kind: Statistics: ``"kfac"`` (sampled labels; M&G), ``"kflr"`` (exact
             GGN square root), ``"empirical"`` (true labels).
         lr: ``None`` selects M&G §7's automatic step (:math:`\alpha`, :math:`\mu`
             from the exact quadratic model); a float uses a fixed learning rate
-            with ``momentum`` (per parameter group).
+            with ``momentum`` (per parameter group). All groups use one mode. The
+            automatic step has no learning rate, so an LR scheduler cannot drive it:
+            :meth:`step` raises when one is attached.
         momentum: Heavy-ball momentum of the fixed-lr mode.
         damping: Initial :math:`\lambda` in the automatic mode, the fixed one with a
             fixed ``lr``. It is added to the curvature of the loss as written (for a
@@ -87,7 +127,8 @@ class KFAC(torch.optim.Optimizer):
             With a floor of ``1e-8`` the float32 tri-diagonal inverse let the
             training loss of the MNIST autoencoder rise again once the floor was
             reached, which float64 factors did not (see ``docs/optimizer.md``).
-        factor_dtype: Type of factors and inverses (float32 or float64).
+        factor_dtype: Type of factors and inverses (float32 or float64); default: the
+            parameters' type (float32 for half precision).
         ekfac: Eigenvalue-corrected K-FAC (George et al. 2018; block-diagonal only):
             eigenbasis from the averaged factors every ``T_inv`` steps, eigenvalues
             from a moving average of per-example gradient second moments (factored
@@ -107,6 +148,12 @@ class KFAC(torch.optim.Optimizer):
             statistics and curvature products; see :mod:`curvkit.distributed.kfac`).
             Default: one process. A ``DistributedDataParallel`` model needs one:
             build the optimiser with :func:`curvkit.distributed.make_kfac`.
+
+    Raises:
+        ShapeError: For an argument out of its range (NaN, infinite, negative where a
+            positive number is due), a parameter listed twice, or parameter groups
+            mixing ``lr=None`` with a fixed ``lr``.
+        UnsupportedModuleError: For a weight tied between two modules.
 
     Example:
         >>> import torch, curvkit as ck
@@ -147,7 +194,7 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: float | None = None,
         min_damping: float | None = None,
         max_damping: float = 1e6,
-        factor_dtype: torch.dtype = torch.float32,
+        factor_dtype: torch.dtype | None = None,
         ekfac: bool = False,
         ekfac_correction: str = "empirical",
         seed: int = 0,
@@ -176,31 +223,39 @@ class KFAC(torch.optim.Optimizer):
                 )
         if not 0.0 < stats_fraction <= 1.0:
             raise ShapeError(f"KFAC: stats_fraction must lie in (0, 1], got {stats_fraction}.")
-        if damping <= 0:
-            raise ShapeError(f"KFAC: damping must be positive, got {damping}.")
-        if lr is not None and lr <= 0:
-            raise ShapeError(f"KFAC: lr must be positive or None (automatic step), got {lr}.")
+        _check_number("damping", damping)
+        _check_number("lr", lr, none=True)
+        _check_number("momentum", momentum, positive=False)
+        _check_number("l2", l2, positive=False)
+        _check_number("weight_decay", weight_decay, positive=False)
+        _check_number("kl_clip", kl_clip, none=True)
+        _check_number("min_damping", min_damping, positive=False, none=True)
+        _check_number("max_damping", max_damping, infinite=True)
+        _check_number("fallback_lr", fallback_lr)
+        if min_damping is not None and min_damping > max_damping:
+            raise ShapeError(f"KFAC: min_damping={min_damping} exceeds max_damping={max_damping}.")
+        if not 0.0 <= ema_max < 1.0:
+            raise ShapeError(f"KFAC: ema_max must lie in [0, 1), got {ema_max!r}.")
         if fallback not in FALLBACKS:
             raise ShapeError(
                 f"KFAC: fallback={fallback!r} is not supported; use one of {FALLBACKS}."
             )
-        if factor_dtype not in (torch.float32, torch.float64):
+        if factor_dtype not in (None, torch.float32, torch.float64):
             raise ShapeError(f"KFAC: factor_dtype must be float32 or float64, got {factor_dtype}.")
+        net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        check_untied(net, "KFAC")
+        self._automatic = lr is None  # the step mode; param groups may not change it
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip)
         super().__init__(params, defaults)
-        if lr is None and len(self.param_groups) > 1:
-            groups_lr = {g["lr"] for g in self.param_groups}
-            if groups_lr != {None}:
-                raise ShapeError(
-                    "KFAC: the automatic step (lr=None) sets one step for all parameters; "
-                    "give every parameter group lr=None or use a fixed lr."
-                )
+        if factor_dtype is None:
+            dtype = self.param_groups[0]["params"][0].dtype
+            factor_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         self.model = model
         # a DistributedDataParallel wrapper is called by the closure; the curvature
         # passes run on the module inside it (their gradients are averaged by `comm`)
-        self.net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.net = net
         self.loss_func = loss_func
         self.kind = kind
         self.structure = structure
@@ -247,6 +302,75 @@ class KFAC(torch.optim.Optimizer):
         r"""Current :math:`\gamma` (the inverse uses damping :math:`\gamma^2`)."""
         return self.state["kfac"]["gamma"]
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a parameter group after validating it (see :class:`KFAC`'s arguments).
+
+        Raises:
+            ShapeError: For a parameter listed twice, a value out of range, or an
+                ``lr`` whose mode (``None`` or a number) differs from the other groups'.
+        """
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # a set: torch's own error
+            params = list(params)
+        param_group = {**param_group, "params": params}
+        seen: dict[int, int] = {}
+        for i, p in enumerate(params):
+            if id(p) in seen:
+                raise ShapeError(
+                    f"KFAC: params[{i}] is params[{seen[id(p)]}] (shape {tuple(p.shape)}); "
+                    "list each parameter once (a tied weight is one parameter)."
+                )
+            seen[id(p)] = i
+        self._check_group({**self.defaults, **param_group})
+        lr = param_group.get("lr", self.defaults["lr"])
+        if (lr is None) != self._automatic:
+            raise ShapeError(
+                f"KFAC: a parameter group has lr={lr!r}, but the optimiser uses "
+                f"{'the automatic step (lr=None)' if self._automatic else 'a fixed lr'}; the "
+                "automatic step sets one step for all parameters, so give every parameter "
+                "group lr=None or every group a fixed lr."
+            )
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        _check_number("lr", group["lr"], positive=False, none=True)  # 0 freezes a group
+        _check_number("momentum", group["momentum"], positive=False)
+        _check_number("weight_decay", group["weight_decay"], positive=False)
+        _check_number("kl_clip", group["kl_clip"], none=True)
+
+    def _check_groups(self, groups: list[dict]) -> None:
+        """Validate parameter groups (which a user or a scheduler may have changed)."""
+        for group in groups:
+            self._check_group(group)
+        modes = {group["lr"] is None for group in groups}
+        if len(modes) > 1:
+            raise ShapeError(
+                "KFAC: parameter groups mix lr=None (automatic step) with a fixed lr; give "
+                "every group lr=None or every group a fixed lr."
+            )
+        for i, group in enumerate(groups):
+            if (group["lr"] is None) != self._automatic:
+                if self._automatic:
+                    raise ShapeError(
+                        f"KFAC: constructed with lr=None (the automatic step of M&G §7, which "
+                        f"chooses the step size itself), but param group {i} now has "
+                        f"lr={group['lr']!r} (set by an LR scheduler or by hand). Construct "
+                        "KFAC with a fixed lr to schedule it."
+                    )
+                raise ShapeError(
+                    f"KFAC: constructed with a fixed lr, but param group {i} now has lr=None; "
+                    "construct KFAC with lr=None for the automatic step."
+                )
+        if self._automatic and any("initial_lr" in group for group in groups):
+            raise ShapeError(
+                "KFAC: an LR scheduler is attached, but with lr=None the automatic step "
+                "(M&G §7) chooses the step size from the quadratic model and has no learning "
+                "rate to schedule. Construct KFAC with a fixed lr to use a scheduler."
+            )
+
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # noqa: C901
         """One K-FAC step.
 
@@ -258,59 +382,102 @@ class KFAC(torch.optim.Optimizer):
 
         Returns:
             The loss before the step.
+
+        Raises:
+            ShapeError: For a closure that calls ``backward()`` or does not call the
+                model and the loss once each, an empty batch, or parameter groups
+                changed into an invalid state (e.g. ``lr`` NaN, a scheduler on the
+                automatic step). Nothing changes then: parameters, optimiser state
+                and the model's buffers are as before the call.
         """
+        if not callable(closure):
+            raise ShapeError(
+                "KFAC.step needs a closure that runs the forward pass and returns the loss, "
+                "e.g. `opt.step(lambda: loss_func(model(X), y))`."
+            )
+        self._check_groups(self.param_groups)
         st = self.state["kfac"]
         k = st["step"] + 1
         pre = self.preconditioner
         refresh_due = (k - 1) % self.T_inv == 0 or pre.inverse is None
         stats = (k - 1) % self.T_cov == 0 or pre.updates == 0 or (pre.ekfac and refresh_due)
-        records, stats_records, stats_scale, X, y = self._extract(closure, stats)
-        loss = records.loss
-        params = records.params
-        others = [p for _, _, ps in records.unfactored for p in ps]
-        self._announce(records)
-        grads = [p.grad for p in params]
-        other_grads = [p.grad for p in others]
-        if self.comm.any(not all_finite([loss, *grads, *other_grads])):
-            return self._reject(k, loss, "non-finite loss or gradient")
-        with self._timer("communication"):
-            loss = loss.clone()
-            self.comm.average_([*grads, *other_grads, loss])
-        if stats:
+        snapshot = pre.snapshot()
+        generator_state = self.generator.get_state()
+        buffers = [(b, b.detach().clone()) for b in self.net.buffers()]
+
+        def undo():
+            pre.restore(snapshot)
+            self.generator.set_state(generator_state)
+            with torch.no_grad():
+                for b, value in buffers:  # e.g. BatchNorm statistics of a NaN batch
+                    b.copy_(value)
+
+        def reject(loss, reason):
+            undo()
+            return self._reject(k, loss, reason)
+
+        try:  # nothing below changes state that is kept unless the step is accepted
             try:
-                with self._timer("factors"):
-                    pre.update(stats_records, stats_scale, self.comm)
-            except FloatingPointError as err:
-                return self._reject(k, loss, str(err))
-        if pre.ekfac:
-            with self._timer("inverses"):
-                if refresh_due or pre.bases is None:
-                    pre.refresh_basis()
+                records, stats_records, stats_scale, X, y = self._extract(closure, stats)
+            except _NonFiniteBatch as bad:
+                return reject(bad.loss, str(bad))
+            loss = records.loss
+            params = records.params
+            others = [p for _, _, ps in records.unfactored for p in ps]
+            self._announce(records)
+            grads = [p.grad for p in params]
+            other_grads = [p.grad for p in others]
+            if self.comm.any(not all_finite([loss, *grads, *other_grads])):
+                return reject(loss, "non-finite loss or gradient")
+            with self._timer("communication"):
+                loss = loss.clone()
+                self.comm.average_([*grads, *other_grads, loss])
+            if stats:
                 try:
-                    if stats:
-                        pre.update_scales(stats_records, self.comm)
+                    with self._timer("factors"):
+                        pre.update(stats_records, stats_scale, self.comm)
                 except FloatingPointError as err:
-                    return self._reject(k, loss, str(err))
-            self._refresh()
-        elif refresh_due:
-            self._refresh()
-        flat_g = torch.cat([g.reshape(-1) for g in grads])
-        if self.l2:
-            flat_g = flat_g + self.l2 * torch.cat([p.detach().reshape(-1) for p in params])
-        automatic = self.param_groups[0]["lr"] is None
-        if automatic and self.T2 is not None and k % self.T2 == 0:
-            update, model_change = self._reselect_gamma(X, y, params, flat_g)
-        else:
-            with self._timer("precondition"):
-                proposal = self.preconditioner.apply(flat_g).neg_()
-            if automatic:
-                with self._timer("quadratic_model"):
-                    update, model_change = self._automatic_update(X, y, params, flat_g, proposal)
+                    return reject(loss, str(err))
+            if pre.ekfac:
+                with self._timer("inverses"):
+                    if refresh_due or pre.bases is None:
+                        pre.refresh_basis()
+                    try:
+                        if stats:
+                            pre.update_scales(stats_records, self.comm)
+                    except FloatingPointError as err:
+                        return reject(loss, str(err))
+                self._refresh()
+            elif refresh_due:
+                self._refresh()
+            flat_g = torch.cat([g.reshape(-1) for g in grads])
+            if self.l2:
+                flat_g = flat_g + self.l2 * torch.cat([p.detach().reshape(-1) for p in params])
+            automatic = self._automatic
+            gamma = st["gamma"]
+            pending: list[tuple[dict, str, object]] = []  # buffer updates, kept if accepted
+            if automatic and self.T2 is not None and k % self.T2 == 0:
+                update, model_change, gamma = self._reselect_gamma(X, y, params, flat_g)
             else:
-                update, model_change = self._fixed_lr_update(params, flat_g, proposal), None
-        other_update = self._fallback_update(others, other_grads)
-        if self.comm.any(not all_finite([update, other_update])):
-            return self._reject(k, loss, "non-finite update")
+                with self._timer("precondition"):
+                    proposal = self.preconditioner.apply(flat_g).neg_()
+                if automatic:
+                    with self._timer("quadratic_model"):
+                        update, model_change = self._automatic_update(
+                            X, y, params, flat_g, proposal
+                        )
+                else:
+                    update = self._fixed_lr_update(params, flat_g, proposal, pending)
+                    model_change = None
+            other_update = self._fallback_update(others, other_grads, pending)
+            if self.comm.any(not all_finite([update, other_update])):
+                return reject(loss, "non-finite update")
+        except BaseException:
+            undo()
+            raise
+        for state, key, value in pending:
+            state[key] = value
+        st["gamma"] = gamma
         self._apply(params + others, torch.cat([update, other_update]) if others else update)
         st["step"] = k
         if automatic:
@@ -345,11 +512,21 @@ class KFAC(torch.optim.Optimizer):
             return fwd, fwd.output
 
         with self._timer("extraction"):
+            X, y, fwd, value = capture_forward(self.net, self.loss_func, closure, forward)
+            N = X.shape[0]
+            if N == 0:
+                raise ShapeError(
+                    "KFAC.step: the closure's batch is empty (0 examples); K-FAC needs at "
+                    "least one example per step."
+                )
+            value = value if isinstance(value, torch.Tensor) else None  # else: recomputed
+            checked = [fwd.output] if value is None else [fwd.output, value]
+            if self.comm.any(not all_finite(checked)):
+                raise _NonFiniteBatch(
+                    value if value is not None else fwd.output.new_tensor(math.nan)
+                )
             for p in self._all_params():
                 p.grad = None
-            X, y, fwd, value = capture_forward(self.net, self.loss_func, closure, forward)
-            value = value if isinstance(value, torch.Tensor) else None  # else: recomputed
-            N = X.shape[0]
             n_stats = max(1, int(round(self.stats_fraction * N)))
             quantities = set(self.preconditioner.quantities) if stats else set()
             kwargs = dict(mc_samples=self.mc_samples, generator=self.generator)
@@ -360,10 +537,11 @@ class KFAC(torch.optim.Optimizer):
             grads = [p.grad for p in self._all_params()]
             for p in self._all_params():
                 p.grad = None
-            sub = extract(
-                self.net, self.loss_func, X[:n_stats], y[:n_stats], quantities=quantities,
-                unsupported=unsupported, **kwargs,
-            )  # fmt: skip
+            with preserved_buffers(self.net):  # the closure's pass moved them already
+                sub = extract(
+                    self.net, self.loss_func, X[:n_stats], y[:n_stats], quantities=quantities,
+                    unsupported=unsupported, **kwargs,
+                )  # fmt: skip
             for p, g in zip(self._all_params(), grads):
                 p.grad = g
             scale = (full.reduction_factor * N) / (sub.reduction_factor * n_stats)
@@ -379,8 +557,12 @@ class KFAC(torch.optim.Optimizer):
             )
             self._announced = True
 
-    def _fallback_update(self, params, grads) -> Tensor:
-        """First-order updates (flat) of the parameters without Kronecker factors."""
+    def _fallback_update(self, params, grads, pending: list) -> Tensor:
+        """First-order updates (flat) of the parameters without Kronecker factors.
+
+        The new buffers go to ``pending`` as ``(state, key, value)``; the step stores
+        them only if it is accepted.
+        """
         if not params:
             return torch.zeros(0, device=self._flat_device(), dtype=self._flat_dtype())
         group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -390,15 +572,20 @@ class KFAC(torch.optim.Optimizer):
             if self.fallback == "sgd":
                 mom = group_of[p]["momentum"] if p in group_of else 0.0
                 buf = state.get("momentum_buffer")
-                buf = g.clone() if buf is None else buf.mul_(mom).add_(g)
-                state["momentum_buffer"] = buf
+                buf = g.clone() if buf is None else buf.mul(mom).add_(g)
+                pending.append((state, "momentum_buffer", buf))
                 d = -self.fallback_lr * buf
             else:  # Adam (Kingma & Ba 2015), betas (0.9, 0.999), eps 1e-8
-                t = state["adam_step"] = state.get("adam_step", 0) + 1
-                m = state["exp_avg"] = state.get("exp_avg", torch.zeros_like(g)).mul_(0.9)
-                v = state["exp_avg_sq"] = state.get("exp_avg_sq", torch.zeros_like(g)).mul_(0.999)
+                t = state.get("adam_step", 0) + 1
+                m = state.get("exp_avg", torch.zeros_like(g)).mul(0.9)
+                v = state.get("exp_avg_sq", torch.zeros_like(g)).mul(0.999)
                 m.add_(g, alpha=0.1)
                 v.addcmul_(g, g, value=0.001)
+                pending += [
+                    (state, "adam_step", t),
+                    (state, "exp_avg", m),
+                    (state, "exp_avg_sq", v),
+                ]
                 d = -self.fallback_lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
             out.append(d.reshape(-1))
         return torch.cat(out)
@@ -429,6 +616,9 @@ class KFAC(torch.optim.Optimizer):
 
         Candidates :math:`\gamma, \omega_2\gamma, \gamma/\omega_2` with
         :math:`\omega_2 = (19/20)^{T_2/2}`; the one whose step minimises :math:`M` is kept.
+
+        Returns:
+            ``(update, model_change, gamma)``; the inverse of ``gamma`` is installed.
         """
         st = self.state["kfac"]
         omega2 = math.sqrt(19.0 / 20.0) ** self.T2
@@ -452,17 +642,19 @@ class KFAC(torch.optim.Optimizer):
                 if best is None or change < best[2]:
                     best = (gamma, inverse, change, update)
         gamma, inverse, change, update = best
-        st["gamma"] = gamma
         self.preconditioner.inverse, self.preconditioner.inverse_damping = inverse, gamma**2
-        return update, change
+        return update, change, gamma
 
     def _quadratic(self, X, y, params, vecs) -> Tensor:
         """``VᵀGV`` for the exact GGN ``G`` on the batch, by forward-mode products only."""
         from curvkit.operators.exact import ggn
 
-        Q = ggn(self.net, self.loss_func, (X, y), params=params).quadratic_form(
-            torch.stack(vecs, 1)
-        )
+        # the closure's forward pass moved the buffers (BatchNorm statistics) once; the
+        # model's passes here must not move them again
+        with preserved_buffers(self.net), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is in training mode.*")
+            G = ggn(self.net, self.loss_func, (X, y), params=params)
+            Q = G.quadratic_form(torch.stack(vecs, 1))
         self.comm.average_([Q])
         return Q
 
@@ -483,7 +675,7 @@ class KFAC(torch.optim.Optimizer):
         update = q.alpha * proposal if prev is None else q.alpha * proposal + q.mu * prev
         return update, q.model_change
 
-    def _fixed_lr_update(self, params, flat_g, proposal):
+    def _fixed_lr_update(self, params, flat_g, proposal, pending: list):
         group_of = {p: g for g in self.param_groups for p in g["params"]}
         kl = self.param_groups[0]["kl_clip"]
         nu = 1.0
@@ -500,8 +692,8 @@ class KFAC(torch.optim.Optimizer):
             d = d.view_as(p) if nu == 1.0 else d.view_as(p) * nu
             if group["momentum"]:
                 buf = self.state[p].get("momentum_buffer")
-                buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
-                self.state[p]["momentum_buffer"] = buf
+                buf = d.clone() if buf is None else buf.mul(group["momentum"]).add_(d)
+                pending.append((self.state[p], "momentum_buffer", buf))
                 d = buf
             torch.mul(d.reshape(-1), group["lr"], out=o)
         return out
@@ -547,13 +739,53 @@ class KFAC(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore :meth:`state_dict` so that training continues bit for bit on CPU."""
+        """Restore :meth:`state_dict` so that training continues bit for bit on CPU.
+
+        Everything is validated before anything is changed (as in
+        ``torch.optim.Optimizer.load_state_dict``): a state that does not fit leaves
+        this optimiser as it was.
+
+        Raises:
+            ShapeError: If the state comes from an optimiser of another structure,
+                kind, damping mode, EKFAC setting or step mode, its factors do not fit,
+                its parameter groups are invalid, or it lacks entries.
+            ValueError: From ``torch.optim``, if the parameter groups do not match.
+        """
+        from copy import copy
+
+        missing = [k for k in ("state", "param_groups", "preconditioner", "generator")]
+        missing = [k for k in missing if k not in state_dict]
+        if missing:
+            raise ShapeError(f"KFAC.load_state_dict: the state lacks {missing}.")
         state_dict = dict(state_dict)
-        pre = state_dict.pop("preconditioner")
-        gen = state_dict.pop("generator")
-        super().load_state_dict(state_dict)
-        self.preconditioner.load_state_dict(pre)
-        self.generator.set_state(gen)
+        pre_state = state_dict.pop("preconditioner")
+        gen_state = state_dict.pop("generator")
+        counters = state_dict["state"].get("kfac")
+        need = ("step", "damping", "gamma", "last_rho")
+        if not isinstance(counters, dict) or any(k not in counters for k in need):
+            raise ShapeError(f"KFAC.load_state_dict: the state lacks the K-FAC counters {need}.")
+        groups = state_dict["param_groups"]
+        automatic = self._automatic
+        if groups and (groups[0].get("lr") is None) != automatic:
+            mode = "automatic (lr=None)" if groups[0].get("lr") is None else "fixed-lr"
+            raise ShapeError(
+                f"KFAC.load_state_dict: the state is from a {mode} optimiser; construct KFAC "
+                f"with {'lr=None' if mode.startswith('auto') else 'a fixed lr'} to load it."
+            )
+        try:
+            self._check_groups([{**self.defaults, **g} for g in groups])
+        except ShapeError as err:
+            raise ShapeError(f"KFAC.load_state_dict: {err}") from None
+        fresh = copy(self.preconditioner)  # configuration; the loaded state replaces the rest
+        fresh.load_state_dict(pre_state)  # raises on a mismatch; self is untouched
+        generator = torch.Generator(device=self.generator.device)
+        try:
+            generator.set_state(gen_state)
+        except (TypeError, RuntimeError, ValueError) as err:
+            raise ShapeError("KFAC.load_state_dict: the sampler state is malformed.") from err
+        super().load_state_dict(state_dict)  # validates the groups before changing anything
+        self.preconditioner = fresh
+        self.generator.set_state(gen_state)
 
 
 class _Timer:

@@ -9,13 +9,15 @@ Works for any differentiable model.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from curvkit.errors import ShapeError
-from curvkit.optim.capture import capture_batch
+from curvkit.optim.capture import capture_batch, preserved_buffers
 from curvkit.optim.preconditioner import all_finite
 
 SOLVERS = ("cg", "dense")
@@ -39,6 +41,11 @@ class NaturalGradient(torch.optim.Optimizer):
 
     Attributes:
         last_info: Solver information of the last step (CG iterations and residuals).
+
+    Raises:
+        ShapeError: For an unknown solver or curvature, a ``lr``, ``damping`` or
+            ``momentum`` out of range (NaN, infinite, negative), a parameter listed
+            twice, or more than one parameter group.
 
     Example:
         >>> import torch, curvkit as ck
@@ -74,10 +81,23 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ShapeError(
                 f"NaturalGradient: curvature={curvature!r} is not supported; use {CURVATURES}."
             )
-        if damping <= 0:
-            raise ShapeError(f"NaturalGradient: damping must be positive, got {damping}.")
+        for name, value, low in [("lr", lr, 0.0), ("damping", damping, 0.0)]:
+            if not (isinstance(value, (int, float)) and low < value < math.inf):
+                raise ShapeError(
+                    f"NaturalGradient: {name} must be a finite positive number, got {value!r}."
+                )
+        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < math.inf):
+            raise ShapeError(
+                f"NaturalGradient: momentum must be a finite non-negative number, got {momentum!r}."
+            )
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+        params = list(params)
+        if len({id(p) for p in params}) != len(params):
+            raise ShapeError(
+                "NaturalGradient: a parameter is listed twice; list each parameter once (a "
+                "weight tied between modules is one parameter)."
+            )
         super().__init__(params, dict(lr=lr, damping=damping, momentum=momentum))
         if len(self.param_groups) != 1:
             raise ShapeError("NaturalGradient: one parameter group (the Fisher couples them all).")
@@ -87,28 +107,42 @@ class NaturalGradient(torch.optim.Optimizer):
         self.last_info = None
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        """One natural-gradient step; ``closure`` runs the forward pass and returns the loss."""
+        """One natural-gradient step; ``closure`` runs the forward pass and returns the loss.
+
+        The model's buffers (BatchNorm running statistics) move once per step, by the
+        closure's forward pass; a batch whose loss, gradient or direction is not finite
+        leaves the parameters, the momentum buffer and the buffers as they were.
+        """
         from curvkit.operators.exact import empirical_fisher, ggn, loss_and_gradient
 
         group = self.param_groups[0]
         params = group["params"]
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         X, y = capture_batch(self.model, self.loss_func, closure)
-        loss, grad = loss_and_gradient(self.model, self.loss_func, (X, y), params)
-        if not all_finite([loss, grad]):
-            return loss
-        build = ggn if self.curvature == "ggn" else empirical_fisher
-        F = build(self.model, self.loss_func, (X, y), params=params)
-        if self.solver == "dense":
-            inv = F.inverse(damping=group["damping"], method="dense")
-        else:
-            inv = F.inverse(damping=group["damping"], tol=self.cg_tol, maxiter=self.cg_maxiter)
-        direction = inv @ grad
-        self.last_info = getattr(inv, "info", None)
-        if not all_finite([direction]):
+        with preserved_buffers(self.model), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is in training mode.*")
+            loss, grad = loss_and_gradient(self.model, self.loss_func, (X, y), params)
+            finite = all_finite([loss, grad])
+            if finite:
+                build = ggn if self.curvature == "ggn" else empirical_fisher
+                F = build(self.model, self.loss_func, (X, y), params=params)
+                if self.solver == "dense":
+                    inv = F.inverse(damping=group["damping"], method="dense")
+                else:
+                    inv = F.inverse(
+                        damping=group["damping"], tol=self.cg_tol, maxiter=self.cg_maxiter
+                    )
+                direction = inv @ grad
+                self.last_info = getattr(inv, "info", None)
+                finite = all_finite([direction])
+        if not finite:
+            with torch.no_grad():
+                for b, value in buffers:
+                    b.copy_(value)
             return loss
         if group["momentum"]:
             buf = self.state["ngd"].get("momentum_buffer")
-            buf = direction if buf is None else buf.mul_(group["momentum"]).add_(direction)
+            buf = direction if buf is None else buf.mul(group["momentum"]).add_(direction)
             self.state["ngd"]["momentum_buffer"] = buf
             direction = buf
         with torch.no_grad():

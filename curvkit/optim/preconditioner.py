@@ -20,7 +20,12 @@ from curvkit.operators.ekfac import (
     eigenbases,
     record_eigenvalues,
 )
-from curvkit.operators.kronecker import BlockDiagonalKFAC, KronEigenOperator, KronLayer
+from curvkit.operators.kronecker import (
+    BlockDiagonalKFAC,
+    KronEigenOperator,
+    KronLayer,
+    check_factors,
+)
 from curvkit.records import Records
 
 
@@ -222,10 +227,38 @@ class KroneckerPreconditioner:
             self.inverse.matmat(grad.to(self.factor_dtype).unsqueeze(1)).squeeze(1).to(grad.dtype)
         )
 
+    # -- transactions --------------------------------------------------------------------
+    _MUTABLE = (
+        "layers", "A", "G", "cross_A", "cross_G", "bias_scale", "updates", "inverse",
+        "inverse_damping", "bases", "S", "scale_updates", "fallback_pairs",
+    )  # fmt: skip
+
+    def snapshot(self) -> dict:
+        """What :meth:`restore` needs to undo later updates and refreshes.
+
+        Cheap: the averages are updated into new tensors, so the snapshot holds
+        references (and copies of the lists), no copies of factors.
+        """
+        snap = {k: getattr(self, k) for k in self._MUTABLE}
+        for k in ("layers", "A", "G", "cross_A", "cross_G", "bias_scale", "fallback_pairs"):
+            snap[k] = list(snap[k])
+        if snap["S"] is not None:
+            snap["S"] = [list(layer) for layer in snap["S"]]
+        return snap
+
+    def restore(self, snap: dict) -> None:
+        """Return to the state of :meth:`snapshot` (e.g. after a rejected step)."""
+        for k, v in snap.items():
+            setattr(self, k, v)
+
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Factors, counters and the current inverse as tensors, lists and numbers."""
+        """Configuration, factors, counters and the current inverse as tensors, lists, numbers."""
         return {
+            "structure": self.structure,
+            "kind": self.kind,
+            "ekfac": self.ekfac,
+            "damping_mode": self.damping_mode,
             "layers": [
                 (la.name, list(la.weight_shape), la.has_bias, la.separate_bias)
                 for la in self.layers
@@ -244,28 +277,109 @@ class KroneckerPreconditioner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self.layers = [KronLayer(n, torch.Size(s), b, sb) for n, s, b, sb in state["layers"]]
-        self.A, self.G = list(state["A"]), list(state["G"])
-        self.cross_A, self.cross_G = list(state["cross_A"]), list(state["cross_G"])
-        self.bias_scale = list(state["bias_scale"])
-        self.updates = state["updates"]
-        self.inverse_damping = state["inverse_damping"]
-        self.bases, self.S = state["bases"], state["S"]
-        self.scale_updates = state["scale_updates"]
-        self.inverse = None
-        if state["inverse"] is not None:
-            if self.structure == "block-diagonal" or self.ekfac:
-                self.inverse = KronEigenOperator.from_state_dict(self.layers, state["inverse"])
-            else:
-                from curvkit.operators.tridiag import TriDiagonalInverse
+        """Restore what :meth:`state_dict` returned; on any error nothing changes.
 
-                self.inverse = TriDiagonalInverse.from_state_dict(self.layers, state["inverse"])
+        Factors are cast to :attr:`factor_dtype`.
+
+        Raises:
+            ShapeError: If ``state`` comes from a preconditioner of another structure,
+                kind, damping mode or EKFAC setting, or its factors do not fit its layers.
+        """
+        new = self._parse_state(state)
+        for k, v in new.items():
+            setattr(self, k, v)
+
+    def _parse_state(self, state: dict) -> dict:  # noqa: C901
+        where = "KroneckerPreconditioner.load_state_dict"
+        if not isinstance(state, dict):
+            raise ShapeError(f"{where}: expected a dict, got {type(state).__name__}.")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ShapeError(f"{where}: the state lacks {missing}.")
+        has_cross = any(t is not None for t in list(state["cross_A"]) + list(state["cross_G"]))
+        saved = {
+            "structure": state.get("structure", "tridiagonal" if has_cross else None),
+            "kind": state.get("kind"),
+            "ekfac": state.get("ekfac", state["bases"] is not None or state["S"] is not None),
+            "damping_mode": state.get("damping_mode"),
+        }
+        for name, value in saved.items():
+            if value is not None and value != getattr(self, name):
+                raise ShapeError(
+                    f"{where}: the state is from {name}={value!r}, this preconditioner has "
+                    f"{name}={getattr(self, name)!r}; construct it with {name}={value!r} to "
+                    "load this state."
+                )
+        try:
+            layers = [KronLayer(n, torch.Size(s), b, sb) for n, s, b, sb in state["layers"]]
+        except (TypeError, ValueError) as err:
+            raise ShapeError(f"{where}: malformed layers {state['layers']!r}.") from err
+        dtype = self.factor_dtype
+        A, G = list(_cast(state["A"], dtype)), list(_cast(state["G"], dtype))
+        cross_A, cross_G = (
+            list(_cast(state["cross_A"], dtype)),
+            list(_cast(state["cross_G"], dtype)),
+        )
+        bias_scale = list(state["bias_scale"])
+        if len(bias_scale) != len(layers):
+            raise ShapeError(f"{where}: {len(layers)} layers but {len(bias_scale)} bias scales.")
+        check_factors(layers, A, G)
+        n_cross = len(layers) if self.structure == "tridiagonal" and layers else 0
+        if len(cross_A) != n_cross or len(cross_G) != n_cross:
+            raise ShapeError(
+                f"{where}: a {self.structure} preconditioner over {len(layers)} layers has "
+                f"{n_cross} cross factors; the state has {len(cross_A)}."
+            )
+        bases, S = _cast(state["bases"], dtype), _cast(state["S"], dtype)
+        inverse = None
+        if state["inverse"] is not None:
+            if not layers:
+                raise ShapeError(f"{where}: an inverse without layers.")
+            inverse_state = _cast(state["inverse"], dtype)
+            try:
+                if self.structure == "block-diagonal" or self.ekfac:
+                    inverse = KronEigenOperator.from_state_dict(layers, inverse_state)
+                else:
+                    from curvkit.operators.tridiag import TriDiagonalInverse
+
+                    inverse = TriDiagonalInverse.from_state_dict(layers, inverse_state)
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+                raise ShapeError(f"{where}: the saved inverse does not fit the layers.") from err
+        return {
+            "layers": layers,
+            "A": A,
+            "G": G,
+            "cross_A": cross_A,
+            "cross_G": cross_G,
+            "bias_scale": bias_scale,
+            "updates": int(state["updates"]),
+            "inverse": inverse,
+            "inverse_damping": state["inverse_damping"],
+            "bases": bases,
+            "S": S,
+            "scale_updates": int(state["scale_updates"]),
+            "fallback_pairs": [],
+        }
 
 
 def _ema(avg: list, new: list, decay: float) -> None:
+    """``avg[i] <- decay avg[i] + (1 - decay) new[i]`` into new tensors (snapshots keep the old)."""
     for i, (a, n) in enumerate(zip(avg, new)):
-        if a is None or n is None:
-            avg[i] = None
-        else:
-            a.mul_(decay).add_(n, alpha=1.0 - decay)
+        avg[i] = None if a is None or n is None else a.mul(decay).add_(n, alpha=1.0 - decay)
+
+
+def _cast(obj, dtype: torch.dtype):
+    """Floating tensors in nested lists/tuples/dicts cast to ``dtype``."""
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+_STATE_KEYS = (
+    "layers", "A", "G", "cross_A", "cross_G", "bias_scale", "updates", "inverse",
+    "inverse_damping", "bases", "S", "scale_updates",
+)  # fmt: skip

@@ -545,12 +545,13 @@ def test_step_returns_the_closures_loss():
 @pytest.mark.parametrize(
     "options, expected",
     [
-        (dict(structure="tridiagonal"), 1e-6),
+        (dict(structure="tridiagonal", factor_dtype=torch.float32), 1e-6),
         (dict(structure="tridiagonal", factor_dtype=torch.float64), 1e-8),
+        (dict(structure="tridiagonal"), 1e-8),  # float64 model: float64 factors
         (dict(), 1e-8),
         (dict(structure="tridiagonal", min_damping=1e-9), 1e-9),
     ],
-    ids=["tri-float32", "tri-float64", "block", "explicit"],
+    ids=["tri-float32", "tri-float64", "tri-default-float64-model", "block", "explicit"],
 )
 def test_default_damping_floor(options, expected):
     opt = ck.optim.KFAC(_mlp(), nn.CrossEntropyLoss(), **options)

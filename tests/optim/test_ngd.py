@@ -56,3 +56,54 @@ def test_bad_arguments():
         ck.optim.NaturalGradient(model, loss_func, solver="lu")
     with pytest.raises(ShapeError, match="damping"):
         ck.optim.NaturalGradient(model, loss_func, damping=0.0)
+
+
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        (dict(lr=float("nan")), "lr"),
+        (dict(lr=0.0), "lr"),
+        (dict(damping=float("nan")), "damping"),
+        (dict(damping=float("inf")), "damping"),
+        (dict(momentum=-0.1), "momentum"),
+    ],
+)
+def test_bad_numbers_raise(options, name):
+    model, loss_func, _, _ = _problem("cpu")
+    with pytest.raises(ShapeError, match=name):
+        ck.optim.NaturalGradient(model, loss_func, **options)
+
+
+def test_parameter_listed_twice_raises():
+    model, loss_func, _, _ = _problem("cpu")
+    w = model[0].weight
+    with pytest.raises(ShapeError, match="twice"):
+        ck.optim.NaturalGradient(model, loss_func, [w, w])
+
+
+def test_batchnorm_statistics_move_once_and_not_on_a_nan_batch():
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    plain = copy.deepcopy(model)
+    loss_func = nn.CrossEntropyLoss()
+    X, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    opt = ck.optim.NaturalGradient(model, loss_func, solver="dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(lambda: loss_func(model(X), y))
+    plain(X)
+    assert model[1].num_batches_tracked.item() == 1
+    assert torch.equal(model[1].running_mean, plain[1].running_mean)
+    assert torch.equal(model[1].running_var, plain[1].running_var)
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not torch.isfinite(opt.step(lambda: loss_func(model(bad), y)))
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters()))
+    assert all(torch.equal(b, c) for b, c in zip(buffers, model.buffers()))
