@@ -106,7 +106,7 @@ def backpack_supports(model: nn.Module, quantities=("kflr",)) -> str | None:
         quantities = (quantities,)
     if not isinstance(model, nn.Sequential):
         return "the model is not an nn.Sequential (try use_converter=True)"
-    exts = _extensions(set(quantities), 1, torch.float64)
+    exts = _extensions(set(quantities), 1)
     return _unsupported_leaf(model, exts)
 
 
@@ -245,7 +245,7 @@ def _mse_sum_hessian_fix(ext) -> None:
     ext.set_module_extension(nn.MSELoss, mse, overwrite=True)
 
 
-def _extensions(q: set[str], mc_samples: int, dtype, stash: _Stash | None = None) -> dict:
+def _extensions(q: set[str], mc_samples: int, stash: _Stash | None = None) -> dict:
     """BackPACK extensions for the quantities, by quantity."""
     from backpack import extensions as E
 
@@ -533,8 +533,8 @@ def extract_backpack(
     N = X.shape[0]
     R = 1.0 / N if loss_func.reduction == "mean" else 1.0
     stash = _Stash()
-    exts = _extensions(q, mc_samples, X.dtype, stash)
-    needs_io = bool(q & {"empirical", "batch_grad_factors", "cross", "kfac", "kflr", "kfra"})
+    exts = _extensions(q, mc_samples, stash)
+    needs_io = bool(q & {"empirical", "batch_grad_factors", "cross"})  # output gradients
     if not use_converter:
         reason = _unsupported_leaf(model, exts)
         if reason is not None:
@@ -542,7 +542,8 @@ def extract_backpack(
 
     seed = None
     if q & {"kfac", "diag_ggn_mc"}:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        device = "cpu" if generator is None else generator.device
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
     snap = _Snapshot(model)
     states = [{} for _ in layers]
     handles, order = [], []
@@ -627,7 +628,7 @@ def _check_io(layers, states, order, out: Tensor) -> None:
             )
         if isinstance(m, nn.Linear) and states[i]["x"].dim() != 2:
             raise ShapeError(
-                f"Linear {where} needs 2-D input [N, in], got shape {tuple(states[i]['x'].shape)}."
+                f"{where} needs 2-D input [N, in], got shape {tuple(states[i]['x'].shape)}."
             )
     if out.dim() != 2:
         raise ShapeError(f"The model output must be 2-D [N, C], got shape {tuple(out.shape)}.")

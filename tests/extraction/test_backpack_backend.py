@@ -519,3 +519,20 @@ def test_kfra_bce_error_names_alternative():
     assert isinstance(info.value, CurvkitError) and isinstance(info.value, NotImplementedError)
     assert 'backend="sweep"' in str(info.value)
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_inplace_activation_error_and_model_unchanged():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    before = _state(net)
+    with pytest.raises(BackpackError, match='forward pass.*inplace.*backend="sweep"'):
+        extract_backpack(net, nn.CrossEntropyLoss(), X, y, ("kflr",))
+    assert _state(net) == before
+    assert all(p.grad is None for p in net.parameters())
+    net[1].inplace = False
+    before = _state(net)
+    with pytest.raises(ShapeError, match="needs 2-D input"):
+        extract_backpack(net, nn.CrossEntropyLoss(), X[:, None], y, ("batch_grad",))
+    assert _state(net) == before
+    assert all(p.grad is None for p in net.parameters())
