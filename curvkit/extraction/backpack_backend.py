@@ -330,9 +330,9 @@ class _Snapshot:
                 d.update(saved)
             for key in set(m.__dict__) - set(before):
                 delattr(m, key)
-            for key in ("_is_full_backward_hook",):
-                if key in before:
-                    m.__dict__[key] = before[key]
+            for key, value in before.items():  # e.g. _is_full_backward_hook, inplace
+                if m.__dict__.get(key) is not value:
+                    m.__dict__[key] = value
         for p, before in zip(self.params, self.par_dict):
             for key in set(p.__dict__) - before:
                 delattr(p, key)

@@ -54,11 +54,11 @@ def _targets(loss: str, n: int, c: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _state(model: nn.Module):
-    """Hook dicts and attribute names of every module and parameter."""
+    """Hook dicts and plain attributes (names and values) of modules; parameters' names."""
     mods = [
         (
             {k: dict(v) for k, v in vars(m).items() if k.endswith("hooks") and isinstance(v, dict)},
-            set(vars(m)),
+            {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, tuple))},
         )
         for m in model.modules()
     ]
@@ -536,3 +536,17 @@ def test_inplace_activation_error_and_model_unchanged():
         extract_backpack(net, nn.CrossEntropyLoss(), X[:, None], y, ("batch_grad",))
     assert _state(net) == before
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_converter_restores_inplace_flags():
+    """BackPACK's converter turns in-place activations off; the user's model keeps them."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    before = _state(net)
+    got = extract_backpack(net, nn.CrossEntropyLoss(), X, y, ("kflr",), use_converter=True)
+    assert net[1].inplace and _state(net) == before
+    net[1].inplace = False
+    ref = extract(net, nn.CrossEntropyLoss(), X, y, ("kflr",))
+    for g, r in zip(got, ref):
+        assert_allclose_report(kron_block(g.G["kflr"], g.A), kron_block(r.G["kflr"], r.A), *TOL)
