@@ -52,7 +52,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import ShapeError, UnsupportedModuleError
+from curvkit.errors import CurvkitError, ShapeError, UnsupportedModuleError
 from curvkit.extraction.checks import (
     CROSS_KINDS,
     QUANTITIES,
@@ -61,7 +61,7 @@ from curvkit.extraction.checks import (
     flatten_sequential,
 )
 from curvkit.extraction.gram import assemble_homogeneous, gram, homogeneous_cross
-from curvkit.extraction.losses import check_loss
+from curvkit.extraction.losses import check_loss, make_loss_handler
 from curvkit.records import LayerRecord, Records
 
 #: Parametrised module types BackPACK's extensions handle (``groups=1`` for conv).
@@ -576,7 +576,8 @@ def extract_backpack(
             lossf = extend(copy.deepcopy(loss_func))
             stage = "the forward pass"
             out = net(X)
-            _check_io(layers, states, order, out)
+            _check_io(layers, states, order)
+            make_loss_handler(loss_func, out.detach(), y)  # the sweep's checks of output/targets
             loss = lossf(out, y)
             stage = "the backward pass"
             with torch.random.fork_rng(devices=[] if X.device.type == "cpu" else [X.device]):
@@ -596,7 +597,7 @@ def extract_backpack(
             )
         if "cross" in q:
             _cross(records, states, q, R, N, fdt)
-    except (ShapeError, UnsupportedModuleError):
+    except CurvkitError:
         snap.restore_grads()
         raise
     except (NotImplementedError, AttributeError, RuntimeError, ValueError, AssertionError) as e:
@@ -616,8 +617,8 @@ def extract_backpack(
     )
 
 
-def _check_io(layers, states, order, out: Tensor) -> None:
-    """After the forward pass: every layer ran once, Linear inputs are 2-D, output is 2-D."""
+def _check_io(layers, states, order) -> None:
+    """After the forward pass: every layer ran once and Linear inputs are 2-D."""
     for i, (name, m) in enumerate(layers):
         calls = order.count(i)
         where = f"{type(m).__name__} (name {name!r})"
@@ -630,5 +631,3 @@ def _check_io(layers, states, order, out: Tensor) -> None:
             raise ShapeError(
                 f"{where} needs 2-D input [N, in], got shape {tuple(states[i]['x'].shape)}."
             )
-    if out.dim() != 2:
-        raise ShapeError(f"The model output must be 2-D [N, C], got shape {tuple(out.shape)}.")
