@@ -84,6 +84,23 @@ class LayerRecord:
             pair has no cross factor (see ``cross_reason``).
         cross_G: :math:`G_{l,l+1}` by kind, ``[out_l, out_{l+1}]``.
         cross_reason: Why there is no cross factor to the next layer, if none.
+        block: Layout of the layer's curvature block (graph path, see
+            ``docs/conventions.md``): ``"kron"`` (:math:`G \otimes A` as above),
+            ``"kron_grouped"`` (grouped convolution: ``A`` ``[groups, k(+1), k(+1)]``
+            and ``G[kind]`` ``[groups, o, o]``, one :math:`G_g \otimes A_g` per group
+            over the group's rows of the weight; the block is block-diagonal over
+            groups), ``"embedding"`` (``nn.Embedding``: the block over the row-major
+            weight ``[num_embeddings, dim]`` is :math:`\operatorname{diag}(A_\text{diag})
+            \otimes G`, input factor first because the weight is the transposed map)
+            or ``"dense"`` (normalisation layers: ``dense[kind]`` is the exact block
+            ``[D, D]`` over the flat ``[weight, bias]``, no ``A``/``G``).
+        A_diag: ``"embedding"`` blocks: :math:`R` times the token counts, ``[num_embeddings]``.
+        dense: ``"dense"`` blocks by kind (``"kfac"``, ``"kflr"``, ``"empirical"``):
+            :math:`R\sum_{v,n}\psi_{vn}\psi_{vn}^\top` with :math:`\psi_{vn}` the
+            per-(column, example) gradient of the layer's parameters (the exact
+            Fisher/GGN/empirical-Fisher block of the layer).
+        calls: How often the module was called in the forward pass (graph path:
+            every call adds its locations ``t`` like shared weights).
     """
 
     name: str
@@ -104,6 +121,10 @@ class LayerRecord:
     cross_A: Tensor | None = None
     cross_G: dict[str, Tensor] = field(default_factory=dict)
     cross_reason: str | None = None
+    block: str = "kron"
+    A_diag: Tensor | None = None
+    dense: dict[str, Tensor] = field(default_factory=dict)
+    calls: int = 1
 
     @property
     def numel(self) -> int:
