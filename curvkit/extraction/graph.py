@@ -293,7 +293,7 @@ def extract_graph(
     try:
         out, handlers, order, calls, versions = _forward(model, X, plan)
         return _backward(
-            out, handlers, order, calls, versions, plan, model, loss_func, y, q,
+            out, handlers, order, calls, versions, plan, X, loss_func, y, q,
             mc_samples, separate_bias, kfac_approx, generator, fdt, unsupported, batched,
         )  # fmt: skip
     except BaseException:
@@ -336,7 +336,7 @@ def _forward(model, X, plan):
 
 
 def _backward(
-    out, handlers, order, calls, versions, plan, model, loss_func, y, q,
+    out, handlers, order, calls, versions, plan, X, loss_func, y, q,
     mc_samples, separate_bias, approx, generator, fdt, unsupported, batched,
 ):  # fmt: skip
     for x, version, h in versions:
@@ -385,6 +385,26 @@ def _backward(
         rows["kflr"] = slice(V, V + loss.C)
         V += loss.C
     rows["empirical"] = slice(0, 1)
+    per_example = sorted(q & set(PER_EXAMPLE))
+    n_data = _leading_dim(X)
+    for h in order:
+        if per_example and n_data is not None and h.N != n_data:
+            raise ShapeError(
+                f"{type(h.module).__name__} {h.name!r} is called on an input with leading "
+                f"dimension {h.N}, not the batch size {n_data} (e.g. positions shared by all "
+                f"examples): autograd sums its rows over the examples, so the per-example "
+                f"quantities {per_example} are undefined. Expand its input over the batch, "
+                "or ask for kfac/kflr only."
+            )
+    diagonals = sorted(q & {"diag_ggn", "diag_ggn_mc"})
+    for h in order:
+        if diagonals and h.N != N:
+            raise ShapeError(
+                f"{diagonals} need one output row per example, but {type(h.module).__name__} "
+                f"{h.name!r} sees {h.N} examples and the output has {N} rows (e.g. a sequence "
+                "output flattened to [N*T, C]): the rows would mix the terms of one example's "
+                "tokens. Kronecker factors, batch_grad and the gradient are defined."
+            )
     stack = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
 
     # gradients of gradient-only parameters (row 0), then the rows at every call output
@@ -429,6 +449,18 @@ def _backward(
         mc_samples=mc_samples,
         unfactored=unfactored,
     )
+
+
+def _leading_dim(X) -> int | None:
+    """Leading dimension of the first tensor in ``X`` (tensor, dict, list or tuple)."""
+    if isinstance(X, Tensor):
+        return X.shape[0] if X.dim() else None
+    values = X.values() if isinstance(X, dict) else X if isinstance(X, (list, tuple)) else ()
+    for v in values:
+        n = _leading_dim(v)
+        if n is not None:
+            return n
+    return None
 
 
 def _accumulate_grad(p: Tensor, g: Tensor) -> None:
