@@ -550,8 +550,8 @@ def _factors(rec, h, q, kinds, rows, R, fdt, approx) -> dict:
             if "batch_grad_factors" in q:
                 rec.grad_factors = (h.rows[0][0].clone(), a)
     elif isinstance(h, EmbeddingLayer) and kinds:
-        idx, _ = h.tokens()
-        P = idx.numel()
+        _, keep = h.tokens()
+        P = max(1, int(keep.sum()))
         rec.A_diag = h.counts().to(fdt) * R
         rec.bias_scale = R * P
         for kind in kinds:

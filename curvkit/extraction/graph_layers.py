@@ -276,11 +276,11 @@ class EmbeddingLayer(GraphLayer):
 
     .. math::
         A_\text{diag} = R \sum_{n,t} e_{i_{nt}}, \qquad
-        G = \frac1{NT} \sum_{v,n,t} g_{vnt} g_{vnt}^\top
+        G = \frac1{P} \sum_{v,n,t} g_{vnt} g_{vnt}^\top
 
     (K-FAC-expand over the tokens; the token counts are the diagonal input
-    factor). Tokens equal to ``padding_idx`` get no gradient; they count neither
-    in :math:`A_\text{diag}` nor in :math:`G`'s sum (but in ``NT``).
+    factor; ``P`` tokens in the batch). Tokens equal to ``padding_idx`` get no
+    gradient; they count neither in :math:`A_\text{diag}`, nor in :math:`G`, nor in ``P``.
     """
 
     block = "embedding"

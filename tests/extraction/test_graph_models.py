@@ -1,0 +1,294 @@
+"""Graph path on models that are not chains, against dense float64 references."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from curvkit.errors import ShapeError, UnsupportedModuleError
+from curvkit.extraction import extract
+from tests.extraction.graph_models import (
+    DT,
+    TiedHeadLM,
+    dense_ef,
+    dense_ggn,
+    flat_index,
+    joint_index,
+    per_example_grads,
+    problem,
+    sub,
+    trainable,
+)
+from tests.reference import assert_allclose_report, kron_block, mc_error_bound
+
+TOL = {"rtol": 1e-10, "atol": 1e-12}
+
+
+def _no_hooks(model):
+    return all(not m._forward_hooks and not m._forward_hooks_with_kwargs for m in model.modules())
+
+
+def _autograd_grads(model, loss_func, X, y):
+    ref = copy.deepcopy(model)
+    loss_func(ref(X), y).backward()
+    return [p.grad for p in trainable(ref)], ref
+
+
+CASES = [
+    ("cnn", "ce"),
+    ("conv3d", "mse"),
+    ("resnet", "ce"),
+    ("resnet", "bce"),
+    ("reused", "mse"),
+    ("reused", "ce"),
+    ("dict", "ce"),
+    ("tied", "ce"),
+    ("gpt", "ce"),
+]
+
+
+@pytest.mark.parametrize("name,loss", CASES, ids=[f"{m}-{loss}" for m, loss in CASES])
+def test_grad_batch_grad_and_diag_ggn_match_dense(name, loss):
+    model, loss_func, X, y = problem(name, loss, n=3)
+    expected, _ = _autograd_grads(model, loss_func, X, y)
+    q = ("batch_grad", "diag_ggn") if name != "gpt" else ("batch_grad", "kflr")
+    rec = extract(model, loss_func, X, y, q)
+    assert _no_hooks(model)
+    for p, g in zip(trainable(model), expected):
+        assert_allclose_report(p.grad, g, msg="grad", **TOL)
+    # every trainable parameter appears in exactly one record
+    assert sorted(map(id, rec.params)) == sorted(map(id, trainable(model)))
+    idx = flat_index(model, rec.params)
+    pe = per_example_grads(model, loss_func, X, y)[:, idx]
+    bg = torch.cat([b.flatten(1) for r in rec for b in r.batch_grad], 1)
+    assert_allclose_report(bg, pe, msg="batch_grad", **TOL)
+    if name != "gpt":
+        diag = torch.cat([d.flatten() for r in rec for d in r.diag_ggn])
+        ggn = dense_ggn(model, loss_func, X, y)
+        assert_allclose_report(diag, ggn.diagonal()[idx], msg="diag_ggn", **TOL)
+
+
+@pytest.mark.parametrize("name", ["resnet", "dict"])
+def test_norm_layer_blocks_are_the_exact_blocks(name):
+    model, loss_func, X, y = problem(name, "ce", n=4)
+    rec = extract(model, loss_func, X, y, ("kflr", "empirical"))
+    ggn, ef = dense_ggn(model, loss_func, X, y), dense_ef(model, loss_func, X, y)
+    norms = [r for r in rec if r.block == "dense"]
+    assert norms and all(r.A is None and r.G == {} for r in norms)
+    for r in norms:
+        idx = flat_index(model, r.params)
+        assert_allclose_report(r.dense["kflr"], sub(ggn, idx), msg=r.name, **TOL)
+        assert_allclose_report(r.dense["empirical"], sub(ef, idx), msg=r.name, **TOL)
+
+
+def test_layer_norm_empirical_block_of_sequences_is_exact():
+    """Per-sequence empirical Fisher of the transformer's LayerNorm parameters."""
+    model, loss_func, X, y = problem("gpt", "ce", n=3)
+    rec = extract(model, loss_func, X, y, ("empirical",))
+    ef = dense_ef(model, loss_func, X, y)
+    for r in rec:
+        if r.block == "dense":
+            idx = flat_index(model, r.params)
+            assert_allclose_report(r.dense["empirical"], sub(ef, idx), msg=r.name, **TOL)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "dict", "reused"])
+def test_linear_factors_exact_for_a_single_datum(name):
+    """N = 1: G ⊗ A of a Linear layer on [N, in] (called once) is its exact GGN / EF block."""
+    model, loss_func, X, y = problem(name, "ce", n=1)
+    rec = extract(model, loss_func, X, y, ("kflr", "empirical"))
+    ggn, ef = dense_ggn(model, loss_func, X, y), dense_ef(model, loss_func, X, y)
+    checked = 0
+    for r in rec:
+        if isinstance(r.module, nn.Linear) and r.calls == 1:
+            idx = joint_index(model, r.module.weight, r.module.bias if r.has_bias else None)
+            for kind, dense in (("kflr", ggn), ("empirical", ef)):
+                block = kron_block(r.G[kind], r.A)
+                assert_allclose_report(block, sub(dense, idx), msg=f"{r.name} {kind}", **TOL)
+            checked += 1
+    assert checked >= 1
+
+
+class _GroupedReflect(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 5, groups=2, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+def test_grouped_reflect_conv_single_location_exact():
+    """A kernel covering the reflect-padded input (one location), N = 1: per-group blocks exact."""
+    torch.manual_seed(0)
+    model = _GroupedReflect().to(DT)
+    X = torch.randn(1, 4, 3, 3, dtype=DT)
+    y = torch.tensor([2])
+    loss_func = nn.CrossEntropyLoss()
+    rec = extract(model, loss_func, X, y, ("kflr",))
+    r = rec[0]
+    assert r.block == "kron_grouped" and r.A.shape == (2, 2 * 25 + 1, 2 * 25 + 1)
+    assert r.G["kflr"].shape == (2, 2, 2)
+    ggn = dense_ggn(model, loss_func, X, y)
+    full = joint_index(model, model.conv.weight, model.conv.bias)  # [4 * 51]
+    for g in range(2):
+        idx = full[g * 2 * 51 : (g + 1) * 2 * 51]
+        block = kron_block(r.G["kflr"][g], r.A[g])
+        assert_allclose_report(block, sub(ggn, idx), msg=f"group {g}", **TOL)
+
+
+def test_embedding_factors_exact_with_one_token_and_linear_mse():
+    """Embedding -> Linear with MSE, one token per example: J and Λ are constant, KFLR exact."""
+    torch.manual_seed(0)
+
+    class EmbLin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 3, padding_idx=5)
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, idx):
+            return self.lin(self.emb(idx))
+
+    model = EmbLin().to(DT)
+    X = torch.tensor([0, 3, 3, 1, 5, 0, 2])
+    y = torch.randn(7, 2, dtype=DT)
+    for reduction in ("mean", "sum"):
+        loss_func = nn.MSELoss(reduction=reduction)
+        rec = extract(model, loss_func, X, y, ("kflr",))
+        ggn = dense_ggn(model, loss_func, X, y)
+        emb, lin = rec
+        assert emb.block == "embedding" and emb.A is None
+        R = 1 / 7 if reduction == "mean" else 1.0
+        counts = torch.tensor([2.0, 1, 1, 2, 0, 0], dtype=DT)  # padding index 5 not counted
+        assert_allclose_report(emb.A_diag, R * counts, **TOL)
+        idx = flat_index(model, [model.emb.weight])
+        block = torch.kron(torch.diag(emb.A_diag), emb.G["kflr"])
+        # the padding row gets no gradient: its GGN block vanishes
+        expected = sub(ggn, idx)
+        expected[15:18] = expected[:, 15:18] = 0.0
+        assert_allclose_report(block, expected, msg=f"embedding {reduction}", **TOL)
+        jidx = joint_index(model, model.lin.weight, model.lin.bias)
+        assert_allclose_report(kron_block(lin.G["kflr"], lin.A), sub(ggn, jidx), **TOL)
+
+
+def test_kfac_converges_to_kflr_with_many_samples():
+    model, loss_func, X, y = problem("dict", "ce", n=4)
+    gen = torch.Generator().manual_seed(0)
+    rec = extract(model, loss_func, X, y, ("kfac", "kflr"), mc_samples=4000, generator=gen)
+    for r in rec:
+        if r.block == "kron":
+            err = (r.G["kfac"] - r.G["kflr"]).abs().max()
+            assert err < 4 * mc_error_bound(4000, r.G["kflr"].abs().max())
+        else:
+            err = (r.dense["kfac"] - r.dense["kflr"]).abs().max()
+            assert err < 4 * mc_error_bound(4000, r.dense["kflr"].abs().max())
+
+
+def test_batchnorm_train_mode():
+    model, loss_func, X, y = problem("resnet", "ce", n=4)
+    model.train()
+    for q in ("batch_grad", "empirical", "diag_ggn"):
+        with pytest.raises(UnsupportedModuleError, match=r"BatchNorm2d 'bn0'.*train mode"):
+            extract(model, loss_func, X, y, (q,))
+    buffers = [b.clone() for b in model.buffers()]
+    with pytest.raises(ShapeError, match="N = len"):
+        extract(model, loss_func, X, y[:3], ("kflr",))  # fails after the forward pass
+    for b, saved in zip(model.buffers(), buffers):
+        assert torch.equal(b, saved)
+    assert all(p.grad is None for p in model.parameters()) and _no_hooks(model)
+    expected, ref = _autograd_grads(model, loss_func, X, y)
+    rec = extract(model, loss_func, X, y, ("kflr", "kfac"))
+    for p, g in zip(trainable(model), expected):
+        assert_allclose_report(p.grad, g, **TOL)
+    for b, r in zip(model.buffers(), ref.buffers()):  # one forward pass: statistics moved once
+        assert_allclose_report(b, r, rtol=1e-14, atol=0)
+    assert {r.name for r in rec if r.block == "dense"} == {"bn0", "bn1", "bn2"}
+
+
+def test_positions_shared_by_the_batch():
+    model, loss_func, X, y = problem("gpt_shared_pos", "ce", n=4)
+    with pytest.raises(ShapeError, match="Embedding 'pos'.*leading dimension 3, not the batch"):
+        extract(model, loss_func, X, y, ("batch_grad",))
+    expected, _ = _autograd_grads(model, loss_func, X, y)
+    extract(model, loss_func, X, y, ("kflr", "kfac"))
+    for p, g in zip(trainable(model), expected):
+        assert_allclose_report(p.grad, g, **TOL)
+    with pytest.raises(ShapeError, match="one output row per example"):
+        extract(*problem("gpt", "ce", n=3), ("diag_ggn",))
+
+
+def test_tied_weights():
+    model, loss_func, X, y = problem("tied", "ce", n=4)
+    with pytest.raises(UnsupportedModuleError, match=r"Linear 'l1'.*shares parameters with \['l2'"):
+        extract(model, loss_func, X, y, ("kflr",))
+    assert _no_hooks(model) and all(p.grad is None for p in model.parameters())
+    rec = extract(model, loss_func, X, y, ("kflr",), unsupported="gradient")
+    assert [r.name for r in rec] == ["inp", "out"]
+    assert [n for n, _, _ in rec.unfactored] == ["l1", "l2"]
+    expected, _ = _autograd_grads(model, loss_func, X, y)
+    for p, g in zip(trainable(model), expected):
+        assert_allclose_report(p.grad, g, **TOL)
+
+
+def test_parameter_used_outside_its_module():
+    torch.manual_seed(0)
+    model = TiedHeadLM().to(DT)
+    X, y = torch.tensor([0, 4, 2, 2, 5]), torch.tensor([1, 0, 3, 5, 2])
+    loss_func = nn.CrossEntropyLoss()
+    with pytest.raises(UnsupportedModuleError, match="Embedding 'emb'.*outside its calls"):
+        extract(model, loss_func, X, y, ("kflr",))
+    assert _no_hooks(model) and all(p.grad is None for p in model.parameters())
+    rec = extract(model, loss_func, X, y, ("kflr", "batch_grad"), unsupported="gradient")
+    assert [r.name for r in rec] == ["mix"] and rec.unfactored[0][0] == "emb"
+    expected, _ = _autograd_grads(model, loss_func, X, y)
+    for p, g in zip(trainable(model), expected):
+        assert_allclose_report(p.grad, g, **TOL)
+    pe = per_example_grads(model, loss_func, X, y)[:, flat_index(model, rec.params)]
+    assert_allclose_report(torch.cat([b.flatten(1) for b in rec[0].batch_grad], 1), pe, **TOL)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.PReLU()
+
+    def forward(self, x):
+        return self.act(self.lin(x)) + x
+
+
+class _WithPReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+        self.up = nn.ConvTranspose1d(1, 1, 2)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.up(self.block(x)[:, None])[:, 0])
+
+
+def test_unsupported_module_named_by_path_and_gradient_fallback():
+    torch.manual_seed(0)
+    model = _WithPReLU().to(DT)
+    X, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    loss_func = nn.CrossEntropyLoss()
+    with pytest.raises(UnsupportedModuleError) as err:
+        extract(model, loss_func, X, y, ("kflr",))
+    msg = str(err.value)
+    assert "PReLU 'block.act'" in msg and "unsupported='gradient'" in msg
+    assert "Conv2d" in msg and "Embedding" in msg and "LayerNorm" in msg
+    assert _no_hooks(model) and all(p.grad is None for p in model.parameters())
+    rec = extract(model, loss_func, X, y, ("kflr", "batch_grad"), unsupported="gradient")
+    assert _no_hooks(model)
+    assert [r.name for r in rec] == ["block.lin", "head"]
+    assert [n for n, _, _ in rec.unfactored] == ["block.act", "up"]
+    expected, _ = _autograd_grads(model, loss_func, X, y)
+    for p, g in zip(trainable(model), expected):
+        assert_allclose_report(p.grad, g, **TOL)
+    pe = per_example_grads(model, loss_func, X, y)[:, flat_index(model, rec.params)]
+    bg = torch.cat([b.flatten(1) for r in rec for b in r.batch_grad], 1)
+    assert_allclose_report(bg, pe, **TOL)
