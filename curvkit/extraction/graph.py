@@ -528,7 +528,7 @@ def _factors(rec, h, q, kinds, rows, R, fdt, approx) -> dict:
             A = [homogeneous_gram(feats[:, g].to(fdt), R, rec.joint) for g in range(G)]
             rec.A = A[0] if G == 1 else torch.stack(A)
             rec.bias_scale = R * P
-            if G > 1:
+            if G > 1 and rec.block == "kron":
                 rec.block = "kron_grouped"
             if linear:
                 info["a"] = feats[:, 0].to(fdt)

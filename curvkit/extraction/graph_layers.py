@@ -263,6 +263,65 @@ class ConvLayer(KronLayer):
         return B.reshape(k, N, B.shape[2], self.module.groups, c_out // self.module.groups)
 
 
+class ConvTransposeLayer(ConvLayer):
+    r"""``nn.ConvTranspose1d/2d/3d`` as a convolution over the stride-dilated input.
+
+    ``conv_transpose(x, W)`` equals ``conv(x̃, W')`` with ``x̃`` the input with
+    ``stride - 1`` zeros between entries, padded by ``dilation * (kernel - 1) -
+    padding`` (plus ``output_padding`` at the end), and ``W'`` the weight with
+    input and output channels swapped and the kernel flipped, per group:
+    :math:`W'_g[o, i, \kappa] = W[g C^\text{in}_g + i, o, \kappa_\text{max} - \kappa]`.
+    The Kronecker factors are those of that convolution: the block is
+    :math:`G \otimes A` over the row-major ``W'`` ``[C_out, C_in/groups * prod(kernel)]``
+    (``block = "kron_transposed"``; joint with the bias as for a convolution).
+    Gradients, per-example gradients and diagonals are shaped like ``W``.
+    """
+
+    block = "kron_transposed"
+
+    @classmethod
+    def unsupported_reason(cls, module):
+        """See :meth:`GraphLayer.unsupported_reason`."""
+        if module.padding_mode != "zeros":
+            return "only padding_mode='zeros' exists for transposed convolutions."
+        return None
+
+    def record(self, args, kwargs, out):
+        """See :meth:`GraphLayer.record`."""
+        if len(args) > 1 or "output_size" in kwargs:
+            raise ShapeError(
+                f"{type(self.module).__name__} {self.name!r}: output_size is unsupported."
+            )
+        super().record(args, kwargs, out)
+
+    def features(self, i):
+        """See :meth:`KronLayer.features`."""
+        if i not in self._U:
+            m, x = self.module, self.calls[i]
+            d = len(m.kernel_size)
+            N, C, *S = x.shape
+            dil = x.new_zeros(N, C, *((L - 1) * s + 1 for L, s in zip(S, m.stride)))
+            dil[(slice(None), slice(None), *(slice(None, None, s) for s in m.stride))] = x
+            pad = []
+            for j in reversed(range(d)):
+                left = m.dilation[j] * (m.kernel_size[j] - 1) - m.padding[j]
+                pad += [left, left + m.output_padding[j]]
+            U = unfold_patches(F.pad(dil, pad), m.kernel_size, (1,) * d, m.dilation)
+            self._U[i] = U.reshape(U.shape[0], U.shape[1], m.groups, -1)
+        return self._U[i]
+
+    def _weight_rows(self, gw):
+        """``[..., G, C_out/G, C_in/G * prod(kernel)]`` (``W'``) -> ``[..., *weight.shape]``."""
+        m = self.module
+        G, c_out_g = m.groups, m.weight.shape[1]
+        d = len(m.kernel_size)
+        lead = gw.shape[:-3]
+        w = gw.reshape(*lead, G, c_out_g, -1, *m.kernel_size)
+        nl = len(lead)
+        w = w.flip(tuple(range(nl + 3, nl + 3 + d))).transpose(nl + 1, nl + 2)
+        return w.reshape(*lead, *m.weight.shape)
+
+
 # -- Embedding ------------------------------------------------------------------------
 
 
@@ -444,6 +503,9 @@ GRAPH_LAYERS: dict[type, type[GraphLayer]] = {
     nn.Conv1d: ConvLayer,
     nn.Conv2d: ConvLayer,
     nn.Conv3d: ConvLayer,
+    nn.ConvTranspose1d: ConvTransposeLayer,
+    nn.ConvTranspose2d: ConvTransposeLayer,
+    nn.ConvTranspose3d: ConvTransposeLayer,
     nn.Embedding: EmbeddingLayer,
     nn.LayerNorm: LayerNormLayer,
     nn.GroupNorm: GroupNormLayer,

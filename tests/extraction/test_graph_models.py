@@ -284,11 +284,79 @@ def test_unsupported_module_named_by_path_and_gradient_fallback():
     assert _no_hooks(model) and all(p.grad is None for p in model.parameters())
     rec = extract(model, loss_func, X, y, ("kflr", "batch_grad"), unsupported="gradient")
     assert _no_hooks(model)
-    assert [r.name for r in rec] == ["block.lin", "head"]
-    assert [n for n, _, _ in rec.unfactored] == ["block.act", "up"]
+    assert [r.name for r in rec] == ["block.lin", "up", "head"]
+    assert [n for n, _, _ in rec.unfactored] == ["block.act"]
     expected, _ = _autograd_grads(model, loss_func, X, y)
     for p, g in zip(trainable(model), expected):
         assert_allclose_report(p.grad, g, **TOL)
     pe = per_example_grads(model, loss_func, X, y)[:, flat_index(model, rec.params)]
     bg = torch.cat([b.flatten(1) for r in rec for b in r.batch_grad], 1)
     assert_allclose_report(bg, pe, **TOL)
+
+
+class _Transposed(nn.Module):
+    def __init__(self, conv, flat):
+        super().__init__()
+        self.ct = conv
+        self.fc = nn.Linear(flat, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.ct(x)).flatten(1))
+
+
+TRANSPOSED = [
+    pytest.param(
+        lambda: nn.ConvTranspose1d(
+            4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=2
+        ),
+        (4, 5),
+        id="1d-groups-stride-dilation-output_padding",
+    ),
+    pytest.param(
+        lambda: nn.ConvTranspose2d(2, 3, (2, 3), stride=(2, 1), padding=(0, 1)), (2, 3, 3), id="2d"
+    ),
+    pytest.param(lambda: nn.ConvTranspose3d(2, 2, 2, padding=1, bias=False), (2, 3, 2, 3), id="3d"),
+]
+
+
+@pytest.mark.parametrize("make,shape", TRANSPOSED)
+def test_transposed_conv_gradients_and_diagonal(make, shape):
+    torch.manual_seed(0)
+    conv = make().to(DT)
+    X = torch.randn(3, *shape, dtype=DT)
+    model = _Transposed(conv, conv(X).flatten(1).shape[1]).to(DT)
+    y, loss_func = torch.randint(0, 3, (3,)), nn.CrossEntropyLoss()
+    rec = extract(model, loss_func, X, y, ("batch_grad", "diag_ggn", "kflr"))
+    assert rec[0].block == "kron_transposed"
+    expected, _ = _autograd_grads(model, loss_func, X, y)
+    for p, g in zip(trainable(model), expected):
+        assert_allclose_report(p.grad, g, **TOL)
+    idx = flat_index(model, rec.params)
+    pe = per_example_grads(model, loss_func, X, y)[:, idx]
+    assert_allclose_report(
+        torch.cat([b.flatten(1) for r in rec for b in r.batch_grad], 1), pe, **TOL
+    )
+    diag = torch.cat([d.flatten() for r in rec for d in r.diag_ggn])
+    assert_allclose_report(diag, dense_ggn(model, loss_func, X, y).diagonal()[idx], **TOL)
+
+
+def test_transposed_conv_single_location_exact():
+    """One input and one output location, N = 1: G ⊗ A over the flipped, transposed weight."""
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(2, 3, 3, padding=1).to(DT)
+    model = _Transposed(conv, 3).to(DT)
+    X, y, loss_func = torch.randn(1, 2, 1, 1, dtype=DT), torch.tensor([1]), nn.CrossEntropyLoss()
+    r = extract(model, loss_func, X, y, ("kflr",))[0]
+    ggn = dense_ggn(model, loss_func, X, y)
+    off = 0  # the transposed conv's weight comes first in the flat order
+    idx = []
+    for o in range(3):  # W'[o, i, a, b] = W[i, o, 2 - a, 2 - b], then the bias entry o
+        idx += [
+            off + ((i * 3 + o) * 3 + 2 - a) * 3 + 2 - b
+            for i in range(2)
+            for a in range(3)
+            for b in range(3)
+        ]
+        idx.append(off + 2 * 3 * 9 + o)
+    idx = torch.tensor(idx)
+    assert_allclose_report(kron_block(r.G["kflr"], r.A), sub(ggn, idx), **TOL)
