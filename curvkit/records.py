@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 #: Kinds of output-gradient factor ``G``.
@@ -195,10 +194,10 @@ class Records:
             }
             if rec.A is not None:
                 row["A"] = tuple(rec.A.shape)
-                row["tr A"] = float(torch.trace(rec.A))
+                row["tr A"] = float(rec.A.diagonal(dim1=-2, dim2=-1).sum())
             for kind, G in rec.G.items():
                 row[f"G[{kind}]"] = tuple(G.shape)
-                row[f"tr G[{kind}]"] = float(torch.trace(G))
+                row[f"tr G[{kind}]"] = float(G.diagonal(dim1=-2, dim2=-1).sum())
             if rec.cross_A is not None:
                 row["cross"] = f"A{tuple(rec.cross_A.shape)}"
             rows.append(row)
