@@ -206,6 +206,13 @@ def test_batchnorm_train_mode():
     for b, r in zip(model.buffers(), ref.buffers()):  # one forward pass: statistics moved once
         assert_allclose_report(b, r, rtol=1e-14, atol=0)
     assert {r.name for r in rec if r.block == "dense"} == {"bn0", "bn1", "bn2"}
+    # the last BatchNorm's block is its exact GGN block (batch statistics, no BN after it)
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    ggn = dense_ggn(ref, loss_func, X, y)
+    bn2 = next(r for r in rec if r.name == "bn2")
+    assert_allclose_report(bn2.dense["kflr"], sub(ggn, flat_index(model, bn2.params)), **TOL)
 
 
 def test_positions_shared_by_the_batch():
