@@ -124,3 +124,32 @@ def test_monte_carlo_factors_agree_with_curvlinops_mc(approx):
         ours = kron_block(r.G["kfac"], r.A)
         rel = float((ours - block).norm() / block.norm())
         assert rel < 0.1, f"{r.name}: relative difference {rel:.3f} with {M} samples each"
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_transformer_linear_layers_match_curvlinops(approx):
+    """Tiny decoder-only transformer (causal attention mixes tokens): the Linear blocks."""
+    from tests.extraction.graph_models import problem
+
+    model, loss_func, X, y = problem("gpt", "ce", n=3)
+    rec = extract(model, loss_func, X, y, ("kflr", "empirical"), kfac_approx=approx)
+    linear = [r for r in rec if isinstance(r.module, nn.Linear)]
+    assert [r.name for r in linear] == ["q", "k", "v", "proj", "mlp", "head"]
+    params = [p for r in linear for p in r.params]
+    for fisher_type, kind in (("type-2", "kflr"), ("empirical", "empirical")):
+        K = KFACLinearOperator(
+            model, loss_func, params, [(X, y)], fisher_type=fisher_type, kfac_approx=approx,
+            separate_weight_and_bias=False, check_deterministic=False,
+        )  # fmt: skip
+        dense = K @ torch.eye(K.shape[0], dtype=DT)
+        off = 0
+        for r in linear:
+            n_out, n_in = r.module.weight.shape
+            idx = []
+            for o in range(n_out):
+                idx += [off + o * n_in + i for i in range(n_in)] + [off + n_out * n_in + o]
+            idx = torch.tensor(idx)
+            block = dense[idx][:, idx]
+            ours = kron_block(r.G[kind], r.A)
+            assert_allclose_report(ours, block, 1e-10, 1e-13, f"{r.name} {kind} {approx}")
+            off += r.numel
