@@ -206,12 +206,20 @@ def choose_backend(model: nn.Module, X, quantities, unsupported: str = "error") 
         return "sweep"
     if not isinstance(X, Tensor) or sweep_reason(model) is not None:
         return "graph"
+    leaves = flatten_sequential(model)
     if unsupported == "error":
-        for pos, (name, module) in enumerate(flatten_sequential(model)):
+        for pos, (name, module) in enumerate(leaves):
             try:
                 check_module(name, pos, module, False, "error")
             except UnsupportedModuleError:
                 return "graph"
+    # a Linear reached by element-wise modules only sees X's shape: [N, ..., in] needs the graph
+    for _, module in leaves:
+        if isinstance(module, nn.Linear):
+            return "graph" if X.dim() != 2 else "sweep"
+        elementwise = getattr(PARAMETER_FREE.get(type(module)), "elementwise", False)
+        if not (elementwise or type(module) is nn.Dropout):
+            break
     return "sweep"
 
 

@@ -609,13 +609,38 @@ def _per_example(records, order, q, rows, R, fdt, V) -> None:
         if quantity not in q:
             continue
         sl = rows[kind]
-        width = max(h.N * sum(p.numel() for p in h.params) for h in order)
-        step = max(1, _DIAG_CHUNK // max(1, width))
         diag: dict[int, Tensor] = {}
-        for start in range(sl.start, sl.stop, step):
-            acc = _param_rows(order, slice(start, min(start + step, sl.stop)))
+        users: dict[int, int] = {}
+        for h in order:
+            for p in h.params:
+                users[id(p)] = users.get(id(p), 0) + 1
+        generic = []
+        for h in order:
+            if isinstance(h, KronLayer) and h.T == 1 and all(users[id(p)] == 1 for p in h.params):
+                diag.update(zip(map(id, h.params), _diag_single_location(h, sl, R, fdt)))
+            else:
+                generic.append(h)
+        width = max([h.N * sum(p.numel() for p in h.params) for h in generic] or [1])
+        step = max(1, _DIAG_CHUNK // max(1, width))
+        for start in range(sl.start, sl.stop, step) if generic else ():
+            acc = _param_rows(generic, slice(start, min(start + step, sl.stop)))
             for pid, r in acc.items():
                 d = r.to(fdt).square().sum((0, 1)) * R
                 diag[pid] = d if pid not in diag else diag[pid] + d
         for rec in records:
             setattr(rec, quantity, [diag[id(p)] for p in rec.params])
+
+
+def _diag_single_location(h: KronLayer, sl: slice, R: float, fdt) -> list[Tensor]:
+    r"""Diagonal of a Kronecker layer with one location per example, factorised.
+
+    :math:`R\sum_{v,n} (g_{vn} a_n^\top)^{\odot 2} = R (\sum_v g_{vn}^{\odot 2})^\top a^{\odot 2}`.
+    """
+    U = h.all_features()[:, 0].to(fdt)  # [N, G, K]
+    ss = h.all_rows(sl)[:, :, 0].to(fdt).square().sum(0)  # [N, G, O]
+    out = []
+    if "weight" in h.param_names:
+        out.append(h._weight_rows(torch.einsum("ngo,ngc->goc", ss, U.square())) * R)
+    if h.has_bias:
+        out.append(ss.sum(0).flatten() * R)
+    return out

@@ -174,6 +174,15 @@ def test_auto_dispatch():
     assert choose_backend(with_norm, X, ("kflr",)) == "graph"
     assert choose_backend(with_norm, X, ("kflr",), unsupported="gradient") == "sweep"
     assert choose_backend(with_norm, X, ("kfra",)) == "sweep"
+    seq = nn.Sequential(
+        nn.Dropout(0.0), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.Flatten(0, 1)
+    )
+    assert choose_backend(seq, X[:, None].expand(-1, 2, -1), ("kflr",)) == "graph"
+    assert choose_backend(seq, X, ("kflr",)) == "sweep"
+    X3 = X[:, None].expand(-1, 2, -1).double()
+    seq = seq.double()
+    rec = extract(seq, loss_func, X3, y.repeat_interleave(2), ("kflr",))
+    assert [r.calls for r in rec] == [1, 1] and rec.batch_size == 2 * X.shape[0]
 
 
 def test_sweep_refuses_what_it_would_get_wrong():
