@@ -123,9 +123,7 @@ class _Plan:
         for name, m in model.named_modules():
             for p in _direct_trainable(m):
                 owners.setdefault(id(p), []).append(name)
-        names = {}
         for name, m in model.named_modules():
-            names[id(m)] = name
             if not _direct_trainable(m):
                 continue
             cls = GRAPH_LAYERS.get(type(m))
@@ -367,6 +365,11 @@ def _backward(
                 )
             order.remove(h)
             gradient_only.append((h.name, h.module))
+    grad_ids = {id(p) for _, m in gradient_only for p in _direct_trainable(m)}
+    for h in list(order):  # modules tied to a gradient-only one become gradient-only too
+        if any(id(p) in grad_ids for p in _direct_trainable(h.module)):
+            order.remove(h)
+            gradient_only.append((h.name, h.module))
     if not order:
         raise ShapeError("No factored module was called in the forward pass.")
     kept = set(map(id, order))
@@ -439,7 +442,11 @@ def _backward(
         for p, g in [*grads.values(), *zip(grad_only_params, grad_only)]:
             if g is not None:
                 _accumulate_grad(p, g)
-    unfactored = [(n, m, _direct_trainable(m)) for n, m in gradient_only]
+    unfactored, listed = [], set()  # every parameter once (tied ones with their first module)
+    for n, m in gradient_only:
+        params = [p for p in _direct_trainable(m) if id(p) not in listed]
+        listed |= set(map(id, params))
+        unfactored.append((n, m, params))
     return Records(
         layers=records,
         loss=loss.value(),

@@ -388,3 +388,46 @@ def test_records_of_other_blocks_are_refused_by_kronecker_operators():
     rec = extract(model, loss_func, X, y, ("kflr",))
     op = BlockDiagonalKFAC.from_records(rec, "kflr")
     assert op.shape[0] == sum(r.numel for r in rec)
+
+
+class _TiedHead(nn.Module):
+    """GPT-style weight tying: the output Linear's weight is the Embedding's."""
+
+    def __init__(self, vocab=6, d=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.emb(idx))))
+
+
+def test_embedding_tied_to_output_layer():
+    torch.manual_seed(0)
+    model = _TiedHead().to(DT)
+    X, y = torch.tensor([0, 4, 2, 2, 5]), torch.tensor([1, 0, 3, 5, 2])
+    loss_func = nn.CrossEntropyLoss(reduction="sum")
+    rec = extract(model, loss_func, X, y, ("batch_grad", "diag_ggn"))
+    assert [r.name for r in rec] == ["emb", "mix"]  # the tied weight belongs to its first module
+    expected, _ = _autograd_grads(model, loss_func, X, y)
+    for p, g in zip(trainable(model), expected):
+        assert_allclose_report(p.grad, g, **TOL)
+    idx = flat_index(model, rec.params)
+    pe = per_example_grads(model, loss_func, X, y)[:, idx]
+    assert_allclose_report(
+        torch.cat([b.flatten(1) for r in rec for b in r.batch_grad], 1), pe, **TOL
+    )
+    diag = torch.cat([d.flatten() for r in rec for d in r.diag_ggn])
+    assert_allclose_report(diag, dense_ggn(model, loss_func, X, y).diagonal()[idx], **TOL)
+    with pytest.raises(UnsupportedModuleError, match=r"Embedding 'emb'.*shares parameters"):
+        extract(model, loss_func, X, y, ("kflr",))
+    for p in model.parameters():
+        p.grad = None
+    rec = extract(model, loss_func, X, y, ("kflr",), unsupported="gradient")
+    assert [r.name for r in rec] == ["mix"]
+    assert [n for n, _, _ in rec.unfactored] == ["emb", "head"]
+    assert rec.unfactored[0][2] == [model.emb.weight] and rec.unfactored[1][2] == []
+    for p, g in zip(trainable(model), expected):
+        assert_allclose_report(p.grad, g, **TOL)
