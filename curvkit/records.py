@@ -48,8 +48,11 @@ class LayerRecord:
 
     Attributes:
         name: Qualified module name inside the model (``"3"``, ``"enc.0"``).
-        module: The layer itself (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``).
-        position: Index of the layer among the model's parametrised layers.
+        module: The layer itself (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``; on the
+            graph path also ``Conv3d``, ``ConvTranspose1d/2d/3d``, ``Embedding``,
+            ``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``).
+        position: Index of the layer among the model's parametrised layers (graph
+            path: order of the modules' first calls).
         params: The layer's trainable parameters in flat order ``[weight, bias]``.
         has_bias: Whether ``params`` contains a bias.
         separate_bias: ``False``: ``A`` has the homogeneous coordinate and the
