@@ -431,3 +431,39 @@ def test_embedding_tied_to_output_layer():
     assert rec.unfactored[0][2] == [model.emb.weight] and rec.unfactored[1][2] == []
     for p, g in zip(trainable(model), expected):
         assert_allclose_report(p.grad, g, **TOL)
+
+
+class _TupleInPlace(nn.Module):
+    """Tuple input; optionally modifies a layer's input in place after the layer read it."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+    def forward(self, xz):
+        x, z = xz
+        h = torch.tanh(x)
+        out = self.a(h) + self.b(z)
+        if self.in_place:
+            h.mul_(2.0)
+        return out
+
+
+def test_tuple_input_and_inputs_modified_in_place():
+    torch.manual_seed(0)
+    X = (torch.randn(5, 4, dtype=DT), torch.randn(5, 2, dtype=DT))
+    y, loss_func = torch.randn(5, 3, dtype=DT), nn.MSELoss()
+    model = _TupleInPlace(False).to(DT)
+    rec = extract(model, loss_func, X, y, ("kflr", "batch_grad"))
+    expected, _ = _autograd_grads(model, loss_func, X, y)
+    for p, g in zip(trainable(model), expected):
+        assert_allclose_report(p.grad, g, **TOL)
+    # one Linear on [N, in] per record and N = 5: the per-example gradients sum to .grad
+    for r in rec:
+        for b, p in zip(r.batch_grad, r.params):
+            assert_allclose_report(b.sum(0), p.grad, **TOL)
+    model = _TupleInPlace(True).to(DT)
+    with pytest.raises(ShapeError, match="input of Linear 'a' was modified in place"):
+        extract(model, loss_func, X, y, ("kflr",))
+    assert _no_hooks(model) and all(p.grad is None for p in model.parameters())
