@@ -139,7 +139,8 @@ def extract(
         mc_samples: Monte Carlo samples ``M`` for ``"kfac"``/``"diag_ggn_mc"``.
         separate_bias: Keep the bias out of ``A`` (its block is
             ``G * bias_scale``) instead of the joint homogeneous-coordinate layout.
-        kfac_approx: ``"expand"`` or ``"reduce"`` (conv layers; Eschenhagen et al. 2023).
+        kfac_approx: ``"expand"`` or ``"reduce"`` (conv layers, and on the graph path
+            every weight shared over locations; Eschenhagen et al. 2023).
         generator: Random generator for the Monte Carlo labels.
         factor_dtype: dtype of factors and diagonals (float32/float64); default:
             the model's dtype (float32 for half-precision models).
