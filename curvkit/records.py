@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 #: Kinds of output-gradient factor ``G``.
@@ -49,8 +48,11 @@ class LayerRecord:
 
     Attributes:
         name: Qualified module name inside the model (``"3"``, ``"enc.0"``).
-        module: The layer itself (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``).
-        position: Index of the layer among the model's parametrised layers.
+        module: The layer itself (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``; on the
+            graph path also ``Conv3d``, ``ConvTranspose1d/2d/3d``, ``Embedding``,
+            ``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``).
+        position: Index of the layer among the model's parametrised layers (graph
+            path: order of the modules' first calls).
         params: The layer's trainable parameters in flat order ``[weight, bias]``.
         has_bias: Whether ``params`` contains a bias.
         separate_bias: ``False``: ``A`` has the homogeneous coordinate and the
@@ -84,6 +86,23 @@ class LayerRecord:
             pair has no cross factor (see ``cross_reason``).
         cross_G: :math:`G_{l,l+1}` by kind, ``[out_l, out_{l+1}]``.
         cross_reason: Why there is no cross factor to the next layer, if none.
+        block: Layout of the layer's curvature block (graph path, see
+            ``docs/conventions.md``): ``"kron"`` (:math:`G \otimes A` as above),
+            ``"kron_grouped"`` (grouped convolution: ``A`` ``[groups, k(+1), k(+1)]``
+            and ``G[kind]`` ``[groups, o, o]``, one :math:`G_g \otimes A_g` per group
+            over the group's rows of the weight; the block is block-diagonal over
+            groups), ``"embedding"`` (``nn.Embedding``: the block over the row-major
+            weight ``[num_embeddings, dim]`` is :math:`\operatorname{diag}(A_\text{diag})
+            \otimes G`, input factor first because the weight is the transposed map)
+            or ``"dense"`` (normalisation layers: ``dense[kind]`` is the exact block
+            ``[D, D]`` over the flat ``[weight, bias]``, no ``A``/``G``).
+        A_diag: ``"embedding"`` blocks: :math:`R` times the token counts, ``[num_embeddings]``.
+        dense: ``"dense"`` blocks by kind (``"kfac"``, ``"kflr"``, ``"empirical"``):
+            :math:`R\sum_{v,n}\psi_{vn}\psi_{vn}^\top` with :math:`\psi_{vn}` the
+            per-(column, example) gradient of the layer's parameters (the exact
+            Fisher/GGN/empirical-Fisher block of the layer).
+        calls: How often the module was called in the forward pass (graph path:
+            every call adds its locations ``t`` like shared weights).
     """
 
     name: str
@@ -104,6 +123,10 @@ class LayerRecord:
     cross_A: Tensor | None = None
     cross_G: dict[str, Tensor] = field(default_factory=dict)
     cross_reason: str | None = None
+    block: str = "kron"
+    A_diag: Tensor | None = None
+    dense: dict[str, Tensor] = field(default_factory=dict)
+    calls: int = 1
 
     @property
     def numel(self) -> int:
@@ -174,10 +197,10 @@ class Records:
             }
             if rec.A is not None:
                 row["A"] = tuple(rec.A.shape)
-                row["tr A"] = float(torch.trace(rec.A))
+                row["tr A"] = float(rec.A.diagonal(dim1=-2, dim2=-1).sum())
             for kind, G in rec.G.items():
                 row[f"G[{kind}]"] = tuple(G.shape)
-                row[f"tr G[{kind}]"] = float(torch.trace(G))
+                row[f"tr G[{kind}]"] = float(G.diagonal(dim1=-2, dim2=-1).sum())
             if rec.cross_A is not None:
                 row["cross"] = f"A{tuple(rec.cross_A.shape)}"
             rows.append(row)

@@ -2,5 +2,6 @@
 
 from curvkit.extraction.checks import QUANTITIES
 from curvkit.extraction.engine import extract
+from curvkit.extraction.graph import extract_graph
 
-__all__ = ["QUANTITIES", "extract"]
+__all__ = ["QUANTITIES", "extract", "extract_graph"]

@@ -35,14 +35,49 @@ KFRA_TYPES = (nn.Linear, nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.Identity
 
 
 def flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """Leaf modules of a (nested) ``nn.Sequential`` in execution order, with qualified names."""
+    """Leaf modules of a (nested) ``nn.Sequential`` in execution order, with qualified names.
+
+    A module object that appears several times is listed at every appearance
+    (``named_children`` would list it once).
+    """
     leaves = []
-    for name, child in model.named_children():
+    for name, child in model._modules.items():
+        if child is None:
+            continue
         if isinstance(child, nn.Sequential):
             leaves.extend(flatten_sequential(child, f"{prefix}{name}."))
         else:
             leaves.append((f"{prefix}{name}", child))
     return leaves
+
+
+def sweep_reason(model: nn.Module) -> str | None:
+    """Why the sweep cannot run ``model`` as a chain (``None``: it can).
+
+    The sweep runs the leaves of a (nested) ``nn.Sequential`` one after the other;
+    that is the model's computation only if no ``Sequential`` subclass overrides
+    ``forward`` and no module object appears twice.
+    """
+    if not isinstance(model, nn.Sequential):
+        return f"the model is a {type(model).__name__}, not an nn.Sequential"
+    todo = [("", model)]
+    while todo:
+        prefix, seq = todo.pop()
+        if type(seq).forward is not nn.Sequential.forward:
+            where = f"{prefix.rstrip('.')!r}" if prefix else "(the model)"
+            return f"the Sequential subclass {type(seq).__name__} {where} overrides forward"
+        todo.extend(
+            (f"{prefix}{n}.", c) for n, c in seq._modules.items() if isinstance(c, nn.Sequential)
+        )
+    seen: dict[int, str] = {}
+    for name, m in flatten_sequential(model):
+        if id(m) in seen:
+            return (
+                f"the module object {seen[id(m)]!r} is used again as {name!r} "
+                "(a reused module or shared weights)"
+            )
+        seen[id(m)] = name
+    return None
 
 
 def supported_names() -> str:
@@ -124,15 +159,17 @@ def check_arguments(
         The requested quantities as a set.
 
     Raises:
-        UnsupportedModuleError: If the model is not an ``nn.Sequential``.
+        UnsupportedModuleError: If the model is not a plain ``nn.Sequential`` chain
+            (see :func:`sweep_reason`).
         UnsupportedLossError: For an unsupported loss.
         ShapeError: For unknown quantities, bad ``mc_samples`` / ``kfac_approx``,
             or mismatched batch sizes.
     """
-    if not isinstance(model, nn.Sequential):
+    reason = sweep_reason(model)
+    if reason is not None:
         raise UnsupportedModuleError(
-            f"extract needs an nn.Sequential model (nested Sequentials are flattened); "
-            f"got {type(model).__name__}."
+            f"The sweep (backend='sweep') needs a plain nn.Sequential chain (nested "
+            f"Sequentials are flattened), but {reason}; use backend='graph' or 'auto'."
         )
     if isinstance(quantities, str):
         quantities = (quantities,)

@@ -36,8 +36,10 @@ from curvkit.extraction.checks import (
     check_module,
     factor_dtype_of,
     flatten_sequential,
+    sweep_reason,
 )
 from curvkit.extraction.gram import homogeneous_cross
+from curvkit.extraction.graph import SWEEP_ONLY, extract_graph
 from curvkit.extraction.layers import PARAMETRISED, LinearNode
 from curvkit.extraction.losses import make_loss_handler
 from curvkit.extraction.modules import PARAMETER_FREE, ParamVJPNode, VJPNode
@@ -94,6 +96,7 @@ def extract(
     generator: torch.Generator | None = None,
     factor_dtype: torch.dtype | None = None,
     unsupported: str = "error",
+    backend: str = "auto",
 ) -> Records:
     r"""Extract curvature quantities of every parametrised layer in one pass.
 
@@ -101,10 +104,24 @@ def extract(
     into ``p.grad`` of every trainable parameter (like ``loss.backward()``). The
     model is left unchanged: no hooks, no attributes.
 
+    Two backends compute the same records where both apply:
+
+    - the *sweep* runs a plain ``nn.Sequential`` chain module by module and
+      propagates the output-gradient rows by hand (every quantity, KFRA and the
+      Hessian diagonal included);
+    - the *graph path* (:func:`~curvkit.extraction.graph.extract_graph`) runs any
+      ``nn.Module`` once with forward hooks on its parametrised modules and gets
+      the rows at every module call from one batched autograd backward (residual
+      branches, attention, reused modules, dict/tuple inputs; ``Linear`` on
+      ``[N, ..., in]``, ``Conv1d/2d/3d`` with groups and any padding mode,
+      ``Embedding``, ``BatchNorm``/``LayerNorm``/``GroupNorm``; no KFRA, no
+      Hessian diagonal). See ``docs/conventions.md``, "The graph path".
+
     Args:
-        model: An ``nn.Sequential`` of supported modules (nested Sequentials are
-            flattened). Parametrised: ``Linear`` (2-D input), ``Conv1d``,
-            ``Conv2d`` (``groups=1``).
+        model: Any ``nn.Module`` (graph path), or an ``nn.Sequential`` of supported
+            modules for the sweep (nested Sequentials are flattened). Sweep
+            parametrised layers: ``Linear`` (2-D input), ``Conv1d``, ``Conv2d``
+            (``groups=1``, zero padding).
         loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` with
             ``reduction`` "mean" or "sum".
         X: Inputs ``[N, ...]``.
@@ -122,7 +139,8 @@ def extract(
         mc_samples: Monte Carlo samples ``M`` for ``"kfac"``/``"diag_ggn_mc"``.
         separate_bias: Keep the bias out of ``A`` (its block is
             ``G * bias_scale``) instead of the joint homogeneous-coordinate layout.
-        kfac_approx: ``"expand"`` or ``"reduce"`` (conv layers; Eschenhagen et al. 2023).
+        kfac_approx: ``"expand"`` or ``"reduce"`` (conv layers, and on the graph path
+            every weight shared over locations; Eschenhagen et al. 2023).
         generator: Random generator for the Monte Carlo labels.
         factor_dtype: dtype of factors and diagonals (float32/float64); default:
             the model's dtype (float32 for half-precision models).
@@ -130,15 +148,22 @@ def extract(
             factor; ``"gradient"`` passes it through ``torch.func.vjp`` instead: its
             parameters get gradients (listed in ``Records.unfactored``) but no
             curvature, and the layers around it keep theirs.
+        backend: ``"auto"`` (default): the sweep for a plain ``nn.Sequential``
+            chain (no ``Sequential`` subclass overriding ``forward``, no module object
+            used twice, a tensor input) whose modules it supports (or with
+            ``unsupported="gradient"``), and always for ``"kfra"``/``"diag_hessian"``;
+            the graph path otherwise. ``"sweep"`` or ``"graph"`` force one.
 
     Returns:
         The per-layer records (see :mod:`curvkit.records` for normalisations).
 
     Raises:
-        UnsupportedModuleError: For a non-Sequential model or an unsupported module.
+        UnsupportedModuleError: For an unsupported module (its name and type in the
+            message), a model the forced sweep cannot run, or KFRA/the Hessian
+            diagonal on the graph path.
         UnsupportedLossError: For an unsupported loss function or option.
-        ShapeError: For unknown quantities, ``mc_samples < 1``, mismatched batch
-            sizes or unsuitable shapes.
+        ShapeError: For unknown quantities or backends, ``mc_samples < 1``,
+            mismatched batch sizes or unsuitable shapes.
 
     Example:
         >>> import torch
@@ -149,11 +174,54 @@ def extract(
         >>> rec[0].A.shape, rec[0].G["kflr"].shape, rec[0].cross_A.shape
         (torch.Size([5, 5]), torch.Size([3, 3]), torch.Size([5, 4]))
     """
+    if backend not in BACKENDS:
+        raise ShapeError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    if backend == "auto":
+        backend = choose_backend(model, X, quantities, unsupported)
+    if backend == "graph":
+        return extract_graph(
+            model, loss_func, X, y, quantities, mc_samples, separate_bias, kfac_approx,
+            generator, factor_dtype, unsupported,
+        )  # fmt: skip
     q = check_arguments(model, loss_func, X, y, quantities, mc_samples, kfac_approx, unsupported)
     fwd = forward_pass(model, X, kfra="kfra" in q, unsupported=unsupported)
     return backward_sweep(
         fwd, loss_func, y, q, mc_samples, separate_bias, kfac_approx, generator, factor_dtype
     )
+
+
+#: Values of ``extract(..., backend=...)``.
+BACKENDS = ("auto", "sweep", "graph")
+
+
+def choose_backend(model: nn.Module, X, quantities, unsupported: str = "error") -> str:
+    """The backend ``extract(..., backend="auto")`` uses: ``"sweep"`` or ``"graph"``.
+
+    The sweep for a plain ``nn.Sequential`` chain (:func:`~curvkit.extraction.checks.
+    sweep_reason`) with a tensor input whose modules it supports (all of them, or
+    with ``unsupported="gradient"``), and whenever KFRA or the Hessian diagonal is
+    requested (the sweep then reports what it cannot do); the graph path otherwise.
+    """
+    q = {quantities} if isinstance(quantities, str) else set(quantities)
+    if q & set(SWEEP_ONLY):
+        return "sweep"
+    if not isinstance(X, Tensor) or sweep_reason(model) is not None:
+        return "graph"
+    leaves = flatten_sequential(model)
+    if unsupported == "error":
+        for pos, (name, module) in enumerate(leaves):
+            try:
+                check_module(name, pos, module, False, "error")
+            except UnsupportedModuleError:
+                return "graph"
+    # a Linear reached by element-wise modules only sees X's shape: [N, ..., in] needs the graph
+    for _, module in leaves:
+        if isinstance(module, nn.Linear):
+            return "graph" if X.dim() != 2 else "sweep"
+        elementwise = getattr(PARAMETER_FREE.get(type(module)), "elementwise", False)
+        if not (elementwise or type(module) is nn.Dropout):
+            break
+    return "sweep"
 
 
 @dataclass
@@ -186,16 +254,15 @@ def forward_pass(
         UnsupportedModuleError: For an unsupported model or module (see :func:`extract`).
         ShapeError: For unsuitable shapes.
     """
-    if not isinstance(model, nn.Sequential):
+    reason = sweep_reason(model)
+    if reason is not None:
         raise UnsupportedModuleError(
-            f"extract needs an nn.Sequential model (nested Sequentials are flattened); "
-            f"got {type(model).__name__}."
+            f"The sweep (backend='sweep') needs a plain nn.Sequential chain (nested "
+            f"Sequentials are flattened), but {reason}; use backend='graph' or 'auto'."
         )
     leaves = flatten_sequential(model)
     if not leaves:
         raise UnsupportedModuleError("extract needs a non-empty nn.Sequential model.")
-    if len({id(m) for _, m in leaves}) != len(leaves):
-        raise UnsupportedModuleError("A module appears twice in the model (weight sharing).")
     handling = [check_module(n, pos, m, kfra, unsupported) for pos, (n, m) in enumerate(leaves)]
     kron = [i for i, (_, m) in enumerate(leaves) if handling[i] == "kron" and _trainable(m)]
     grad_only = [
@@ -213,8 +280,9 @@ def forward_pass(
                 table = PARAMETRISED if handling[pos] == "kron" else PARAMETER_FREE
                 if isinstance(module, nn.Linear) and h.dim() != 2:
                     raise ShapeError(
-                        f"Linear at position {pos} (name {name!r}) needs 2-D input [N, in], "
-                        f"got shape {tuple(h.shape)}."
+                        f"Linear at position {pos} (name {name!r}) needs 2-D input [N, in] "
+                        f"on the sweep, got shape {tuple(h.shape)}; backend='graph' takes "
+                        "[N, ..., in]."
                     )
                 node = table[type(module)](module, h)
             if isinstance(node, (VJPNode, ParamVJPNode)) and node.out.shape[:1] != h.shape[:1]:

@@ -113,6 +113,13 @@ def layers_and_factors(records: Records, kind: str) -> tuple[list[KronLayer], li
     """
     check_kind(kind)
     for rec in records:
+        block = getattr(rec, "block", "kron")
+        if block != "kron":
+            raise ShapeError(
+                f"Layer {rec.name!r} ({type(rec.module).__name__}) has a {block!r} curvature "
+                "block (graph path), not a G ⊗ A factorisation over its weight; Kronecker "
+                "operators need Linear/Conv layers with groups=1 (see docs/conventions.md)."
+            )
         if rec.A is None or kind not in rec.G:
             raise ShapeError(
                 f"Layer {rec.name!r} has no Kronecker factors of kind {kind!r} "

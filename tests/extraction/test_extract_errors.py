@@ -31,7 +31,7 @@ def test_unsupported_module_named(module, name):
     net = nn.Sequential(nn.Linear(5, 4), nn.Sequential(module), nn.Linear(4, 3)).double()
     _, loss_func, X, y = make_problem("mlp", "mse")
     with pytest.raises(UnsupportedModuleError, match=rf"{name} at position 1 \(name '1.0'\)") as e:
-        extract(net, loss_func, X, y)
+        extract(net, loss_func, X, y, backend="sweep")
     assert "Supported modules: " in str(e.value) and "Linear" in str(e.value)
 
 
@@ -51,7 +51,7 @@ def test_unsupported_conv_options(module, match):
     net = nn.Sequential(module, nn.Flatten(), nn.LazyLinear(3)).double()
     X, y = torch.randn(2, 2, 6, 6, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(UnsupportedModuleError, match=match):
-        extract(net, nn.MSELoss(), X, y)
+        extract(net, nn.MSELoss(), X, y, backend="sweep")
 
 
 BAD_LOSSES = [
@@ -104,13 +104,13 @@ def test_shapes():
     with pytest.raises(ShapeError, match="targets shaped like"):
         extract(net, loss_func, X, y[:, :2])
     with pytest.raises(ShapeError, match="2-D input"):
-        extract(net, loss_func, X[:, None].expand(-1, 2, -1), y)
+        extract(net, loss_func, X[:, None].expand(-1, 2, -1), y, backend="sweep")
 
 
 def test_not_sequential_and_kfra_with_conv():
     _, loss_func, X, y = make_problem("mlp", "mse")
     with pytest.raises(UnsupportedModuleError, match="nn.Sequential.*NotSequential"):
-        extract(NotSequential().double(), loss_func, X, y)
+        extract(NotSequential().double(), loss_func, X, y, backend="sweep")
     net, loss_func, X, y = make_problem("cnn", "ce")
     with pytest.raises(UnsupportedModuleError, match="KFRA.*Conv2d at position 0"):
         extract(net, loss_func, X, y, ("kfra",))

@@ -79,7 +79,7 @@ def test_default_still_raises_and_names_the_option():
     model = _model(train_bn=False)
     X, y = _data()
     with pytest.raises(UnsupportedModuleError, match="unsupported='gradient'"):
-        extract(model, nn.CrossEntropyLoss(), X, y)
+        extract(model, nn.CrossEntropyLoss(), X, y, backend="sweep")
 
 
 def test_grouped_conv_gets_gradients_only():
