@@ -205,11 +205,39 @@ def test_logdet_rejects_indefinite():
 def test_extreme_eigenvalues_and_condition_number():
     eigs = torch.linspace(0.0, 3.0, 80).double()
     op = MatrixOperator(symmetric(eigs))
-    assert spectral.lambda_max(op) == pytest.approx(3.0)
-    assert spectral.lambda_min(op) == pytest.approx(0.0, abs=1e-12)
-    assert spectral.condition_number(op) == math.inf
-    assert spectral.condition_number(op, damping=0.5) == pytest.approx(3.5 / 0.5)
+    # Round-off of the dense decomposition: D * eps * lambda_max.
+    tol = 80 * torch.finfo(torch.float64).eps * 3.0 * 10
+    assert spectral.lambda_max(op) == pytest.approx(3.0, abs=tol)
+    assert spectral.lambda_min(op) == pytest.approx(0.0, abs=tol)
+    assert math.isinf(spectral.condition_number(op))
+    assert spectral.condition_number(op, damping=0.5) == pytest.approx(3.5 / 0.5, rel=1e-12)
     assert spectral.lambda_max(op, method="lanczos") == pytest.approx(3.0, rel=1e-8)
+
+
+@pytest.mark.parametrize("tiny", [1e-17, 3e-16, -1e-16, 0.0])
+def test_condition_number_treats_round_off_lambda_min_as_singular(tiny):
+    """A smallest eigenvalue at round-off level (<= D eps lambda_max) is singular: inf.
+
+    Dense ``eigh`` of a diagonal matrix returns its entries exactly, so the smallest
+    eigenvalue is the given round-off-sized value whatever the machine.
+    """
+    op = ck.DenseOperator(torch.diag(torch.tensor([3.0, 1.0, tiny], dtype=torch.float64)))
+    assert spectral.lambda_min(op) == tiny
+    assert math.isinf(spectral.condition_number(op))
+    # Just above the threshold 3 * eps * 3 the ratio is finite and exact.
+    above = 3 * 3.0 * torch.finfo(torch.float64).eps * 4
+    op = ck.DenseOperator(torch.diag(torch.tensor([3.0, 1.0, above], dtype=torch.float64)))
+    assert spectral.condition_number(op) == pytest.approx(3.0 / above, rel=1e-12)
+    # The threshold follows the dtype: float32 round-off is far larger.
+    op = ck.DenseOperator(torch.diag(torch.tensor([3.0, 1.0, 1e-7])))
+    assert math.isinf(spectral.condition_number(op))
+
+
+@pytest.mark.parametrize("damping", [-0.1, math.nan, math.inf])
+def test_condition_number_rejects_bad_damping(damping):
+    op = ck.DenseOperator(torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ShapeError, match="damping"):
+        spectral.condition_number(op, damping=damping)
 
 
 @pytest.mark.parametrize("method", ["entropy", "intrinsic"])

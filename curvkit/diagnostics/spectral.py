@@ -235,7 +235,18 @@ def condition_number(op: CurvatureOperator, damping: float = 0.0, **kwargs) -> f
     r"""Condition number :math:`(\lambda_{\max} + \delta) / (\lambda_{\min} + \delta)`.
 
     Meant for positive semi-definite curvature (GGN, Fisher, K-FAC) with
-    damping :math:`\delta`; ``inf`` when :math:`\lambda_{\min} + \delta \le 0`.
+    damping :math:`\delta`. The operator counts as singular, and ``inf`` is
+    returned, when
+
+    .. math::
+        \lambda_{\min} + \delta \le D\,\epsilon\,|\lambda_{\max} + \delta|,
+
+    with :math:`\epsilon` the machine epsilon of the operator's dtype and
+    :math:`D` its dimension: an eigenvalue below that level is indistinguishable
+    from round-off of the eigen-solver (the rank threshold of NumPy's
+    ``matrix_rank``; Golub & Van Loan 2013, §5.4.1), so a computed ratio above
+    :math:`1/(D\epsilon)` would only report round-off. Negative
+    :math:`\lambda_{\min} + \delta` (an indefinite operator) also gives ``inf``.
     Lanczos converges slowly to a :math:`\lambda_{\min}` inside a cluster near
     zero; for large operators consider ``max_restarts`` and ``ncv``.
 
@@ -245,11 +256,20 @@ def condition_number(op: CurvatureOperator, damping: float = 0.0, **kwargs) -> f
         **kwargs: Passed to :func:`eigenvectors`.
 
     Returns:
-        The condition number.
+        The condition number, ``inf`` for a singular (by the rule above) or
+        indefinite operator.
+
+    Raises:
+        ShapeError: If ``op`` is not an operator or ``damping`` is negative or
+            not finite.
     """
+    _check_operator(op, "condition_number")
+    if not (math.isfinite(float(damping)) and float(damping) >= 0):
+        raise ShapeError(f"condition_number: damping={damping} must be a finite number >= 0.")
     lo = lambda_min(op, **kwargs) + damping
     hi = lambda_max(op, **kwargs) + damping
-    return hi / lo if lo > 0 else math.inf
+    threshold = op.dim * torch.finfo(op.dtype).eps * abs(hi)
+    return hi / lo if lo > threshold else math.inf
 
 
 def effective_rank(op: CurvatureOperator, method: str = "entropy", **kwargs) -> float:
