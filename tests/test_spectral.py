@@ -279,3 +279,23 @@ def test_kronecker_operator_structured_trace_and_logdet():
     assert spectral.logdet(K, damping=0.1, method="exact").value == pytest.approx(
         expected, rel=1e-10
     )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kernel_width=0.0), "kernel_width=0.0 must be a finite number > 0"),
+        (dict(kernel_width=-0.1), "kernel_width=-0.1"),
+        (dict(kernel_width=math.nan), "kernel_width=nan"),
+        (dict(grid=1), "grid=1 must be at least 2"),
+        (dict(grid=torch.ones(2, 2)), "1-D and non-empty"),
+        (dict(grid=torch.tensor([0.0, 1.0]), log=True), "positive for log=True"),
+        (dict(log=True, cutoff=-1.0), "cutoff must be positive"),
+        (dict(num_probes=0), "num_probes=0"),
+    ],
+)
+def test_spectral_density_bad_arguments_before_any_product(kwargs, match):
+    op = MatrixOperator(symmetric(torch.linspace(0.1, 1.0, 10).double()))
+    with pytest.raises(ShapeError, match=match):
+        ck.spectral_density(op, **kwargs)
+    assert op.matvecs == 0

@@ -407,7 +407,10 @@ def spectral_density(
         A :class:`SpectralDensity`.
 
     Raises:
-        ShapeError: If ``op`` is not an operator or an argument is out of range.
+        ShapeError: If ``op`` is not an operator or an argument is out of range
+            (``num_probes`` or ``lanczos_steps`` below 1, ``kernel_width <= 0``,
+            a grid of fewer than two points, a non-positive ``cutoff`` or grid
+            point with ``log=True``); checked before any product.
 
     Example:
         >>> import torch, curvkit as ck
@@ -422,6 +425,25 @@ def spectral_density(
             f"spectral_density: num_probes={num_probes} and lanczos_steps={lanczos_steps} "
             "must be positive."
         )
+    if kernel_width is not None and not (
+        math.isfinite(float(kernel_width)) and float(kernel_width) > 0
+    ):
+        raise ShapeError(
+            f"spectral_density: kernel_width={kernel_width} must be a finite number > 0 "
+            "(or None for 1/200 of the node span)."
+        )
+    if isinstance(grid, Tensor):
+        if grid.ndim != 1 or grid.numel() < 1:
+            raise ShapeError(
+                "spectral_density: a grid tensor must be 1-D and non-empty, "
+                f"got shape {tuple(grid.shape)}."
+            )
+        if log and bool((grid <= 0).any()):
+            raise ShapeError("spectral_density: grid points must be positive for log=True.")
+    elif isinstance(grid, bool) or int(grid) < 2:
+        raise ShapeError(f"spectral_density: grid={grid!r} must be at least 2 points.")
+    if log and cutoff is not None and not float(cutoff) > 0:
+        raise ShapeError(f"spectral_density: cutoff must be positive for log=True, got {cutoff}.")
     start = op.matvecs
     nodes, weights = _probe_quadrature(op, num_probes, lanczos_steps, seed)
     u, mass_below = nodes, 0.0
