@@ -312,6 +312,8 @@ def compare(
         [['frobenius', 0.2182], ['spectral', 0.25]]
     """
     approxes = dict(approx) if isinstance(approx, Mapping) else {type(approx).__name__: approx}
+    if not approxes:
+        raise ShapeError("compare: approx is an empty mapping; give at least one operator.")
     for name, A in {**approxes, reference_name: reference}.items():
         if not isinstance(A, CurvatureOperator):
             raise ShapeError(f"compare: {name!r} is a {type(A).__name__}, not a CurvatureOperator.")

@@ -19,6 +19,7 @@ re-exported here (:func:`trace`, :func:`diagonal`).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -149,8 +150,8 @@ def eigenvectors(
     if method not in _METHODS:
         raise ShapeError(f"eigenvectors: method={method!r} is not one of {_METHODS}.")
     D = op.dim
-    if not 1 <= int(k) <= D:
-        raise ShapeError(f"eigenvectors: k={k} must lie in [1, D={D}].")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= D:
+        raise ShapeError(f"eigenvectors: k={k!r} must be an integer in [1, D={D}].")
     k = int(k)
     wanted = max(2 * k + 1, 20) if ncv is None else int(ncv)
     m = min(wanted, D - 1)
