@@ -2,7 +2,7 @@
 # on a fresh clone; constraints.txt keeps pip on the CPU build of torch.
 PYTHON ?= python3
 
-.PHONY: install run test lint format clean
+.PHONY: install run test test-threads lint format clean
 
 install:
 	$(PYTHON) -m pip install --quiet --root-user-action=ignore -c constraints.txt -e ".[test]"
@@ -12,6 +12,11 @@ run: install
 
 test: install lint
 	$(PYTHON) -m pytest
+
+# The quick tests again with 2 torch threads (`make test` uses 1): no test may
+# depend on how reductions are split between threads.
+test-threads: install
+	CURVKIT_TEST_THREADS=2 $(PYTHON) -m pytest -q -m "not slow" -p no:cacheprovider
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -19,3 +19,7 @@ class UnsupportedLossError(CurvkitError, NotImplementedError):
 
 class ShapeError(CurvkitError, ValueError):
     """An argument has a shape or form the call does not accept."""
+
+
+class NonFiniteError(CurvkitError, FloatingPointError):
+    """A computation met NaN or Inf values (e.g. from NaN/Inf in the data) it cannot use."""

@@ -299,3 +299,17 @@ def test_spectral_density_bad_arguments_before_any_product(kwargs, match):
     with pytest.raises(ShapeError, match=match):
         ck.spectral_density(op, **kwargs)
     assert op.matvecs == 0
+
+
+def test_operator_with_nan_products():
+    """NaN propagates (dense eigenvalues, condition number); Lanczos names the cause."""
+    M = symmetric(torch.linspace(0.1, 1.0, 30).double())
+    M[3, 5] = M[5, 3] = math.nan
+    op = MatrixOperator(M)
+    assert torch.isnan(ck.eigenvalues(op, k=2, method="dense")[0]).all()
+    assert math.isnan(spectral.condition_number(op))
+    from curvkit.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="not finite") as info:
+        ck.eigenvalues(op, k=2, method="lanczos")
+    assert isinstance(info.value, FloatingPointError)

@@ -35,7 +35,7 @@ from curvkit.diagnostics.krylov import (
     rademacher,
     tridiagonal,
 )
-from curvkit.errors import CurvkitError, ShapeError
+from curvkit.errors import CurvkitError, NonFiniteError, ShapeError
 from curvkit.operators.base import CurvatureOperator
 
 __all__ = [
@@ -136,6 +136,8 @@ def eigenvectors(
     Raises:
         ShapeError: If ``op`` is not an operator, or ``k``, ``which`` or
             ``method`` is not supported.
+        NonFiniteError: If Lanczos fails on an operator whose products hold NaN or
+            Inf (the dense method returns NaN eigenvalues instead).
 
     Example:
         >>> import torch, curvkit as ck
@@ -167,15 +169,24 @@ def eigenvectors(
         residuals = (M @ vectors - vectors * values).norm(dim=0)
     else:
         if method == "lanczos":
-            values, vectors, _, restarts, converged = krylov_schur(
-                op,
-                k,
-                which,
-                ncv=m,
-                tol=tol,
-                max_restarts=max_restarts,
-                generator=make_generator(seed, op.device),
-            )
+            try:
+                values, vectors, _, restarts, converged = krylov_schur(
+                    op,
+                    k,
+                    which,
+                    ncv=m,
+                    tol=tol,
+                    max_restarts=max_restarts,
+                    generator=make_generator(seed, op.device),
+                )
+            except torch.linalg.LinAlgError as err:
+                probe = torch.ones(D, dtype=op.dtype, device=op.device)
+                if not bool(torch.isfinite(op.matmat(probe[:, None])).all()):
+                    raise NonFiniteError(
+                        "eigenvectors: the operator's products are not finite (NaN or Inf, "
+                        "e.g. from NaN/Inf in the data or the parameters); Lanczos cannot run."
+                    ) from err
+                raise
             tol_used = torch.finfo(op.dtype).eps ** 0.5 if tol is None else float(tol)
         else:
             values, vectors, tol_used = _eigsh(op, k, which, tol, m, seed)
@@ -258,7 +269,8 @@ def condition_number(op: CurvatureOperator, damping: float = 0.0, **kwargs) -> f
 
     Returns:
         The condition number, ``inf`` for a singular (by the rule above) or
-        indefinite operator.
+        indefinite operator, ``nan`` when an extreme eigenvalue is ``nan`` (an
+        operator with NaN products).
 
     Raises:
         ShapeError: If ``op`` is not an operator or ``damping`` is negative or
@@ -269,6 +281,8 @@ def condition_number(op: CurvatureOperator, damping: float = 0.0, **kwargs) -> f
         raise ShapeError(f"condition_number: damping={damping} must be a finite number >= 0.")
     lo = lambda_min(op, **kwargs) + damping
     hi = lambda_max(op, **kwargs) + damping
+    if math.isnan(lo) or math.isnan(hi):
+        return math.nan
     threshold = op.dim * torch.finfo(op.dtype).eps * abs(hi)
     return hi / lo if lo > threshold else math.inf
 
