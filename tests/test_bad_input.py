@@ -569,3 +569,15 @@ def test_kfac_optimizer_rejects_unreduced_loss():
 def test_errors_subclass_the_matching_builtin():
     assert issubclass(ShapeError, ValueError) and issubclass(ShapeError, CurvkitError)
     assert issubclass(UnsupportedLossError, NotImplementedError)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="operators: ck.ekfac on data with a NaN target raises torch.linalg.LinAlgError "
+    "from its eigendecomposition instead of a CurvkitError naming the non-finite data",
+)
+def test_ekfac_on_data_with_nan():
+    model = tiny_model()
+    X, y = tiny_data(4)
+    y[1, 0] = math.nan
+    expect_error(lambda: ck.ekfac(model, nn.MSELoss(), (X, y)), FloatingPointError, "finite", model)
