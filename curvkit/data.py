@@ -20,13 +20,16 @@ def as_batches(data) -> list[tuple[Tensor, Tensor]]:
         The batches as a list (a DataLoader is iterated once).
 
     Raises:
-        ShapeError: If ``data`` is neither form, or is empty.
+        ShapeError: If ``data`` is neither form, holds no batch, or a batch is
+            not a pair of tensors or holds no example (an empty ``X`` or ``y``:
+            every curvature is an average or sum over examples).
     """
     if (
         isinstance(data, (tuple, list))
         and len(data) == 2
         and all(isinstance(t, Tensor) for t in data)
     ):
+        _check_batch(0, data[0], data[1])
         return [(data[0], data[1])]
     if not isinstance(data, Iterable):
         raise ShapeError(
@@ -37,10 +40,25 @@ def as_batches(data) -> list[tuple[Tensor, Tensor]]:
     for i, batch in enumerate(data):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise ShapeError(f"data batch {i} is not an (X, y) pair: {type(batch).__name__}.")
+        _check_batch(i, batch[0], batch[1])
         batches.append((batch[0], batch[1]))
     if not batches:
         raise ShapeError("data holds no batch.")
     return batches
+
+
+def _check_batch(i: int, X, y) -> None:
+    """A batch is two tensors, each with a leading dimension of at least one example."""
+    for name, t in (("X", X), ("y", y)):
+        if not isinstance(t, Tensor):
+            raise ShapeError(f"data batch {i}: {name} is a {type(t).__name__}, not a tensor.")
+    if X.ndim == 0 or X.shape[0] == 0:
+        raise ShapeError(
+            f"data batch {i} holds no example: X has shape {tuple(X.shape)} "
+            "(the first dimension counts the examples and must be at least 1)."
+        )
+    if y.numel() == 0:
+        raise ShapeError(f"data batch {i} holds no example: y has shape {tuple(y.shape)}.")
 
 
 def num_data(batches: list[tuple[Tensor, Tensor]]) -> int:

@@ -138,6 +138,22 @@ def test_bad_input_exits_with_one_line(case, capsys):
     assert words in err and "error" in err
 
 
+def test_extract_unwritable_out_is_reported_before_extracting(tmp_path, capsys, monkeypatch):
+    import curvkit.problems
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output folder must be checked before any work")
+
+    monkeypatch.setattr(curvkit.problems, "get_problem", no_work)
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "extract"  # below a regular file: cannot be created
+    code, _, err = run_cli(
+        ["extract", "--problem", "tiny_mlp", "--quiet", "--out", str(out)], capsys
+    )
+    assert code == 1 and "--out" in err and "not a writable folder" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_device_without_cuda_is_a_one_line_error(capsys):
     code, _, err = run_cli(["extract", "--problem", "tiny_mlp", "--device", "cuda"], capsys)

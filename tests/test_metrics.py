@@ -299,8 +299,26 @@ def test_block_view_is_the_diagonal_block():
         (lambda A, B: ck.compare(A, B, gradient=torch.ones(3)), "gradient must be"),
         (lambda A, B: ck.compare(A.M, B), "not a CurvatureOperator"),
         (lambda A, B: ck.compare(A, B, approx_inverse="kfac"), "approx_inverse='kfac'"),
+        (lambda A, B: ck.compare(A, B, k=0), "k=0 must be an integer >= 1"),
+        (lambda A, B: ck.compare(A, B, k=-2), "k=-2 must be an integer >= 1"),
+        (lambda A, B: ck.compare(A, B, k=2.5), "k=2.5 must be an integer"),
+        (lambda A, B: ck.compare(A, B, num_probes=0), "num_probes=0"),
+        (lambda A, B: ck.compare(A, B, damping_grid=(0.1, -1.0)), "damping_grid"),
+        (lambda A, B: ck.compare(A, B, damping_grid=(float("nan"),)), "damping_grid"),
     ],
-    ids=["shape", "metric", "gradient", "tensor", "approx-inverse"],
+    ids=[
+        "shape",
+        "metric",
+        "gradient",
+        "tensor",
+        "approx-inverse",
+        "k-zero",
+        "k-negative",
+        "k-float",
+        "probes",
+        "damping-negative",
+        "damping-nan",
+    ],
 )
 def test_compare_bad_arguments(call, match):
     A, B = MatrixOperator(torch.eye(4, dtype=DT)), MatrixOperator(2 * torch.eye(4, dtype=DT))

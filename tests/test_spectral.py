@@ -205,11 +205,39 @@ def test_logdet_rejects_indefinite():
 def test_extreme_eigenvalues_and_condition_number():
     eigs = torch.linspace(0.0, 3.0, 80).double()
     op = MatrixOperator(symmetric(eigs))
-    assert spectral.lambda_max(op) == pytest.approx(3.0)
-    assert spectral.lambda_min(op) == pytest.approx(0.0, abs=1e-12)
-    assert spectral.condition_number(op) == math.inf
-    assert spectral.condition_number(op, damping=0.5) == pytest.approx(3.5 / 0.5)
+    # Round-off of the dense decomposition: D * eps * lambda_max.
+    tol = 80 * torch.finfo(torch.float64).eps * 3.0 * 10
+    assert spectral.lambda_max(op) == pytest.approx(3.0, abs=tol)
+    assert spectral.lambda_min(op) == pytest.approx(0.0, abs=tol)
+    assert math.isinf(spectral.condition_number(op))
+    assert spectral.condition_number(op, damping=0.5) == pytest.approx(3.5 / 0.5, rel=1e-12)
     assert spectral.lambda_max(op, method="lanczos") == pytest.approx(3.0, rel=1e-8)
+
+
+@pytest.mark.parametrize("tiny", [1e-17, 3e-16, -1e-16, 0.0])
+def test_condition_number_treats_round_off_lambda_min_as_singular(tiny):
+    """A smallest eigenvalue at round-off level (<= D eps lambda_max) is singular: inf.
+
+    Dense ``eigh`` of a diagonal matrix returns its entries exactly, so the smallest
+    eigenvalue is the given round-off-sized value whatever the machine.
+    """
+    op = ck.DenseOperator(torch.diag(torch.tensor([3.0, 1.0, tiny], dtype=torch.float64)))
+    assert spectral.lambda_min(op) == tiny
+    assert math.isinf(spectral.condition_number(op))
+    # Just above the threshold 3 * eps * 3 the ratio is finite and exact.
+    above = 3 * 3.0 * torch.finfo(torch.float64).eps * 4
+    op = ck.DenseOperator(torch.diag(torch.tensor([3.0, 1.0, above], dtype=torch.float64)))
+    assert spectral.condition_number(op) == pytest.approx(3.0 / above, rel=1e-12)
+    # The threshold follows the dtype: float32 round-off is far larger.
+    op = ck.DenseOperator(torch.diag(torch.tensor([3.0, 1.0, 1e-7])))
+    assert math.isinf(spectral.condition_number(op))
+
+
+@pytest.mark.parametrize("damping", [-0.1, math.nan, math.inf])
+def test_condition_number_rejects_bad_damping(damping):
+    op = ck.DenseOperator(torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ShapeError, match="damping"):
+        spectral.condition_number(op, damping=damping)
 
 
 @pytest.mark.parametrize("method", ["entropy", "intrinsic"])
@@ -251,3 +279,37 @@ def test_kronecker_operator_structured_trace_and_logdet():
     assert spectral.logdet(K, damping=0.1, method="exact").value == pytest.approx(
         expected, rel=1e-10
     )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kernel_width=0.0), "kernel_width=0.0 must be a finite number > 0"),
+        (dict(kernel_width=-0.1), "kernel_width=-0.1"),
+        (dict(kernel_width=math.nan), "kernel_width=nan"),
+        (dict(grid=1), "grid=1 must be at least 2"),
+        (dict(grid=torch.ones(2, 2)), "1-D and non-empty"),
+        (dict(grid=torch.tensor([0.0, 1.0]), log=True), "positive for log=True"),
+        (dict(log=True, cutoff=-1.0), "cutoff must be positive"),
+        (dict(num_probes=0), "num_probes=0"),
+    ],
+)
+def test_spectral_density_bad_arguments_before_any_product(kwargs, match):
+    op = MatrixOperator(symmetric(torch.linspace(0.1, 1.0, 10).double()))
+    with pytest.raises(ShapeError, match=match):
+        ck.spectral_density(op, **kwargs)
+    assert op.matvecs == 0
+
+
+def test_operator_with_nan_products():
+    """NaN propagates (dense eigenvalues, condition number); Lanczos names the cause."""
+    M = symmetric(torch.linspace(0.1, 1.0, 30).double())
+    M[3, 5] = M[5, 3] = math.nan
+    op = MatrixOperator(M)
+    assert torch.isnan(ck.eigenvalues(op, k=2, method="dense")[0]).all()
+    assert math.isnan(spectral.condition_number(op))
+    from curvkit.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="not finite") as info:
+        ck.eigenvalues(op, k=2, method="lanczos")
+    assert isinstance(info.value, FloatingPointError)

@@ -101,6 +101,67 @@ def test_diverging_run_stops_with_inf_and_tuning_avoids_it():
     assert set(pd.DataFrame(tuning)["lr"]) == {1e-2, 1e4}
 
 
+class _PoisonAfter(torch.optim.Optimizer):
+    """Plain SGD that sets every parameter to NaN after ``after`` steps."""
+
+    def __init__(self, params, after):
+        super().__init__(params, dict(lr=1e-3))
+        self.after, self.done = after, 0
+
+    @torch.no_grad()
+    def step(self, closure):
+        with torch.enable_grad():
+            loss = closure()
+        self.done += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"])
+                if self.done >= self.after:
+                    p.fill_(math.nan)
+        return loss
+
+
+def test_run_whose_loss_turns_nan_is_diverged_not_at_its_initial_loss():
+    problem = ck.problems.get_problem("tiny_mlp", seed=0, task="regression")
+    method = T.Method("poisoned", lambda m, lf, lr: _PoisonAfter(m.parameters(), 3), True)
+    rows = T.train_run(problem, "poisoned", None, 20, 32, seed=0, eval_every=100, method=method)
+    # the batch loss of step 4 is NaN: the run stops there as diverged
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert math.isnan(rows[-1]["batch_loss"])
+    assert T.final_loss(rows) == math.inf
+    # NaN found by an evaluation (step 3 is evaluated) also ends the run
+    rows = T.train_run(problem, "poisoned", None, 20, 32, seed=0, eval_every=3, method=method)
+    assert rows[-1]["step"] == 3 and T.final_loss(rows) == math.inf
+    summary = T.summarize(
+        T.train_run(problem, "sgd", 0.1, 6, 32, seed=0, eval_every=3) + rows, reference="sgd"
+    ).set_index("optimizer")
+    assert math.isnan(summary.loc["poisoned", "final_loss"])
+    assert summary.loc["poisoned", "diverged"] == "1/1"
+    assert summary.loc["poisoned", "reached"] == "0/1"
+    assert summary.loc["sgd", "diverged"] == "0/1" and summary.loc["sgd", "reached"] == "1/1"
+
+
+def test_summarize_marks_diverged_seeds_and_never_counts_them_as_reaching():
+    def curve(name, seed, losses):
+        return [
+            dict(optimizer=name, seed=seed, lr=0.1, step=k, seconds=k * 1.0, train_loss=v)
+            for k, v in enumerate(losses)
+        ]
+
+    rows = curve("adam", 0, [4.0, 2.0, 1.0]) + curve("adam", 1, [4.0, 3.0, math.inf])
+    rows += curve("sgd", 0, [4.0, 0.5, math.inf]) + curve("sgd", 1, [4.0, 3.0, 2.0])
+    summary = T.summarize(rows, reference="adam").set_index("optimizer")
+    assert summary.loc["adam", "target"] == 1.0  # the diverged reference seed sets no target
+    assert summary.loc["adam", "diverged"] == "1/2" and summary.loc["sgd", "diverged"] == "1/2"
+    assert math.isnan(summary.loc["adam", "final_loss"])
+    assert math.isnan(summary.loc["sgd", "final_loss"])
+    assert summary.loc["sgd", "reached"] == "0/2"  # seed 0 was below 1.0, then diverged
+    # every reference run diverged: no target, nothing reached
+    summary = T.summarize(curve("adam", 0, [4.0, math.inf]) + curve("sgd", 0, [4.0, 0.1]), "adam")
+    assert math.isnan(summary.set_index("optimizer").loc["sgd", "target"])
+    assert summary.set_index("optimizer").loc["sgd", "reached"] == "0/1"
+
+
 def test_summarize_steps_and_seconds_to_target():
     def curve(name, seed, losses, dt):
         return [
@@ -159,12 +220,36 @@ def test_cli_train_quick_writes_curves_summary_and_figure(tmp_path, capsys):
         pytest.param(["--lr", "adam=fast"], "not a number", id="lr-not-a-number"),
         pytest.param(["--steps", "0"], "--steps", id="zero-steps"),
         pytest.param(["--problem", "imagenet"], "imagenet", id="unknown-problem"),
+        pytest.param(["--lr", "sgd=-1"], "sgd=-1 must be a finite number > 0", id="negative-lr"),
+        pytest.param(["--lr", "adam=0"], "adam=0 must be", id="zero-lr"),
+        pytest.param(["--lr", "sgd=nan"], "sgd=nan must be", id="nan-lr"),
+        pytest.param(
+            ["--nproc", "2", "--optimizers", "sgd,ngd"], "ngd runs on one process", id="nproc-ngd"
+        ),
     ],
 )
-def test_cli_train_rejects_bad_arguments(args, message, capsys, tmp_path):
+def test_cli_train_rejects_bad_arguments(args, message, capsys, tmp_path, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("bad arguments must be rejected before any work")
+
+    monkeypatch.setattr(ck.problems, "get_problem", no_work)
+    monkeypatch.setattr("curvkit.distributed.launch.launch", no_work)
     code, _, err = run_cli(["train", "--quiet", "--out", str(tmp_path), *args], capsys)
     assert code == 1
-    assert message in err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_train_unwritable_out_is_reported_before_training(tmp_path, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output folder must be checked before any work")
+
+    monkeypatch.setattr(ck.problems, "get_problem", no_work)
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "train"  # below a regular file: cannot be created
+    args = ["train", "--problem", "tiny_mlp", "--quick", "--quiet", "--out", str(out)]
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and "--out" in err and "not a writable folder" in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def load(name: str):

@@ -130,6 +130,8 @@ def _run_extract(args: argparse.Namespace) -> int:
         if value < 1:
             raise ShapeError(f"{flag} must be positive, got {value}.")
     device = parse_device(args.device)
+    if args.out is not None:
+        train.check_out_dir(args.out)  # before the computation, not after it
     problem = get_problem(args.problem, seed=args.seed, dtype=_DTYPES[args.dtype], device=device)
     X, y = problem.batch(args.batch_size)
     model, loss_func = problem.model, problem.loss_func

@@ -29,6 +29,7 @@ import copy
 import inspect
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -119,6 +120,37 @@ METHODS: dict[str, Method] = {
 }
 
 
+#: Methods without a data-parallel version (``--nproc`` above 1 rejects them).
+SINGLE_PROCESS = ("ngd",)
+
+
+def check_out_dir(path: Path, flag: str = "--out") -> Path:
+    """Create the output folder ``path`` and check that a file can be written in it.
+
+    Called before any computation, so that an unwritable folder is reported at
+    once rather than after the work it was meant to keep.
+
+    Args:
+        path: The folder (created with its parents when missing).
+        flag: The argument's name in the error message.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ShapeError: If the folder cannot be created or written to.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ShapeError(f"{flag} {str(path)!r} is not a writable folder: {reason}.") from None
+    return path
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -164,8 +196,9 @@ def train_run(
         One row per step (step 0 is the initial state): ``optimizer``, ``seed``,
         ``lr``, ``step``, ``seconds`` (cumulative time inside ``opt.step``),
         ``batch_loss`` and, at evaluated steps, ``train_loss`` (``nan`` elsewhere);
-        ``damping`` for K-FAC. A run whose loss is not finite or exceeds
-        :data:`DIVERGED` times its initial value stops with a last row of ``inf``.
+        ``damping`` for K-FAC. A run whose batch or training loss is not finite
+        (``nan`` included) or exceeds :data:`DIVERGED` times its initial value
+        stops with a last row whose ``train_loss`` is ``inf`` (diverged).
     """
     from curvkit.distributed.launch import init_from_env
 
@@ -176,8 +209,8 @@ def train_run(
     rank, world = init_from_env(device)  # (0, 1) outside torchrun
     if world > 1 and method.first_order:  # DDP averages the gradients in backward
         model = nn.parallel.DistributedDataParallel(net)
-    elif world > 1 and name == "ngd":
-        raise ShapeError("--nproc: 'ngd' runs on one process only.")
+    elif world > 1 and name in SINGLE_PROCESS:
+        raise ShapeError(f"--nproc: {name!r} runs on one process only.")
     opt = method.build(model, loss_func, lr)
     X_train, y_train = problem.train
     base = dict(optimizer=name, seed=seed, lr=math.nan if lr is None else lr)
@@ -217,11 +250,16 @@ def train_run(
             rows.append(row)
             if progress is not None:
                 progress()
-            bad = [v for v in (loss, train_loss) if not math.isnan(v)]
-            if any(not math.isfinite(v) or v > DIVERGED * first for v in bad):
+            # the batch loss always exists; the training loss only when evaluated
+            if diverged(loss, first) or (evaluate and diverged(train_loss, first)):
                 rows[-1]["train_loss"] = math.inf
                 return rows
     return rows
+
+
+def diverged(loss: float, initial: float) -> bool:
+    """Whether ``loss`` marks a diverged run: not finite or above ``DIVERGED * initial``."""
+    return not math.isfinite(loss) or loss > DIVERGED * abs(initial)
 
 
 def final_loss(rows: Sequence[dict]) -> float:
@@ -252,13 +290,16 @@ def tune_lr(problem, name, grid, steps, batch_size, eval_every=10, progress=None
 def summarize(curves, reference: str | None = "adam"):
     """Per optimiser: final loss over seeds, time per step, steps and seconds to a target.
 
-    The target is the mean final training loss of ``reference`` (the first
-    optimiser when ``reference`` did not run). "Steps to target" is the first
-    evaluated step whose training loss is at most the target, the median over
-    the seeds that reach it (``reached`` counts them); "seconds to target" is the
-    time in ``opt.step`` until then, and ``ms_per_step`` the time per step, both
-    medians over seeds, so that one run slowed down by other work on the
-    machine does not move them.
+    The target is the mean final training loss of the runs of ``reference``
+    (the first optimiser when ``reference`` did not run) that did not diverge.
+    A diverged run (last ``train_loss`` ``inf``, see :func:`train_run`) never
+    counts as reaching the target; ``diverged`` counts them, and ``final_loss``
+    is ``nan`` when any seed diverged (no mean of a diverged run is meaningful).
+    "Steps to target" is the first evaluated step whose training loss is at
+    most the target, the median over the seeds that reach it (``reached``
+    counts them); "seconds to target" is the time in ``opt.step`` until then,
+    and ``ms_per_step`` the time per step, both medians over seeds, so that one
+    run slowed down by other work on the machine does not move them.
 
     Args:
         curves: The rows of :func:`train_run` (a list of dicts or a DataFrame).
@@ -274,13 +315,17 @@ def summarize(curves, reference: str | None = "adam"):
     finals = evals.groupby(["optimizer", "seed"], sort=False).last()
     names = list(dict.fromkeys(df["optimizer"]))
     ref = reference if reference in names else names[0]
-    target = float(finals.loc[ref, "train_loss"].mean())
+    ref_finals = finals.loc[ref, "train_loss"]
+    ref_finals = ref_finals[ref_finals < math.inf]  # diverged reference runs set no target
+    target = float(ref_finals.mean()) if len(ref_finals) else math.nan
     out = []
     for name in names:
         runs = evals[evals["optimizer"] == name]
         final = finals.loc[name, "train_loss"]
+        bad = final.index[~(final < math.inf)]  # diverged seeds (inf, or nan if ever recorded)
         steps = df[(df["optimizer"] == name) & (df["step"] > 0)]
-        hits = runs[runs["train_loss"] <= target].groupby("seed").first()
+        ok = runs[~runs["seed"].isin(bad)]
+        hits = ok[ok["train_loss"] <= target].groupby("seed").first()
         per_seed = steps.groupby("seed").agg(seconds=("seconds", "max"), n=("step", "max"))
         out.append(
             {
@@ -288,8 +333,9 @@ def summarize(curves, reference: str | None = "adam"):
                 "lr": float(runs["lr"].iloc[0]),
                 "seeds": int(final.shape[0]),
                 "steps": int(steps["step"].max()),
-                "final_loss": float(final.mean()),
-                "final_loss_std": float(final.std(ddof=0)),
+                "final_loss": math.nan if len(bad) else float(final.mean()),
+                "final_loss_std": math.nan if len(bad) else float(final.std(ddof=0)),
+                "diverged": f"{len(bad)}/{final.shape[0]}",
                 "ms_per_step": 1e3 * float((per_seed["seconds"] / per_seed["n"]).median()),
                 "target": target,
                 "reached": f"{hits.shape[0]}/{final.shape[0]}",
@@ -415,6 +461,8 @@ def _parse_lrs(text: str, names: Sequence[str]) -> dict[str, float]:
             lrs[name] = float(value)
         except ValueError:
             raise ShapeError(f"--lr: {value!r} is not a number (in {item!r}).") from None
+        if not (math.isfinite(lrs[name]) and lrs[name] > 0):
+            raise ShapeError(f"--lr: {name}={value} must be a finite number > 0.")
     return lrs
 
 
@@ -435,6 +483,12 @@ def _settings(args: argparse.Namespace) -> dict:
     nproc = getattr(args, "nproc", 1)
     if nproc < 1 or batch % nproc:
         raise ShapeError(f"--nproc={nproc}: must be positive and divide --batch-size={batch}.")
+    single = [n for n in names if n in SINGLE_PROCESS]
+    if nproc > 1 and single:
+        raise ShapeError(
+            f"--nproc={nproc}: {', '.join(single)} runs on one process only; "
+            "leave it out or use --nproc 1."
+        )
     eval_every = args.eval_every or max(1, steps // 20)
     if eval_every < 1:
         raise ShapeError(f"--eval-every must be positive, got {eval_every}.")
@@ -458,6 +512,7 @@ def run(args: argparse.Namespace) -> int:
     from curvkit.problems import PROBLEMS, get_problem
 
     cfg = _settings(args)
+    check_out_dir(args.out)  # before any computation (and before starting processes)
     if args.nproc > 1 and not launched():  # re-run this command on nproc processes
         return launch(args.nproc, strip_option(getattr(args, "argv", sys.argv[1:])))
     device = parse_device(args.device)

@@ -27,6 +27,8 @@ from curvkit.errors import ShapeError
 from curvkit.operators.base import CurvatureOperator
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "exact")
+#: Smallest ``num_matvecs`` of each trace method.
+TRACE_MIN_MATVECS = {"hutchinson": 2, "hutch++": 6, "xtrace": 4, "exact": 0}
 DIAGONAL_METHODS = ("hutchinson", "exact")
 #: Columns per product when probing (bounds memory to ``D x PROBE_CHUNK``).
 PROBE_CHUNK = 32
@@ -133,7 +135,7 @@ def trace(
     start = op.matvecs
     n = int(num_matvecs)
     gen = make_generator(seed, op.device)
-    minimum = {"hutchinson": 2, "hutch++": 6, "xtrace": 4, "exact": 0}[method]
+    minimum = TRACE_MIN_MATVECS[method]
     if n < minimum:
         raise ShapeError(f"trace: method={method!r} needs num_matvecs >= {minimum}, got {n}.")
     if method == "exact":

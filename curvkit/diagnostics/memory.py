@@ -25,6 +25,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from curvkit.errors import ShapeError
+
 STRUCTURES = ("full", "block_diagonal", "kronecker", "kronecker_cross", "diagonal")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -88,6 +90,13 @@ def memory_report(model: nn.Module, dtype: torch.dtype = torch.float32) -> pd.Da
         {'full': 14933250.59, 'block_diagonal': 6901365.66, 'kronecker': 0.71,
          'kronecker_cross': 0.46, 'diagonal': 0.24}
     """
+    if not isinstance(model, nn.Module):
+        raise ShapeError(f"memory_report: model must be an nn.Module, got {type(model).__name__}.")
+    if not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
+        raise ShapeError(
+            f"memory_report: dtype must be a floating-point torch.dtype (e.g. torch.float32), "
+            f"got {dtype!r}."
+        )
     layers = [
         (name, m)
         for name, m in model.named_modules()

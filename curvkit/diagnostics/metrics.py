@@ -30,6 +30,8 @@ Metrics (``B`` is the reference, ``g`` a gradient, :math:`\lambda` a damping):
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -225,6 +227,11 @@ def _flat_gradient(gradient, D: int, like: CurvatureOperator) -> Tensor | None:
     return gradient.reshape(-1).to(device=like.device, dtype=like.dtype)
 
 
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ShapeError(f"compare: {name}={value!r} must be an integer >= {minimum}.")
+
+
 def compare(
     approx: CurvatureOperator | Mapping[str, CurvatureOperator],
     reference: CurvatureOperator,
@@ -292,7 +299,9 @@ def compare(
 
     Raises:
         ShapeError: If the operators' shapes differ, a metric or
-            ``approx_inverse`` is unknown, or ``gradient`` has the wrong size.
+            ``approx_inverse`` is unknown, ``gradient`` has the wrong size,
+            ``k`` or ``num_probes`` is not a positive integer, or ``damping_grid``
+            holds a negative or non-finite value.
 
     Example:
         >>> import torch, curvkit as ck
@@ -303,6 +312,8 @@ def compare(
         [['frobenius', 0.2182], ['spectral', 0.25]]
     """
     approxes = dict(approx) if isinstance(approx, Mapping) else {type(approx).__name__: approx}
+    if not approxes:
+        raise ShapeError("compare: approx is an empty mapping; give at least one operator.")
     for name, A in {**approxes, reference_name: reference}.items():
         if not isinstance(A, CurvatureOperator):
             raise ShapeError(f"compare: {name!r} is a {type(A).__name__}, not a CurvatureOperator.")
@@ -315,6 +326,14 @@ def compare(
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ShapeError(f"compare: unknown metrics {sorted(unknown)}; supported: {METRICS}.")
+    _check_count("k", k, 1)
+    _check_count("num_probes", num_probes, 1)
+    _check_count("exact_threshold", exact_threshold, 0)
+    grid = [float(lam) for lam in damping_grid]
+    if not all(math.isfinite(lam) and lam >= 0 for lam in grid):
+        raise ShapeError(
+            f"compare: damping_grid={list(damping_grid)} must hold finite values >= 0."
+        )
     D = reference.dim
     g = _flat_gradient(gradient, D, reference)
     lambdas = torch.as_tensor(list(damping_grid), dtype=reference.dtype, device=reference.device)

@@ -19,6 +19,7 @@ re-exported here (:func:`trace`, :func:`diagonal`).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ from curvkit.diagnostics.krylov import (
     rademacher,
     tridiagonal,
 )
-from curvkit.errors import CurvkitError, ShapeError
+from curvkit.errors import CurvkitError, NonFiniteError, ShapeError
 from curvkit.operators.base import CurvatureOperator
 
 __all__ = [
@@ -135,6 +136,8 @@ def eigenvectors(
     Raises:
         ShapeError: If ``op`` is not an operator, or ``k``, ``which`` or
             ``method`` is not supported.
+        NonFiniteError: If Lanczos fails on an operator whose products hold NaN or
+            Inf (the dense method returns NaN eigenvalues instead).
 
     Example:
         >>> import torch, curvkit as ck
@@ -149,8 +152,8 @@ def eigenvectors(
     if method not in _METHODS:
         raise ShapeError(f"eigenvectors: method={method!r} is not one of {_METHODS}.")
     D = op.dim
-    if not 1 <= int(k) <= D:
-        raise ShapeError(f"eigenvectors: k={k} must lie in [1, D={D}].")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= D:
+        raise ShapeError(f"eigenvectors: k={k!r} must be an integer in [1, D={D}].")
     k = int(k)
     wanted = max(2 * k + 1, 20) if ncv is None else int(ncv)
     m = min(wanted, D - 1)
@@ -166,15 +169,24 @@ def eigenvectors(
         residuals = (M @ vectors - vectors * values).norm(dim=0)
     else:
         if method == "lanczos":
-            values, vectors, _, restarts, converged = krylov_schur(
-                op,
-                k,
-                which,
-                ncv=m,
-                tol=tol,
-                max_restarts=max_restarts,
-                generator=make_generator(seed, op.device),
-            )
+            try:
+                values, vectors, _, restarts, converged = krylov_schur(
+                    op,
+                    k,
+                    which,
+                    ncv=m,
+                    tol=tol,
+                    max_restarts=max_restarts,
+                    generator=make_generator(seed, op.device),
+                )
+            except torch.linalg.LinAlgError as err:
+                probe = torch.ones(D, dtype=op.dtype, device=op.device)
+                if not bool(torch.isfinite(op.matmat(probe[:, None])).all()):
+                    raise NonFiniteError(
+                        "eigenvectors: the operator's products are not finite (NaN or Inf, "
+                        "e.g. from NaN/Inf in the data or the parameters); Lanczos cannot run."
+                    ) from err
+                raise
             tol_used = torch.finfo(op.dtype).eps ** 0.5 if tol is None else float(tol)
         else:
             values, vectors, tol_used = _eigsh(op, k, which, tol, m, seed)
@@ -235,7 +247,18 @@ def condition_number(op: CurvatureOperator, damping: float = 0.0, **kwargs) -> f
     r"""Condition number :math:`(\lambda_{\max} + \delta) / (\lambda_{\min} + \delta)`.
 
     Meant for positive semi-definite curvature (GGN, Fisher, K-FAC) with
-    damping :math:`\delta`; ``inf`` when :math:`\lambda_{\min} + \delta \le 0`.
+    damping :math:`\delta`. The operator counts as singular, and ``inf`` is
+    returned, when
+
+    .. math::
+        \lambda_{\min} + \delta \le D\,\epsilon\,|\lambda_{\max} + \delta|,
+
+    with :math:`\epsilon` the machine epsilon of the operator's dtype and
+    :math:`D` its dimension: an eigenvalue below that level is indistinguishable
+    from round-off of the eigen-solver (the rank threshold of NumPy's
+    ``matrix_rank``; Golub & Van Loan 2013, §5.4.1), so a computed ratio above
+    :math:`1/(D\epsilon)` would only report round-off. Negative
+    :math:`\lambda_{\min} + \delta` (an indefinite operator) also gives ``inf``.
     Lanczos converges slowly to a :math:`\lambda_{\min}` inside a cluster near
     zero; for large operators consider ``max_restarts`` and ``ncv``.
 
@@ -245,11 +268,23 @@ def condition_number(op: CurvatureOperator, damping: float = 0.0, **kwargs) -> f
         **kwargs: Passed to :func:`eigenvectors`.
 
     Returns:
-        The condition number.
+        The condition number, ``inf`` for a singular (by the rule above) or
+        indefinite operator, ``nan`` when an extreme eigenvalue is ``nan`` (an
+        operator with NaN products).
+
+    Raises:
+        ShapeError: If ``op`` is not an operator or ``damping`` is negative or
+            not finite.
     """
+    _check_operator(op, "condition_number")
+    if not (math.isfinite(float(damping)) and float(damping) >= 0):
+        raise ShapeError(f"condition_number: damping={damping} must be a finite number >= 0.")
     lo = lambda_min(op, **kwargs) + damping
     hi = lambda_max(op, **kwargs) + damping
-    return hi / lo if lo > 0 else math.inf
+    if math.isnan(lo) or math.isnan(hi):
+        return math.nan
+    threshold = op.dim * torch.finfo(op.dtype).eps * abs(hi)
+    return hi / lo if lo > threshold else math.inf
 
 
 def effective_rank(op: CurvatureOperator, method: str = "entropy", **kwargs) -> float:
@@ -387,7 +422,10 @@ def spectral_density(
         A :class:`SpectralDensity`.
 
     Raises:
-        ShapeError: If ``op`` is not an operator or an argument is out of range.
+        ShapeError: If ``op`` is not an operator or an argument is out of range
+            (``num_probes`` or ``lanczos_steps`` below 1, ``kernel_width <= 0``,
+            a grid of fewer than two points, a non-positive ``cutoff`` or grid
+            point with ``log=True``); checked before any product.
 
     Example:
         >>> import torch, curvkit as ck
@@ -402,6 +440,25 @@ def spectral_density(
             f"spectral_density: num_probes={num_probes} and lanczos_steps={lanczos_steps} "
             "must be positive."
         )
+    if kernel_width is not None and not (
+        math.isfinite(float(kernel_width)) and float(kernel_width) > 0
+    ):
+        raise ShapeError(
+            f"spectral_density: kernel_width={kernel_width} must be a finite number > 0 "
+            "(or None for 1/200 of the node span)."
+        )
+    if isinstance(grid, Tensor):
+        if grid.ndim != 1 or grid.numel() < 1:
+            raise ShapeError(
+                "spectral_density: a grid tensor must be 1-D and non-empty, "
+                f"got shape {tuple(grid.shape)}."
+            )
+        if log and bool((grid <= 0).any()):
+            raise ShapeError("spectral_density: grid points must be positive for log=True.")
+    elif isinstance(grid, bool) or int(grid) < 2:
+        raise ShapeError(f"spectral_density: grid={grid!r} must be at least 2 points.")
+    if log and cutoff is not None and not float(cutoff) > 0:
+        raise ShapeError(f"spectral_density: cutoff must be positive for log=True, got {cutoff}.")
     start = op.matvecs
     nodes, weights = _probe_quadrature(op, num_probes, lanczos_steps, seed)
     u, mass_below = nodes, 0.0

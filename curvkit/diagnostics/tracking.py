@@ -33,10 +33,13 @@ while it measures.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from curvkit.data import as_batches
+from curvkit.diagnostics.estimators import TRACE_METHODS, TRACE_MIN_MATVECS
 from curvkit.errors import ShapeError
 
 QUANTITIES = ("top_eigenvalues", "trace", "grad_overlap", "approx_error")
@@ -64,8 +67,10 @@ class CurvatureTracker:
         seed: Seed of the random probes and start vectors.
 
     Raises:
-        ShapeError: For an unknown quantity or curvature, ``every < 1``,
-            ``k < 1``, or ``approx_error`` without ``approx``.
+        ShapeError: For an unknown quantity, curvature or ``trace_method``, ``every``
+            or ``k`` not an integer >= 1, ``num_matvecs`` below the trace method's
+            minimum, ``approx_error`` without ``approx``, or a loss that is not
+            mean- or sum-reduced.
 
     Attributes:
         records: The log, one dict per row (columns :data:`COLUMNS`).
@@ -101,8 +106,24 @@ class CurvatureTracker:
             raise ShapeError(
                 f"CurvatureTracker: curvature={curvature!r} is not one of {CURVATURES}."
             )
-        if every < 1 or k < 1:
-            raise ShapeError(f"CurvatureTracker: every={every} and k={k} must be >= 1.")
+        for name, value in (("every", every), ("k", k), ("num_matvecs", num_matvecs)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ShapeError(f"CurvatureTracker: {name}={value!r} must be an integer >= 1.")
+        if trace_method not in TRACE_METHODS:
+            raise ShapeError(
+                f"CurvatureTracker: trace_method={trace_method!r} is not one of {TRACE_METHODS}."
+            )
+        if num_matvecs < TRACE_MIN_MATVECS[trace_method]:
+            raise ShapeError(
+                f"CurvatureTracker: trace_method={trace_method!r} needs num_matvecs >= "
+                f"{TRACE_MIN_MATVECS[trace_method]}, got {num_matvecs}."
+            )
+        reduction = getattr(loss_func, "reduction", None)
+        if reduction not in ("mean", "sum"):
+            raise ShapeError(
+                f"CurvatureTracker: {type(loss_func).__name__}(reduction={reduction!r}) is not "
+                "supported; use reduction='mean' or 'sum'."
+            )
         self.model, self.loss_func = model, loss_func
         self.every, self.quantities, self.curvature, self.k = (
             int(every),
@@ -125,7 +146,18 @@ class CurvatureTracker:
     __call__ = maybe_record
 
     def record(self, step: int, X: Tensor, y: Tensor) -> list[dict]:
-        """Measure now on batch ``(X, y)``; returns (and appends) the new rows."""
+        """Measure now on batch ``(X, y)``; returns (and appends) the new rows.
+
+        Raises:
+            ShapeError: If ``X`` or ``y`` is not a tensor or holds no example, or
+                their first dimensions (the examples) differ; nothing is recorded.
+        """
+        as_batches((X, y))
+        if y.ndim and X.shape[0] != y.shape[0]:
+            raise ShapeError(
+                f"CurvatureTracker.record: X and y hold {X.shape[0]} and {y.shape[0]} "
+                "examples (first dimensions); they must match."
+            )
         training = self.model.training
         params = list(self.model.parameters())
         grads = [

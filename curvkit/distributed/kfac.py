@@ -21,6 +21,13 @@ their local size, which weights every average by :math:`N_r/N`. ``reduction="sum
 is not supported: the factors :math:`A` would have to be summed and :math:`G`
 averaged (:func:`make_kfac` raises).
 
+Misuse is detected rather than trained through. Given the model (as
+:func:`make_kfac` does), the communicator checks once, at construction, that every
+process holds the same parameters (:meth:`DistributedCommunicator.check_replicas`),
+and on every step that the shards have one size unless ``set_batch_size`` was
+called: the local batch size rides in the step's non-finite-flag all-reduce
+(:meth:`DistributedCommunicator.any`) at no extra collective.
+
 Example (run with ``torchrun --nproc_per_node 2 script.py``; see ``docs/distributed.md``)::
 
     import torch.distributed as dist
@@ -139,6 +146,9 @@ class DistributedCommunicator(Communicator):
         timeout: Time after which a collective that a peer never joins fails with
             :class:`DistributedError` (a new group with this timeout is created over
             the same processes). Default: the process group's own timeout.
+        model: The model being trained (optional; :func:`make_kfac` passes it). Its
+            replicas are checked for agreement (:meth:`check_replicas`) and its
+            forward passes report the local batch size (:meth:`watch`).
 
     Attributes:
         timers: Seconds per phase (host wall-clock, waiting for slower processes
@@ -149,7 +159,8 @@ class DistributedCommunicator(Communicator):
         counts: Collective calls per phase (same keys, but ``"inverse/compute"``).
 
     Raises:
-        ShapeError: If ``torch.distributed`` is not initialised or the assignment is unknown.
+        ShapeError: If ``torch.distributed`` is not initialised, the assignment is
+            unknown, or the processes' replicas of ``model`` differ.
     """
 
     def __init__(
@@ -157,6 +168,7 @@ class DistributedCommunicator(Communicator):
         process_group=None,
         inverse_assignment: str = "distributed",
         timeout: timedelta | None = None,
+        model: nn.Module | None = None,
     ):
         if not (dist.is_available() and dist.is_initialized()):
             raise ShapeError(
@@ -190,6 +202,69 @@ class DistributedCommunicator(Communicator):
         self.timers: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self._layouts: dict = {}
+        self._seen_batch = 0  # examples in the last forward pass of a watched model (0: none)
+        if model is not None:
+            net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+            self.check_replicas(net)
+            self.watch(net)
+
+    # -- agreement checks ----------------------------------------------------------------
+    def check_replicas(self, model: nn.Module, where: str = "DistributedCommunicator") -> None:
+        r"""Check that every process holds the same parameters (one gather, at construction).
+
+        Each process computes per parameter, in float64, the checksums
+        :math:`(\sum_i \theta_i, \sum_i \theta_i^2, \sum_i (i \bmod 997)\,\theta_i)`
+        with its name and shape; all are gathered, and every process compares them
+        with process 0's (relative tolerance :math:`10^{-12}`, round-off of the
+        sums only), so all raise the same error together. Replicas that start
+        from different weights never agree, whatever the averaging.
+
+        Args:
+            model: The model (its own module, not a ``DistributedDataParallel`` wrapper).
+            where: Name of the caller in the error message.
+
+        Raises:
+            ShapeError: Naming the first process and parameter that differ from
+                process 0's.
+        """
+        sums = []
+        for name, p in model.named_parameters():
+            x = p.detach().reshape(-1).to(torch.float64)
+            ramp = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(997)
+            sums.append(
+                (name, tuple(p.shape), float(x.sum()), float(x.square().sum()), float(x @ ramp))
+            )
+        gathered = [None] * self.world_size
+        self._run(
+            "check",
+            "parameter checksum exchange",
+            lambda: dist.all_gather_object(gathered, sums, group=self.group),
+        )
+        ref = gathered[0]
+        for rank, other in enumerate(gathered[1:], start=1):
+            problem = _replica_difference(ref, other)
+            if problem is not None:
+                raise ShapeError(
+                    f"{where}: the model replicas differ: process {rank}'s {problem} "
+                    "process 0's. Every process must start from the same weights: seed the "
+                    "model's initialisation identically, or copy process 0's parameters "
+                    "(dist.broadcast, as DistributedDataParallel does at construction)."
+                )
+
+    def watch(self, model: nn.Module) -> None:
+        """Record the batch size of each forward pass of ``model`` (its first input's rows).
+
+        The size is checked for agreement between processes on every :meth:`any` call
+        (once or twice per K-FAC step); the hook only reads the input's shape.
+        """
+        ref = weakref.ref(self)
+
+        def hook(module, args):
+            comm = ref()
+            if comm is not None and args and isinstance(args[0], Tensor) and args[0].ndim:
+                comm._seen_batch = int(args[0].shape[0])
+
+        self._watch_handle = model.register_forward_pre_hook(hook)
 
     @property
     def group(self):
@@ -284,8 +359,39 @@ class DistributedCommunicator(Communicator):
         return float(buf[0] / buf[1])
 
     def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any process (every process gets the same answer)."""
-        return flag if self.world_size == 1 else self._any(flag, "any")
+        """Whether ``flag`` is true on any process (every process gets the same answer).
+
+        The same all-reduce (a maximum) carries this process's last batch size
+        :math:`n_r` (see :meth:`watch`) as :math:`(n_r, -n_r)` and whether
+        :meth:`set_batch_size` is in use, so every process learns the smallest and
+        largest shard at no extra cost, and all decide alike.
+
+        Raises:
+            ShapeError: On every process, if the shards differ in size and
+                :meth:`set_batch_size` was not called (the averages would weight the
+                processes equally, not by their examples), or if it was called on
+                some processes only.
+        """
+        if self.world_size == 1:
+            return flag
+        n, sized = self._seen_batch, 1.0 if self.batch_size is not None else 0.0
+        buf = self._small([1.0 if flag else 0.0, n, -n, sized, -sized])
+        self._all_reduce("any", buf, dist.ReduceOp.MAX)
+        largest, smallest = int(buf[1]), -int(buf[2])
+        if float(buf[3]) != -float(buf[4]):
+            raise ShapeError(
+                "DistributedCommunicator: set_batch_size() was called on some processes but "
+                "not on others; call it on every process before each step, or on none."
+            )
+        if sized == 0 and smallest >= 1 and largest != smallest:
+            raise ShapeError(
+                f"DistributedCommunicator: the processes' batches differ in size ({smallest} "
+                f"to {largest} examples; this process has {n}) and set_batch_size() was not "
+                "called, so the averages would weight every process equally instead of by "
+                "its examples. Call comm.set_batch_size(len(X)) on every process before "
+                "each step, or split every batch evenly."
+            )
+        return bool(buf[0].item() > 0)
 
     def _any(self, flag: bool, phase: str) -> bool:
         buf = self._small([1.0 if flag else 0.0])
@@ -425,6 +531,19 @@ class DistributedCommunicator(Communicator):
         return out
 
 
+def _replica_difference(ref: list, other: list) -> str | None:
+    """How a process's parameter checksums differ from process 0's (``None``: they agree)."""
+    if len(ref) != len(other):
+        return f"model has {len(other)} parameter tensors, against {len(ref)} on"
+    for (name, shape, *a), (oname, oshape, *b) in zip(ref, other):
+        if (name, shape) != (oname, oshape):
+            return f"parameter {oname!r} {list(oshape)} stands where {name!r} {list(shape)} is on"
+        for x, z in zip(a, b):
+            if abs(x - z) > 1e-12 * max(abs(x), abs(z), 1e-300):
+                return f"parameter {name!r} (sum {b[0]:.6g}) differs from that of"
+    return None
+
+
 @functools.lru_cache(maxsize=64)
 def _triu(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
     i, j = torch.triu_indices(d, d, device=device)
@@ -526,7 +645,10 @@ def make_kfac(
 
     Raises:
         ShapeError: For a sum-reduced loss in a data-parallel run (averaging the
-            factors would misweight them) or a ``comm`` keyword.
+            factors would misweight them), a ``comm`` keyword, or replicas of the
+            model that differ between processes (checked once here; see
+            :meth:`DistributedCommunicator.check_replicas`). Later, a step whose
+            shards differ in size without ``set_batch_size`` raises on every process.
     """
     from curvkit.optim.kfac import KFAC
 
@@ -540,7 +662,7 @@ def make_kfac(
                 f"{type(loss_func).__name__}(reduction={loss_func.reduction!r}); averaging "
                 "sum-reduced factors over processes does not give the global ones."
             )
-        comm = DistributedCommunicator(process_group, inverse_assignment, timeout)
+        comm = DistributedCommunicator(process_group, inverse_assignment, timeout, model=model)
         kwargs["seed"] = kwargs.get("seed", 0) + comm.rank
         kwargs["comm"] = comm
     return KFAC(model, loss_func, params, **kwargs)

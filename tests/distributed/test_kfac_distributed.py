@@ -201,6 +201,83 @@ def _unequal_worker(rank, world, sizes, options):
     return train(opt, model, loss_func, data, comm=comm, sizes=sizes)
 
 
+def _uneven_make_kfac_worker(rank, world, sizes, set_sizes):
+    model, loss_func = make_model("mlp"), make_loss("ce")
+    opt = make_kfac(model, loss_func, kind="kflr", **BASE)
+    before = flat(model)
+    data = lambda k: shard(*batch("mlp", "ce", k), rank, 2, sizes)  # noqa: E731
+    try:
+        theta = train(opt, model, loss_func, data, comm=opt.comm, sizes=set_sizes)
+    except ShapeError as err:
+        return {"error": str(err), "unchanged": torch.equal(flat(model), before)}
+    return {"theta": theta}
+
+
+def test_uneven_shards_without_set_batch_size_raise_on_every_process():
+    out = run_workers(_uneven_make_kfac_worker, [5, 11], None, timeout=60)
+    for r in out:
+        assert "differ in size (5 to 11 examples" in r["error"]
+        assert "set_batch_size" in r["error"]
+        assert r["unchanged"]  # raised in the first step, before any update
+
+
+def test_uneven_shards_with_set_batch_size_pass_the_check():
+    reference, _ = single_process("mlp", "ce", dict(kind="kflr"))
+    out = run_workers(_uneven_make_kfac_worker, [5, 11], [5, 11], timeout=60)
+    for r in out:
+        assert rel(r["theta"], reference) <= 1e-8
+
+
+def _half_set_worker(rank, world):
+    model, loss_func = make_model("mlp"), make_loss("ce")
+    opt = make_kfac(model, loss_func, kind="kflr", **BASE)
+    if rank == 1:
+        opt.comm.set_batch_size(N // 2)
+    X, y = shard(*batch("mlp", "ce", 0), rank, 2)
+    with pytest.raises(ShapeError, match="some processes but not on others"):
+        opt.step(lambda: loss_func(model(X), y))
+    return True
+
+
+def test_set_batch_size_on_one_process_only_raises_on_every_process():
+    assert run_workers(_half_set_worker, timeout=60) == [True, True]
+
+
+def _replica_worker(rank, world, how):
+    model, loss_func = make_model("mlp"), make_loss("ce")
+    if how == "seed":
+        torch.manual_seed(rank)  # a different initialisation on each process
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
+    elif how == "nudge" and rank == 1:
+        with torch.no_grad():
+            model[2].weight[0, 0] += 1e-6
+    elif how == "shape" and rank == 1:
+        model[4] = nn.Linear(6, 4).to(DT)
+    try:
+        make_kfac(model, loss_func, kind="kflr", **BASE)
+    except ShapeError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize(
+    "how, words",
+    [
+        ("seed", "parameter '0.weight'"),
+        ("nudge", "parameter '2.weight'"),
+        ("shape", "parameter '4.weight' [4, 6]"),
+    ],
+)
+def test_replicas_with_different_weights_are_rejected_at_construction(how, words):
+    out = run_workers(_replica_worker, how, timeout=60)
+    for err in out:
+        assert "model replicas differ: process 1's" in err and words in err
+
+
+def test_identical_replicas_pass_the_check():
+    assert run_workers(_replica_worker, "same", timeout=60) == [None, None]
+
+
 # -- failures ----------------------------------------------------------------------------
 BAD_STEP = 3
 
