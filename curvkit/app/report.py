@@ -294,29 +294,48 @@ def _identity_chunks(op, chunk: int):
         yield E
 
 
-def _gauss_newton_dense(op, chunk: int = 128):
+def _per_example_jacobian(op, X: torch.Tensor) -> torch.Tensor:
+    """``[D, N, *out]``: the model's Jacobian per example, by reverse mode (``torch.func``).
+
+    One vectorised backward pass per output coordinate over the whole batch
+    (``vmap`` of ``jacrev`` over examples); the model must treat examples
+    independently (evaluation mode).
+    """
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {n: p.detach() for n, p in zip(op.param_names, op.params)}
+
+    def single(ps, x):
+        return functional_call(op.model, ps, (x.unsqueeze(0),)).squeeze(0)
+
+    jac = vmap(jacrev(single), in_dims=(None, 0))(params, X)
+    N = X.shape[0]
+    parts = [jac[n].reshape(N, -1, p.numel()) for n, p in zip(op.param_names, op.params)]
+    out_shape = jac[op.param_names[0]].shape[1 : jac[op.param_names[0]].ndim - op.params[0].ndim]
+    J = torch.cat(parts, dim=2)  # [N, C, D]
+    return J.permute(2, 0, 1).reshape(op.dim, N, *out_shape)
+
+
+def _gauss_newton_dense(op):
     r""":math:`\sum_n J_n^\top\Lambda_n J_n` from the per-example Jacobians of each batch.
 
-    ``J`` (``[D, N, C]``) comes from forward-mode products with blocks of identity
-    columns; one ``D x NC`` by ``NC x D`` product forms the matrix. The same
-    output curvature :math:`\Lambda` (and Monte Carlo samples) as the operator's
-    products. ``None`` when a batch's Jacobian would exceed :data:`_JACOBIAN_ENTRIES`.
+    ``J`` (``[D, N, C]``) from :func:`_per_example_jacobian`; one ``D x NC`` by
+    ``NC x D`` product forms the matrix, with the operator's own output
+    curvature :math:`\Lambda` (the same Monte Carlo samples as its products).
+    ``None`` when a batch's Jacobian would exceed :data:`_JACOBIAN_ENTRIES`.
     """
-    from curvkit.operators._autodiff import forward_context, has_backward_hooks, split_columns
+    from curvkit.operators._autodiff import forward_context
 
     D = op.dim
     total = None
-    op._lin.use_dual = not has_backward_hooks(op.model)
     op._reset()
-    with forward_context(op.model), torch.enable_grad():
+    with forward_context(op.model):
         for Xb, yb, scale in op._data():
-            parts, f = [], None
-            for E in _identity_chunks(op, chunk):
-                f, JV = op._lin.output_and_jvp_columns(Xb, split_columns(E, op.param_shapes))
-                if D * f.numel() > _JACOBIAN_ENTRIES:
-                    return None
-                parts.append(JV.detach())
-            J = torch.cat(parts)
+            with torch.no_grad():
+                f = op.model(Xb)
+            if D * f.numel() > _JACOBIAN_ENTRIES:
+                return None
+            J = _per_example_jacobian(op, Xb)
             lam = op._output_curvature(f.detach(), yb, scale)
             term = J.reshape(D, -1) @ lam(J).reshape(D, -1).T
             total = term if total is None else total + term
@@ -589,27 +608,116 @@ def _build_operators(run, names, model, loss_func, data, seed, dense_mode):
     return ops, dense, rows
 
 
-def _compare_dense(dense, ref_op, g, grid, k, seed, bar):
+#: Largest ``D`` at which the dense comparison uses full eigendecompositions of every matrix.
+_EIGH_ALL = 600
+
+
+def _block_diagonal(M: torch.Tensor, slices) -> bool:
+    mask = torch.ones_like(M, dtype=torch.bool)
+    for _, s in slices:
+        mask[s, s] = False
+    return len(slices) > 1 and not bool(M[mask].any())
+
+
+def _top_and_solve(M, slices, k, g, lambdas, seed):
+    """Top-``k`` eigenvectors of ``M`` and ``(M + λI)^{-1} g`` for every λ.
+
+    Exact eigendecompositions for small or block-diagonal ``M`` (block by
+    block); otherwise Lanczos on the dense matrix (residual-checked) for the
+    eigenvectors and one linear solve per λ.
+    """
+    import curvkit as ck
+
+    D = M.shape[0]
+    if D <= _EIGH_ALL or _block_diagonal(M, slices):
+        parts = [(s, torch.linalg.eigh(M[s, s])) for _, s in slices] if D > _EIGH_ALL else [
+            (slice(0, D), torch.linalg.eigh(M))
+        ]  # fmt: skip
+        vals = torch.cat([v for _, (v, _) in parts])
+        order = torch.argsort(vals, descending=True)[:k]
+        V = M.new_zeros(D, k)
+        d = M.new_zeros(D, len(lambdas))
+        offsets, start = [], 0
+        for s, (v, U) in parts:
+            offsets.append((s, start, start + v.numel(), U))
+            start += v.numel()
+            d[s] = U @ ((U.T @ g[s])[:, None] / (v[:, None] + lambdas[None, :]))
+        for col, idx in enumerate(order.tolist()):
+            for s, lo, hi, U in offsets:
+                if lo <= idx < hi:
+                    V[s, col] = U[:, idx - lo]
+        return V, d, "dense"
+    op = ck.DenseOperator(M)
+    _, V, _ = ck.eigenvectors(op, k=k, method="lanczos", tol=1e-10, seed=seed)
+    eye = torch.eye(D, dtype=M.dtype, device=M.device)
+    d = torch.stack([torch.linalg.solve(M + float(lam) * eye, g) for lam in lambdas], dim=1)
+    return V, d, "lanczos"
+
+
+def _compare_dense(dense, ref_op, g, grid, k, seed):
+    r"""Every dense matrix against the GGN: the rows of :func:`curvkit.compare`, cheaply.
+
+    The metrics and formulas of :func:`curvkit.diagnostics.metrics.compare`
+    (whole matrix: ``frobenius``, ``cosine``, ``spectral``, ``overlap``,
+    ``directional``, ``precond_cosine``, ``precond_reduction``; per layer block:
+    ``frobenius`` and ``cosine``), exact except where ``D > 600`` and the matrix
+    is not block-diagonal: there :math:`\|A - G\|_2` and the top-``k``
+    eigenvectors come from Lanczos on the dense matrix (tolerance ``1e-10``,
+    ``method="lanczos"``) instead of ``D^3`` eigendecompositions of every matrix.
+    """
     import pandas as pd
 
-    from curvkit.diagnostics.metrics import compare
+    import curvkit as ck
+    from curvkit.diagnostics.metrics import COLUMNS
 
-    reference = _dense_op(dense[REFERENCE], ref_op)
-    frames = []
-    for name in bar([n for n in dense if n != REFERENCE], desc="compare"):
-        frames.append(
-            compare(
-                {name: _dense_op(dense[name], ref_op)},
-                reference,
-                k=k,
-                damping_grid=grid,
-                gradient=g,
-                exact_threshold=ref_op.dim,
-                seed=seed,
-                reference_name=REFERENCE,
-            )  # fmt: skip
-        )
-    return pd.concat(frames, ignore_index=True) if frames else None
+    B = dense[REFERENCE]
+    D = B.shape[0]
+    slices = ref_op.block_slices()
+    k = min(k, D)
+    lamB, UB = torch.linalg.eigh(B)
+    VB = UB[:, torch.argsort(lamB, descending=True)[:k]]
+    norm_B = float(lamB.abs().max())
+    lambdas = torch.as_tensor(grid, dtype=B.dtype)
+    g = g.to(B)
+    dB = UB @ ((UB.T @ g)[:, None] / (lamB[:, None] + lambdas[None, :]))
+    BVB = (VB * (B @ VB)).sum(0)
+    rows = []
+
+    def add(name, block, metric, value, method="dense", **extra):
+        rows.append({"approx": name, "reference": REFERENCE, "block": block, "metric": metric,
+                     "value": float(value), "stderr": 0.0, "method": method, **extra})  # fmt: skip
+
+    for name, A in dense.items():
+        if name == REFERENCE:
+            continue
+        nB = torch.linalg.matrix_norm(B)
+        add(name, "all", "frobenius", torch.linalg.matrix_norm(A - B) / nB)
+        add(name, "all", "cosine", (A * B).sum() / (torch.linalg.matrix_norm(A) * nB))
+        if D <= _EIGH_ALL:
+            spectral, how = float(torch.linalg.eigvalsh(A - B).abs().max()), "dense"
+        else:
+            value = ck.eigenvalues(ck.DenseOperator(A - B), k=1, which="LM", method="lanczos",
+                                   tol=1e-10, seed=seed)[0]  # fmt: skip
+            spectral, how = float(value.abs()[0]), "lanczos"
+        add(name, "all", "spectral", spectral / norm_B, method=how)
+        VA, dA, how = _top_and_solve(A, slices, k, g, lambdas, seed)
+        add(name, "all", "overlap", (VA.T @ VB).pow(2).sum() / k, method=how, k=k)
+        for i, r in enumerate(((VB * (A @ VB)).sum(0) / BVB).tolist()):
+            add(name, "all", "directional", r, k=k, direction=f"eigvec_{i + 1}")
+        add(name, "all", "directional", (g @ A @ g) / (g @ B @ g), direction="gradient")
+        cos = (dA * dB).sum(0) / (dA.norm(dim=0) * dB.norm(dim=0))
+        quad_A = -(g @ dA) + 0.5 * (dA * (B @ dA + lambdas * dA)).sum(0)
+        quad_opt = -0.5 * (g @ dB)
+        for lam, c, r in zip(lambdas.tolist(), cos.tolist(), (quad_A / quad_opt).tolist()):
+            add(name, "all", "precond_cosine", c, damping=lam)
+            add(name, "all", "precond_reduction", r, damping=lam)
+        if len(slices) > 1:
+            for block, s in slices:
+                Ab, Bb = A[s, s], B[s, s]
+                nb = torch.linalg.matrix_norm(Bb)
+                add(name, block, "frobenius", torch.linalg.matrix_norm(Ab - Bb) / nb)
+                add(name, block, "cosine", (Ab * Bb).sum() / (torch.linalg.matrix_norm(Ab) * nb))
+    return pd.DataFrame(rows, columns=COLUMNS) if rows else None
 
 
 def _spectra_dense(run, dense, ref_op, seed, k):
@@ -678,8 +786,7 @@ def _spectra_matrix_free(run, ops, seed, k, probes, steps):
                     "converged": bool(info.converged),
                 }
             )  # fmt: skip
-    for name in run.bar([n for n in (REFERENCE, "Fisher (MC)", "EF", "Hessian") if n in top],
-                        desc="densities"):  # fmt: skip
+    for name in run.bar([n for n in (REFERENCE, "Hessian") if n in top], desc="densities"):
         log = name != "Hessian"
         if log and float(top[name][0][0]) <= 0:
             continue
@@ -762,7 +869,7 @@ def _module_types(model: nn.Module) -> dict[str, str]:
 
 # -- the job --------------------------------------------------------------------------------
 def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_samples, seed,
-             train_steps, max_dense, names, command, dtype):  # fmt: skip
+             train_steps, max_dense, names, command, dtype, figures=True):  # fmt: skip
     """Every phase of the report on a validated problem; writes the files and returns the page."""
     import curvkit as ck
     from curvkit.app import report_html as _html
@@ -794,11 +901,11 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
         tracker = None
         if train_steps > 0:
             tracker = ck.CurvatureTracker(
-                model, loss_func, every=max(1, train_steps // 4), k=3,
+                model, loss_func, every=max(1, math.ceil(train_steps / 2)), k=3,
                 quantities=("top_eigenvalues", "trace"), trace_method="hutch++",
                 num_matvecs=18, seed=seed,
             )  # fmt: skip
-            tracker.report_batch = (data[0][:64], data[1][:64])
+            tracker.report_batch = (data[0][:32], data[1][:32])
         losses = _train(
             model, loss_func, X_all, y_all, train_steps, seed, _SafeTracker(run, tracker)
         )
@@ -831,7 +938,7 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
                 summary, lanczos, densities = [], [], {}
         else:
             eigs, summary, lanczos, densities, top = _spectra_matrix_free(
-                run, ops, seed, k, probes=4, steps=30
+                run, ops, seed, k, probes=3, steps=25
             )
         lam_max = {r["name"]: r["lambda_max"] for r in summary}
         results["spectra"], results["lanczos"] = summary, lanczos
@@ -853,21 +960,23 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
             lam = max(lam_max.get(REFERENCE, 0.0), 1e-12)
             grid = [lam * 10.0**e for e in (-5, -4, -3, -2, -1, 0)]
             results["settings"]["damping_grid"] = grid
-            table = _compare_dense(dense, ref_op, g, grid, k, seed, run.bar)
+            table = _compare_dense(dense, ref_op, g, grid, k, seed)
         else:
             import pandas as pd
 
             from curvkit.diagnostics.metrics import COLUMNS
 
             others = {n: op for n, op in ops.items() if n != REFERENCE}
-            rows = compare_matrix_free(others, ref_op, top, g, probes=8, seed=seed, bar=run.bar)
+            probes = max(3, 48 // len(ref_op.block_sizes))
+            results["settings"]["probes_per_block"] = probes
+            rows = compare_matrix_free(others, ref_op, top, g, probes, seed=seed, bar=run.bar)
             table = pd.DataFrame(rows, columns=COLUMNS)
         if table is not None:
             table.to_csv(run.out_dir / "metrics.csv", index=False)
             results["comparison"] = table.to_dict(orient="records")
             state["table"] = table
     with run.phase("traces"):
-        budget = 99 if dense_mode else 30
+        budget = 99 if dense_mode else 24
         results["traces"], results["trace_estimator_error"] = _traces(
             run, ops, dense, ref_op, seed, budget
         )
@@ -885,7 +994,8 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
         results["settings"]["damping_inverse"] = state["damping"]
         labels = {b["name"]: _html.layer_label(b) for b in results["problem"].get("blocks", [])}
         state["labels"] = labels
-        _html.make_figures(run, run.out_dir / "figures", state)
+        if figures:
+            _html.make_figures(run, run.out_dir / "figures", state)
     with run.clock("write"):
         page = run.out_dir / "index.html"
         try:
@@ -948,6 +1058,7 @@ def build_report(
     dtype: str = "float64",
     max_dense: int = MAX_DENSE,
     operators=None,
+    figures: bool = True,
 ) -> Path:
     r"""Compute every comparison on a built-in problem or a model file; write the report.
 
@@ -969,6 +1080,7 @@ def build_report(
         max_dense: Largest number of parameters ``D`` with dense ``D x D``
             matrices; above it the report is matrix-free.
         operators: Operators to compute (see :func:`parse_operators`); default all.
+        figures: Draw the figures (PNG and PDF); ``False`` writes tables only.
 
     Returns:
         The path of ``index.html``.
@@ -1007,6 +1119,8 @@ def build_report(
     args += ["--out", str(out_dir), "--device", str(device), "--seed", str(seed)]
     args += ["--n-samples", str(n_samples), "--train-steps", str(train_steps), "--dtype", dtype]
     args += ["--max-dense", str(max_dense)]
+    if not figures:
+        args += ["--no-figures"]
     if operators is not None:
         args += ["--operators", ",".join(k for k, v in OPERATORS.items() if v in names)]
     run = _Run(out_dir, progress, device)
@@ -1014,7 +1128,7 @@ def build_report(
     return _analyse(
         run, name=name, description=description, model=model, loss_func=loss_func,
         X_all=X_all, y_all=y_all, n_samples=n_samples, seed=seed, train_steps=train_steps,
-        max_dense=max_dense, names=names, command=shlex.join(args), dtype=dtype,
+        max_dense=max_dense, names=names, command=shlex.join(args), dtype=dtype, figures=figures,
     )  # fmt: skip
 
 
@@ -1030,6 +1144,7 @@ def report(
     seed: int = 0,
     name: str | None = None,
     progress: bool = False,
+    figures: bool = True,
 ) -> Path:
     r"""The ``curvkit report`` page for a model, a loss and data, in one call.
 
@@ -1053,6 +1168,7 @@ def report(
         seed: Seed of Monte Carlo samples, probes and directions.
         name: Title of the report (default: the model's class name).
         progress: Show progress bars on stderr.
+        figures: Draw the figures (PNG and PDF); ``False`` writes tables only.
 
     Returns:
         The path of ``index.html`` (``results.json``, ``metrics.csv`` and
@@ -1101,7 +1217,7 @@ def report(
     return _analyse(
         run, name=title, description=f"{type(model).__name__} (Python API)", model=model,
         loss_func=loss_func, X_all=X, y_all=y, n_samples=n, seed=seed, train_steps=train_steps,
-        max_dense=max_dense, names=names, command=command, dtype=dtype,
+        max_dense=max_dense, names=names, command=command, dtype=dtype, figures=figures,
     )  # fmt: skip
 
 
@@ -1159,6 +1275,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--operators", metavar="NAME,...",
         help=f"operators to compute, from: {','.join(OPERATORS)} (default: all; ggn always)",
     )  # fmt: skip
+    parser.add_argument("--no-figures", action="store_true", help="tables only, no figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -1191,7 +1308,7 @@ def run(args: argparse.Namespace) -> int:
             problem=args.problem, out_dir=args.out, model_path=args.model,
             n_samples=args.n_samples, seed=args.seed, device=args.device,
             progress=not args.quiet, train_steps=args.train_steps, dtype=args.dtype,
-            max_dense=args.max_dense, operators=args.operators,
+            max_dense=args.max_dense, operators=args.operators, figures=not args.no_figures,
         )  # fmt: skip
     except CurvkitError as e:
         print(f"curvkit report: error: {e}", file=sys.stderr)

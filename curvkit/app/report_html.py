@@ -184,7 +184,7 @@ def make_figures(run, folder, state) -> None:
         )  # fmt: skip
     densities = state.get("densities")
     if densities:
-        probes = "10 Rademacher probes" if state["dense_mode"] else "4 Rademacher probes × 30 steps"
+        probes = "10 Rademacher probes" if state["dense_mode"] else "3 Rademacher probes × 25 steps"
         add(
             "densities", "Spectral densities (stochastic Lanczos quadrature)",
             f"Gaussian-smoothed densities from {probes}; positive semi-definite "
@@ -259,7 +259,7 @@ def make_figures(run, folder, state) -> None:
         add(
             "tracking", "Curvature over training",
             "Loss, top-3 GGN eigenvalues (Lanczos) and the GGN trace (Hutch++, band: ±2 standard "
-            "errors) on a fixed batch of the report's data, recorded by "
+            "errors) on a fixed batch of 32 examples of the report's data, recorded by "
             "<code>curvkit.CurvatureTracker</code> during the Adam steps.",
             lambda: _draw_tracking(P, run.results["tracking"]),
         )  # fmt: skip
@@ -628,8 +628,8 @@ def render(results, figures, memory_wide) -> str:
     def comparison():
         comp_main, comp_layers = _comparison(results, labels)
         how = (
-            "Block-probe estimates (8 Rademacher probes per layer block, shared by the whole "
-            "matrix and the blocks) and Lanczos vectors"
+            f"Block-probe estimates ({s.get('probes_per_block')} Rademacher probes per layer "
+            "block, shared by the whole matrix and the blocks) and Lanczos vectors"
             if matrix_free
             else "Whole-matrix metrics of <code>curvkit.compare</code> (exact, dense)"
         )
@@ -679,7 +679,7 @@ def render(results, figures, memory_wide) -> str:
         )
 
     def traces():
-        budget = "99" if not matrix_free else "30"
+        budget = "99" if not matrix_free else "24"
         return _section(
             "traces", "Traces",
             f"Randomised estimates ({budget} products each) with standard errors"
