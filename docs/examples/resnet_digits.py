@@ -34,6 +34,7 @@ class Block(nn.Module):
             )
 
     def forward(self, x):
+        """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
         out = torch.relu(self.bn1(self.conv1(x)))
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
@@ -48,6 +49,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(48, classes)
 
     def forward(self, x):
+        """Logits ``[N, classes]`` of images ``[N, 1, H, W]``."""
         x = self.blocks(torch.relu(self.stem(x)))
         return self.fc(x.mean(dim=(2, 3)))
 
