@@ -496,3 +496,12 @@ def test_dense_comparison_matches_compare(monkeypatch, eigh_all):
     merged = got.merge(expected, on=keys, suffixes=("", "_ref"), how="left")
     assert len(merged) == len(got) and merged.value_ref.notna().all()
     np.testing.assert_allclose(merged.value, merged.value_ref, rtol=1e-7, atol=1e-9)
+
+
+def test_python_entry_point_docstring_example_runs():
+    import doctest
+
+    finder = doctest.DocTestFinder()
+    (test,) = [t for t in finder.find(report) if t.name == "curvkit.app.report.report"]
+    result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(test)
+    assert result.attempted >= 5 and result.failed == 0

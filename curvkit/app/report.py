@@ -967,7 +967,7 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
             from curvkit.diagnostics.metrics import COLUMNS
 
             others = {n: op for n, op in ops.items() if n != REFERENCE}
-            probes = max(3, 48 // len(ref_op.block_sizes))
+            probes = max(2, 32 // len(ref_op.block_sizes))
             results["settings"]["probes_per_block"] = probes
             rows = compare_matrix_free(others, ref_op, top, g, probes, seed=seed, bar=run.bar)
             table = pd.DataFrame(rows, columns=COLUMNS)
@@ -976,7 +976,7 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
             results["comparison"] = table.to_dict(orient="records")
             state["table"] = table
     with run.phase("traces"):
-        budget = 99 if dense_mode else 24
+        budget = 99 if dense_mode else 18
         results["traces"], results["trace_estimator_error"] = _traces(
             run, ops, dense, ref_op, seed, budget
         )
@@ -1179,16 +1179,18 @@ def report(
             ``out``, before any computation.
 
     Example:
-        >>> import torch, curvkit as ck, tempfile
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
+        >>> import json, tempfile, torch, curvkit as ck
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
         ...                             torch.nn.Linear(3, 2)).double()
         >>> X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,))
-        >>> page = ck.report(model, torch.nn.CrossEntropyLoss(), (X, y),
-        ...                  out=tempfile.mkdtemp(), operators="kflr")  # doctest: +SKIP
-        >>> page.name  # doctest: +SKIP
-        'index.html'
+        >>> page = ck.report(model, torch.nn.CrossEntropyLoss(), (X, y), out=tempfile.mkdtemp(),
+        ...                  operators="kflr,hessian", figures=False)
+        >>> results = json.loads((page.parent / "results.json").read_text())
+        >>> page.name, results["settings"]["mode"], results["failures"]
+        ('index.html', 'dense', [])
+        >>> [r["name"] for r in results["operators"]]
+        ['GGN', 'Hessian', 'KFLR']
     """
     if not isinstance(model, nn.Module):
         raise ShapeError(f"report: model must be an nn.Module, got {type(model).__name__}.")

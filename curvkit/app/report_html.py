@@ -679,7 +679,7 @@ def render(results, figures, memory_wide) -> str:
         )
 
     def traces():
-        budget = "99" if not matrix_free else "24"
+        budget = "99" if not matrix_free else "18"
         return _section(
             "traces", "Traces",
             f"Randomised estimates ({budget} products each) with standard errors"
