@@ -938,7 +938,7 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
                 summary, lanczos, densities = [], [], {}
         else:
             eigs, summary, lanczos, densities, top = _spectra_matrix_free(
-                run, ops, seed, k, probes=3, steps=25
+                run, ops, seed, k, probes=3, steps=20
             )
         lam_max = {r["name"]: r["lambda_max"] for r in summary}
         results["spectra"], results["lanczos"] = summary, lanczos

@@ -184,7 +184,11 @@ def make_figures(run, folder, state) -> None:
         )  # fmt: skip
     densities = state.get("densities")
     if densities:
-        probes = "10 Rademacher probes" if state["dense_mode"] else "3 Rademacher probes × 25 steps"
+        probes = (
+            "10 Rademacher probes"
+            if state["dense_mode"]
+            else "3 Rademacher probes × 20 Lanczos steps"
+        )
         add(
             "densities", "Spectral densities (stochastic Lanczos quadrature)",
             f"Gaussian-smoothed densities from {probes}; positive semi-definite "
