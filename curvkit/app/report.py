@@ -1101,6 +1101,9 @@ def build_report(
     except RuntimeError as e:
         raise ShapeError(f"report: device={device!r} is not a device: {e}") from None
     out_dir = Path(out_dir)
+    if model_path is not None and not Path(model_path.rpartition(":")[0]).is_file():
+        _load_model(model_path)  # raises the ShapeError naming the problem
+    _check_out(out_dir)
     if model_path is not None:
         name, description, model, loss_func, X_all, y_all = _load_model(model_path)
     else:
@@ -1113,7 +1116,6 @@ def build_report(
         model, loss_func = prob.model, prob.loss_func
         X_all, y_all = prob.train
     model, X_all, y_all = _to(model, X_all, y_all, device, _DTYPES[dtype])
-    _check_out(out_dir)
     args = ["curvkit", "report"]
     args += ["--model", model_path] if model_path else ["--problem", problem]
     args += ["--out", str(out_dir), "--device", str(device), "--seed", str(seed)]
