@@ -996,6 +996,9 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
         state["labels"] = labels
         if figures:
             _html.make_figures(run, run.out_dir / "figures", state)
+    for row in results.get("operators", []):  # products of the whole report, per operator
+        if row["name"] in ops:
+            row["matvecs"] = ops[row["name"]].matvecs
     with run.clock("write"):
         page = run.out_dir / "index.html"
         try:

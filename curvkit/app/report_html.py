@@ -412,7 +412,7 @@ def _operators(results) -> str:
         rows,
         [("name", "operator"), ("description", "what"), ("status_html", "status"),
          ("build_s", "build [s]"), ("dense_s", "dense [s]"), ("dense_method", "dense from"),
-         ("matvecs", "products"), ("notes", "notes")],
+         ("matvecs", "products (all phases)"), ("notes", "notes")],
         raw=("status_html",),
     )  # fmt: skip
 
