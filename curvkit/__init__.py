@@ -55,6 +55,8 @@ _EXPORTS = {
     "logdet": "curvkit.diagnostics.spectral",
     "memory_report": "curvkit.diagnostics.memory",
     "CurvatureTracker": "curvkit.diagnostics.tracking",
+    # the report
+    "report": "curvkit.app.report",
 }
 #: Sub-packages and the modules users reach as ``ck.<name>`` (loaded on first use).
 _SUBMODULES = {
@@ -70,7 +72,6 @@ _SUBMODULES = {
     "spectral": "curvkit.diagnostics.spectral",
     "tracking": "curvkit.diagnostics.tracking",
     "launch": "curvkit.distributed.launch",
-    "report": "curvkit.app.report",
 }
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)

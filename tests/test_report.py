@@ -40,6 +40,32 @@ def build():
     return model, nn.CrossEntropyLoss(), (X, y)
 """
 
+#: A custom module ending in BatchNorm and LayerNorm (no Kronecker factors for those).
+NORM_MODEL = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(32, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.ln = nn.LayerNorm(3)
+
+    def forward(self, x):
+        return self.ln(self.bn(self.fc(torch.relu(self.conv(x)).flatten(1))))
+
+
+def build():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(16, 1, 6, 6, generator=gen)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    return Net(), nn.CrossEntropyLoss(), (X, y)
+"""
+
 
 @pytest.fixture(scope="module")
 def linear_report(tmp_path_factory):
@@ -63,7 +89,7 @@ def cnn_report(tmp_path_factory):
     (folder / "model.py").write_text(CNN_MODEL)
     page = report.build_report(
         model_path=f"{folder / 'model.py'}:build", out_dir=folder / "out", n_samples=16,
-        train_steps=3, progress=False,
+        train_steps=3, progress=False, figures=False,
     )  # fmt: skip
     return page, page.read_text(), json.loads((page.parent / "results.json").read_text())
 
@@ -167,13 +193,22 @@ def test_unsupported_approximation_is_reported_not_raised(cnn_report):
     "kwargs, match",
     [
         ({"problem": "no_such_problem"}, "Unknown problem"),
-        ({"problem": "deep_linear", "max_dense": 10}, "max_dense"),
+        ({"problem": "deep_linear", "max_dense": -1}, "max_dense"),
+        ({"problem": "deep_linear", "operators": "ggn,hessain"}, "unknown operator 'hessain'"),
         ({"problem": "deep_linear", "n_samples": 1}, "n_samples"),
         ({"model_path": "missing.py:build"}, "no file"),
         ({"model_path": "no_function_given"}, "file.py:function"),
         ({"problem": "deep_linear", "dtype": "float16"}, "dtype"),
     ],
-    ids=["unknown-problem", "too-large", "too-few-samples", "missing-file", "bad-spec", "dtype"],
+    ids=[
+        "unknown-problem",
+        "negative-max-dense",
+        "unknown-operator",
+        "too-few-samples",
+        "missing-file",
+        "bad-spec",
+        "dtype",
+    ],
 )
 def test_bad_arguments_raise_shape_errors(tmp_path, kwargs, match):
     with pytest.raises(ShapeError, match=match):
@@ -187,3 +222,286 @@ def test_run_returns_one_on_curvkit_error(tmp_path, capsys):
     args = parser.parse_args(["report", "--model", "nothing.py:fn", "--out", str(tmp_path)])
     assert report.run(args) == 1
     assert "curvkit report: error:" in capsys.readouterr().err
+
+
+def _load(folder, source):
+    import importlib.util
+
+    path = folder / "norm_model.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("_norm_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module
+
+
+def test_norm_layers_at_the_end_through_the_command_line(tmp_path):
+    """BatchNorm and LayerNorm last: the page, results and memory table are written."""
+    path, module = _load(tmp_path, NORM_MODEL)
+    parser = argparse.ArgumentParser(prog="curvkit")
+    report.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["report", "--model", f"{path}:build", "--out", str(tmp_path / "out"), "--n-samples",
+         "16", "--train-steps", "4", "--operators", "ggn,ef,kflr", "--quiet"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    html = (tmp_path / "out" / "index.html").read_text()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["failures"] == []
+    status = {r["name"]: r["status"] for r in results["operators"]}
+    assert list(status) == ["GGN", "EF", "KFLR"]  # GGN always; Hessian skipped
+    assert status["GGN"] == status["EF"] == "ok"
+    assert status["KFLR"].startswith("not available: UnsupportedModuleError")
+    assert "bn (BatchNorm1d)" in html and "ln (LayerNorm)" in html and "conv (Conv2d)" in html
+    ln_memory = [
+        r for r in results["memory"] if r["layer"] == "ln" and r["structure"] == "kronecker"
+    ]
+    assert ln_memory and ln_memory[0]["bytes"] is None  # no Kronecker factors: "–" on the page
+    # the GGN of the trained model (evaluation mode) against a float64 autograd reference
+    model, loss_func, (X, y) = module.build()
+    assert results["tracking"] and {r["quantity"] for r in results["tracking"]} >= {
+        "eigenvalue",
+        "trace",
+    }
+    assert (tmp_path / "out" / "figures" / "tracking.pdf").exists()
+    assert 'href="figures/tracking.pdf"' in html
+
+
+def _row_hessian(model, loss_func, X, y):
+    """Hessian by autograd's row-by-row double backward (no functorch batching rules).
+
+    ``tests.reference.dense_hessian`` (``jacrev`` of ``jacrev``) returns an
+    asymmetric matrix on the LayerNorm parameters (torch 2.13), disagreeing with
+    central differences of the gradient; this reference agrees with them.
+    """
+    from torch.func import functional_call
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    sizes, shapes = [p.numel() for _, p in named], [p.shape for _, p in named]
+
+    def loss(theta):
+        tensors = {n: t.reshape(s) for (n, _), t, s in zip(named, theta.split(sizes), shapes)}
+        return loss_func(functional_call(model, tensors, (X,)), y)
+
+    theta = torch.cat([p.detach().flatten() for _, p in named])
+    return torch.autograd.functional.hessian(loss, theta)
+
+
+def test_python_entry_point_escapes_names_and_matches_references(tmp_path):
+    """ck.report on a custom module; a script in the title or a module name stays text."""
+    import curvkit as ck
+
+    _, module = _load(tmp_path, NORM_MODEL)
+    model, loss_func, (X, y) = module.build()
+    model = model.double()
+    model.add_module("<script>alert(1)</script>", torch.nn.Identity())
+    model.ln = torch.nn.Sequential()
+    model.ln.add_module("<script>x()</script>", torch.nn.LayerNorm(3).double())
+    X = X.double()
+    page = ck.report(model, loss_func, (X, y), out=tmp_path / "r", operators="hessian",
+                     name="<script>alert('t')</script>", figures=False)  # fmt: skip
+    html = page.read_text()
+    assert "<script" not in html.lower()
+    assert "&lt;script&gt;alert(&#x27;t&#x27;)&lt;/script&gt;" in html
+    assert "&lt;script&gt;x()&lt;/script&gt; (LayerNorm)" in html
+    results = json.loads((page.parent / "results.json").read_text())
+    assert results["failures"] == [] and results["settings"]["mode"] == "dense"
+    assert not model.training  # analysed (and left) in evaluation mode
+    refs = {
+        "GGN": dense_ggn(model, loss_func, X, y),
+        "Hessian": _row_hessian(model, loss_func, X, y),
+    }
+    for name, M in refs.items():
+        expected = np.sort(torch.linalg.eigvalsh(M).numpy())
+        got = np.sort(np.array(results["eigenvalues"][name]))
+        np.testing.assert_allclose(got, expected, atol=1e-10 * abs(expected).max(), err_msg=name)
+
+
+def test_dense_matrices_from_batched_products_equal_the_operators():
+    """Jacobian (GGN, MC Fisher, EF) and vmap-HVP (Hessian) matrices equal column-wise products."""
+    import curvkit as ck
+
+    exec_globals = {}
+    exec(NORM_MODEL, exec_globals)
+    model, loss_func, (X, y) = exec_globals["build"]()
+    model, X = model.double().eval(), X.double()
+    data = (X, y)
+    builders = {
+        "jacobian": (ck.ggn, lambda *a: ck.fisher(*a, mc_samples=2, seed=3), ck.empirical_fisher),
+        "vmap-hvp": (ck.hessian,),
+    }
+    for method, fns in builders.items():
+        for build in fns:
+            op = build(model, loss_func, data)
+            M, how = report._dense_matrix(op)
+            assert how == method
+            expected = build(model, loss_func, data).to_dense()
+            torch.testing.assert_close(M, (expected + expected.T) / 2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def matrix_free(tmp_path_factory):
+    """deep_linear (D = 64) above max_dense = 50: the matrix-free report; to_dense forbidden."""
+    from curvkit.operators.base import CurvatureOperator
+
+    out = tmp_path_factory.mktemp("matrix_free")
+    mp = pytest.MonkeyPatch()
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("a D x D matrix was formed in the matrix-free regime")
+
+    mp.setattr(CurvatureOperator, "to_dense", forbidden)
+    try:
+        page = report.build_report(
+            "deep_linear", out, n_samples=N, train_steps=0, progress=False, max_dense=50,
+            operators="ggn,hessian,ef,kflr,kfac,tridiag_kflr", figures=False,
+        )  # fmt: skip
+    finally:
+        mp.undo()
+    return page, json.loads((out / "results.json").read_text())
+
+
+def test_matrix_free_report_is_checked_against_dense_references(matrix_free):
+    page, results = matrix_free
+    html = page.read_text()
+    assert results["settings"]["mode"] == "matrix-free" and results["failures"] == []
+    assert "eigenvalues" not in results and results["top_eigenvalues"]
+    problem = get_problem("deep_linear", seed=0, dtype=torch.float64)
+    X, y = problem.train[0][:N], problem.train[1][:N]
+    refs = {
+        "GGN": dense_ggn(problem.model, problem.loss_func, X, y),
+        "Hessian": dense_hessian(problem.model, problem.loss_func, X, y),
+        "EF": dense_ef(problem.model, problem.loss_func, X, y),
+    }
+    for name, M in refs.items():
+        lam_max = float(torch.linalg.eigvalsh(M)[-1])
+        top = next(r for r in results["lanczos"] if r["name"] == name and r["index"] == 1)
+        # a symmetric matrix has an eigenvalue within ||Av - θv|| of every Ritz value θ
+        assert abs(top["lanczos"] - lam_max) <= top["residual"] + 1e-12 * abs(lam_max), name
+        exact = float(torch.trace(M))
+        for row in (r for r in results["traces"] if r["name"] == name):
+            assert row["exact"] is None
+            assert abs(row["estimate"] - exact) <= 4 * row["stderr"] + 1e-10 * abs(exact), row
+    # block-probe Frobenius errors against the exact ones (KFLR is exact on the blocks here)
+    import curvkit as ck
+
+    df = pd.read_csv(page.parent / "metrics.csv")
+    kflr = ck.kfac(problem.model, problem.loss_func, (X, y), kind="kflr")
+    exact = float(torch.linalg.matrix_norm(kflr.to_dense() - refs["GGN"]) /
+                  torch.linalg.matrix_norm(refs["GGN"]))  # fmt: skip
+    row = _rows(df, "KFLR", "frobenius").iloc[0]
+    assert row.method == "block-hutchinson" and row.stderr > 0
+    assert abs(row.value - exact) <= 4 * row.stderr
+    for block in [b["name"] for b in results["problem"]["blocks"]]:
+        assert float(_rows(df, "KFLR", "frobenius", block).value.iloc[0]) < 1e-10, block
+    for section in ("operators", "comparison", "spectra", "traces", "landscape", "memory"):
+        assert f'<section id="{section}">' in html
+    assert "Matrix-free" in html
+
+
+def test_a_failing_operator_and_phase_keep_the_page(tmp_path, monkeypatch):
+    """One operator and the memory phase raise: the rest is computed, the page says what failed."""
+    builders = report._builders
+
+    def broken(seed):
+        table = builders(seed)
+
+        def boom(*args):
+            raise RuntimeError("boom in EF")
+
+        table["EF"] = (boom, table["EF"][1])
+        return table
+
+    def memory_fails(model):
+        raise ValueError("memory table exploded")
+
+    monkeypatch.setattr(report, "_builders", broken)
+    monkeypatch.setattr(report, "_memory", memory_fails)
+    page = report.build_report("tiny_mlp", tmp_path, n_samples=16, train_steps=0, progress=False,
+                               operators="ef,kflr", figures=False)  # fmt: skip
+    html = page.read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    failures = {f["phase"]: f["error"] for f in results["failures"]}
+    assert failures == {
+        "operator EF": "RuntimeError: boom in EF", "memory": "ValueError: memory table exploded"
+    }  # fmt: skip
+    status = {r["name"]: r["status"] for r in results["operators"]}
+    assert status == {"GGN": "ok", "EF": "failed: RuntimeError: boom in EF", "KFLR": "ok"}
+    assert '<section id="failures">' in html and "boom in EF" in html
+    assert "memory table exploded" in html
+    assert set(pd.read_csv(tmp_path / "metrics.csv").approx) == {"KFLR"}
+
+
+def test_unwritable_out_fails_before_any_computation(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+
+    def never(*args, **kwargs):
+        raise AssertionError("computed before checking the output folder")
+
+    monkeypatch.setattr(report, "_analyse", never)
+    with pytest.raises(ShapeError, match="not a writable folder"):
+        report.build_report("tiny_mlp", blocker / "out", progress=False)
+    import curvkit as ck
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ShapeError, match="not a writable folder"):
+        ck.report(model, torch.nn.MSELoss(), (torch.randn(4, 2), torch.randn(4, 2)),
+                  out=blocker / "out")  # fmt: skip
+
+
+def test_headline_never_ranks_exact_matrices_or_calls_a_loss_a_reduction():
+    from curvkit.app import report_html
+
+    rows = []
+    for approx, frob, red in (("Hessian", 0.01, 0.99), ("KFLR", 0.3, -0.5), ("EF", 0.9, -2.0)):
+        rows += [
+            {"approx": approx, "block": "all", "metric": "frobenius", "value": frob,
+             "direction": None, "damping": None},
+            {"approx": approx, "block": "all", "metric": "precond_reduction", "value": red,
+             "direction": None, "damping": 1.0},
+        ]  # fmt: skip
+    results = {"comparison": rows, "settings": {"damping_grid": [0.1, 1.0], "k": 3},
+               "problem": {"blocks": []}}  # fmt: skip
+    head, _ = report_html._comparison(results, {})
+    assert "smallest relative Frobenius error: <b>KFLR</b>" in head
+    assert "largest model reduction" not in head
+    assert "no approximation&#x27;s step reduces" in head or "no approximation's step" in head
+
+
+@pytest.mark.parametrize("eigh_all", [1000, 10], ids=["eigh", "lanczos"])
+def test_dense_comparison_matches_compare(monkeypatch, eigh_all):
+    """The report's dense comparison gives the rows of ck.compare (exact or via Lanczos)."""
+    import curvkit as ck
+
+    monkeypatch.setattr(report, "_EIGH_ALL", eigh_all)
+    problem = get_problem("tiny_mlp", seed=0, dtype=torch.float64)
+    data = (problem.train[0][:16], problem.train[1][:16])
+    ggn = ck.ggn(problem.model, problem.loss_func, data)
+    dense = {
+        "GGN": ggn.to_dense(),
+        "KFLR": ck.kfac(problem.model, problem.loss_func, data, kind="kflr").to_dense(),
+        "EF": ck.empirical_fisher(problem.model, problem.loss_func, data).to_dense(),
+    }
+    dense = {n: (M + M.T) / 2 for n, M in dense.items()}
+    g = ggn.loss_and_gradient()[1]
+    lam = float(torch.linalg.eigvalsh(dense["GGN"])[-1])
+    grid = [lam * 1e-3, lam * 1e-1]
+    got = report._compare_dense(dense, ggn, g, grid, 3, 0)
+    ops = {n: ck.DenseOperator(M, ggn.param_shapes, block_sizes=ggn.block_sizes,
+                               block_names=ggn.block_names) for n, M in dense.items()}  # fmt: skip
+    expected = ck.compare({n: ops[n] for n in ("KFLR", "EF")}, ops["GGN"], k=3, damping_grid=grid,
+                          gradient=g, reference_name="GGN")  # fmt: skip
+    keys = ["approx", "block", "metric", "direction", "damping"]
+    merged = got.merge(expected, on=keys, suffixes=("", "_ref"), how="left")
+    assert len(merged) == len(got) and merged.value_ref.notna().all()
+    np.testing.assert_allclose(merged.value, merged.value_ref, rtol=1e-7, atol=1e-9)
+
+
+def test_python_entry_point_docstring_example_runs():
+    import doctest
+
+    finder = doctest.DocTestFinder()
+    (test,) = [t for t in finder.find(report) if t.name == "curvkit.app.report.report"]
+    result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(test)
+    assert result.attempted >= 5 and result.failed == 0

@@ -64,19 +64,65 @@ def page(tmp_path_factory):
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def matrix_free_page(tmp_path_factory):
+    """tiny_mlp (D = 43) above max_dense = 20: the matrix-free page."""
+    out = tmp_path_factory.mktemp("matrix_free")
+    return report.build_report(
+        "tiny_mlp", out, n_samples=32, train_steps=0, progress=False, max_dense=20
+    )  # fmt: skip
+
+
+def _figure_files(page):
+    results = json.loads((page.parent / "results.json").read_text())
+    return results, results["figures"]
+
+
 def test_page_renders_with_all_images_and_no_console_errors(page, tmp_path):
     from PIL import Image
 
+    results, figures = _figure_files(page)
+    assert results["failures"] == [] and "tracking" in figures
     probe, console, shot = _render(page, tmp_path, "probed")
     assert console == []
-    assert probe["images"] == 12 and probe["broken"] == 0
-    assert probe["sections"] == 9
+    assert probe["images"] == len(figures) == 13 and probe["broken"] == 0
+    assert probe["sections"] == 10
     assert probe["scrollWidth"] <= probe["innerWidth"]  # nothing wider than the window
     image = Image.open(shot).convert("RGB")
     assert image.size == (WIDTH, HEIGHT)
     pixels = np.asarray(image.resize((300, 750)), dtype=float)
     assert pixels.std() > 20  # not a blank page
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500  # text, tables and figures
+
+
+def test_figures_decode_and_pdfs_are_linked(page):
+    """Every PNG decodes to a non-blank image; every PDF beside it is a PDF and linked."""
+    from PIL import Image
+
+    _, figures = _figure_files(page)
+    html = page.read_text()
+    for key, files in figures.items():
+        png, pdf = (page.parent / f for f in files)
+        with Image.open(png) as image:
+            image.load()
+            pixels = np.asarray(image.convert("L"), dtype=float)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 5, key
+        assert pdf.read_bytes()[:5] == b"%PDF-", key
+        assert f'href="{files[1]}"' in html, key
+
+
+def test_matrix_free_page_renders(matrix_free_page, tmp_path):
+    results, figures = _figure_files(matrix_free_page)
+    assert results["settings"]["mode"] == "matrix-free" and results["failures"] == []
+    assert {"densities", "ranks", "overlap", "directional", "frobenius", "landscape"} <= set(
+        figures
+    )
+    assert not {"matrices", "inverses", "preconditioning", "estimators"} & set(figures)
+    probe, console, _ = _render(matrix_free_page, tmp_path, "matrix_free")
+    assert console == []
+    assert probe["images"] == len(figures) and probe["broken"] == 0
+    assert probe["sections"] == 9
+    assert probe["scrollWidth"] <= probe["innerWidth"]
 
 
 def test_probe_detects_a_broken_image(page, tmp_path):
@@ -86,4 +132,4 @@ def test_probe_detects_a_broken_image(page, tmp_path):
     start = text.index("data:image/png;base64,") + len("data:image/png;base64,")
     broken.write_text(text[:start] + "AAAA" + text[start + 40 :])
     probe, _, _ = _render(broken, tmp_path, "broken")
-    assert probe["images"] == 12 and probe["broken"] == 1
+    assert probe["images"] == 13 and probe["broken"] == 1

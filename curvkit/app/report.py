@@ -1,27 +1,53 @@
 r"""The ``curvkit report`` job: every comparison of one problem on one self-contained page.
 
-:func:`build_report` computes, on a small subset of a problem's training data,
-the exact Hessian, GGN, Monte Carlo Fisher and empirical Fisher as dense
-matrices beside K-FAC (Monte Carlo), KFLR, KFRA, EKFAC, the diagonal GGN and
-tri-diagonal KFLR; compares every one with the GGN
-(:func:`curvkit.diagnostics.metrics.compare`); computes spectra (dense, Lanczos, stochastic
-Lanczos quadrature), trace estimates with standard errors, the storage of each
-representation and the loss along top eigenvectors against random directions;
-and writes ``DIR/index.html`` (figures embedded, tables, command line, versions,
-timings), ``DIR/metrics.csv`` (the comparison table), ``DIR/results.json``
-(every number) and ``DIR/figures/*.png``.
+:func:`build_report` (command line) and :func:`report` (a model, a loss and
+data from a script) compute, on a subset of the training data, the exact
+Hessian, GGN, Monte Carlo Fisher and empirical Fisher beside K-FAC (Monte
+Carlo), KFLR, KFRA, EKFAC, the diagonal GGN and tri-diagonal KFLR, compare every
+one with the GGN, and write ``DIR/index.html`` (figures embedded, tables,
+command line, versions, timings), ``DIR/metrics.csv`` (the comparison table),
+``DIR/results.json`` (every number) and ``DIR/figures/*.png`` with a PDF of
+each figure.
 
-An approximation that the model does not support (a curvkit error, e.g. KFRA
-on a CNN) is listed as "not available" with the reason; the report goes on.
+Two regimes, chosen by ``max_dense``:
+
+- ``D <= max_dense`` (dense): every matrix is formed, from batched products —
+  per-example Jacobians :math:`J` for the Gauss-Newton forms (GGN, Fisher,
+  empirical Fisher: :math:`\sum_n J_n^\top\Lambda_n J_n`, one forward-mode pass
+  per block of identity columns) and vectorised Hessian-vector products for the
+  Hessian — then compared exactly (:func:`curvkit.diagnostics.metrics.compare`),
+  with all eigenvalues, Lanczos checked against them and exact traces.
+- ``D > max_dense`` (matrix-free): no ``D x D`` matrix is ever held. Top
+  eigenvalues by restarted Lanczos (with residuals), spectral densities by
+  stochastic Lanczos quadrature, traces by Hutchinson and Hutch++ with standard
+  errors, and the comparison from block products: Rademacher probes supported on
+  one layer block at a time give unbiased estimates of
+  :math:`\|A - G\|_F^2`, :math:`\|G\|_F^2` and :math:`\operatorname{tr}(AG)` for the
+  whole matrix and for every diagonal block at once (standard errors by the
+  delta method), the top eigenspace overlap and directional curvatures come
+  from the Lanczos vectors.
+
+Every operator and phase runs on its own: an approximation the model does not
+support (a curvkit error, e.g. KFRA on a CNN) is listed as "not available" with
+the reason, any other failure as "failed" with its message; the report goes
+on. ``results.json`` is rewritten after each phase, ``metrics.csv`` and the
+figures as soon as they exist, so a late failure keeps what finished; the page
+lists what failed.
 
 Example:
     .. code-block:: console
 
-        $ curvkit report --out report/              # default problem: ~25 s of CPU time
-        $ curvkit report --problem tiny_cnn --out r/ --quiet
-        $ curvkit report --model my_model.py:build --out r/
+        $ curvkit report --out report/                      # default problem
+        $ curvkit report --problem digits_cnn --operators ggn,kflr,ekfac --out r/
+        $ curvkit report --model my_model.py:build --max-dense 0 --out r/   # matrix-free
 
     ``my_model.py:build`` names a function returning ``(model, loss_func, (X, y))``.
+    From Python:
+
+    .. code-block:: python
+
+        import curvkit as ck
+        ck.report(model, torch.nn.CrossEntropyLoss(), (X, y), out="report/")
 """
 
 from __future__ import annotations
@@ -34,6 +60,7 @@ import platform
 import shlex
 import sys
 import time
+import traceback
 import warnings
 from contextlib import contextmanager
 from importlib import metadata
@@ -45,17 +72,28 @@ from torch import nn
 from curvkit.errors import CurvkitError, ShapeError
 
 __all__ = [
-    "DEFAULT_PROBLEM", "add_arguments", "add_parser", "build_report", "digits_mlp_small", "run",
+    "DEFAULT_PROBLEM", "MAX_DENSE", "OPERATORS", "add_arguments", "add_parser", "build_report",
+    "digits_mlp_small", "report", "run",
 ]  # fmt: skip
 
 #: Problem of ``curvkit report`` without ``--problem``: digits, MLP 64-12-12-10 (1,066 params).
 DEFAULT_PROBLEM = "digits_mlp_small"
-#: Largest ``D`` the report densifies (every matrix is a dense ``D x D`` one).
+#: Default largest ``D`` with dense ``D x D`` matrices; above it the report is matrix-free.
 MAX_DENSE = 4000
 REFERENCE = "GGN"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-#: Errors that mark an approximation "not available" instead of failing the report.
+#: Errors that mark an approximation "not available" (unsupported) rather than "failed".
 _UNAVAILABLE = (CurvkitError, NotImplementedError, ImportError)
+#: The exact matrices: never ranked as approximations of the GGN.
+EXACT = ("GGN", "Hessian", "Fisher (MC)", "EF")
+#: ``--operators`` keys and the names in the report, in report order.
+OPERATORS = {
+    "ggn": "GGN", "hessian": "Hessian", "fisher": "Fisher (MC)", "ef": "EF", "kfac": "KFAC",
+    "kflr": "KFLR", "kfra": "KFRA", "ekfac": "EKFAC", "diag_ggn": "diag GGN",
+    "tridiag_kflr": "tri-diag KFLR",
+}  # fmt: skip
+#: Entries of the largest Jacobian ``[D, N, C]`` the dense Gauss-Newton path forms at once.
+_JACOBIAN_ENTRIES = 2**25
 
 
 # -- problem ------------------------------------------------------------------------------
@@ -80,7 +118,7 @@ def digits_mlp_small(seed: int = 0, dtype=torch.float64, device="cpu"):
     )  # fmt: skip
 
 
-def _load_model(spec: str, device, dtype):
+def _load_model(spec: str):
     """``(name, description, model, loss_func, (X, y))`` from ``"path.py:function"``."""
     path, sep, fn = spec.rpartition(":")
     if not sep or not path.endswith(".py") or not fn.isidentifier():
@@ -96,10 +134,58 @@ def _load_model(spec: str, device, dtype):
     if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], nn.Module)):
         raise ShapeError(f"--model {spec!r}: {fn}() must return (model, loss_func, (X, y)).")
     model, loss_func, (X, y) = out
+    return Path(path).name + ":" + fn, f"{type(model).__name__} from {spec}", model, loss_func, X, y
+
+
+def _to(model, X, y, device, dtype):
     model = model.to(device=device, dtype=dtype)
     X = X.to(device=device, dtype=dtype if X.is_floating_point() else X.dtype)
     y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
-    return Path(path).name + ":" + fn, f"{type(model).__name__} from {spec}", model, loss_func, X, y
+    return model, X, y
+
+
+def parse_operators(operators) -> list[str]:
+    """Report names of ``operators`` (keys of :data:`OPERATORS` or names), GGN first.
+
+    Args:
+        operators: ``None`` (all), a comma-separated string or a sequence of keys
+            (``"ggn"``, ``"kflr"``, ...) or report names (``"tri-diag KFLR"``),
+            case-insensitive. The GGN, the reference, is always included.
+
+    Returns:
+        The report names in :data:`OPERATORS` order.
+
+    Raises:
+        ShapeError: For an unknown name.
+    """
+    if operators is None:
+        return list(OPERATORS.values())
+    if isinstance(operators, str):
+        operators = [s for s in operators.split(",")]
+    lookup = {k: v for k, v in OPERATORS.items()} | {v.lower(): v for v in OPERATORS.values()}
+    chosen = {REFERENCE}
+    for item in operators:
+        key = str(item).strip().lower()
+        if key not in lookup:
+            raise ShapeError(
+                f"report: operators: unknown operator {item!r}; supported: "
+                f"{', '.join(OPERATORS)} (the GGN, the reference, is always computed)."
+            )
+        chosen.add(lookup[key])
+    return [v for v in OPERATORS.values() if v in chosen]
+
+
+def _check_out(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove it writable before any computation."""
+    probe = out_dir / ".curvkit-write-test"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ShapeError(
+            f"report: out_dir {str(out_dir)!r} is not a writable folder: {e}"
+        ) from None
 
 
 # -- bookkeeping --------------------------------------------------------------------------
@@ -114,9 +200,11 @@ class _Clock:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *_: None)
         sync(self.device)
         start = time.perf_counter()
-        yield
-        sync(self.device)
-        self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
 
 
 def _versions() -> dict[str, str]:
@@ -135,22 +223,24 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _command(problem, model_path, out_dir, device, seed, n_samples, train_steps, dtype) -> str:
-    args = ["curvkit", "report"]
-    args += ["--model", model_path] if model_path else ["--problem", problem]
-    args += ["--out", str(out_dir), "--device", str(device), "--seed", str(seed)]
-    args += ["--n-samples", str(n_samples), "--train-steps", str(train_steps)]
-    return shlex.join(args + ["--dtype", dtype])
+def _message(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()
 
 
-def _train(model, loss_func, X, y, steps: int, seed: int, batch_size: int = 64) -> list[float]:
-    """A short seeded Adam run (lr 1e-2) so the analysis is not at initialisation."""
+def _train(model, loss_func, X, y, steps: int, seed: int, tracker=None, batch_size: int = 64):
+    """A short seeded Adam run (lr 1e-2) so the analysis is not at initialisation.
+
+    ``tracker`` (a :class:`~curvkit.diagnostics.tracking.CurvatureTracker`) records
+    on its own fixed batch at its steps and after the last step.
+    """
     if steps <= 0:
         return []
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        if tracker:
+            tracker.maybe_record(step, *tracker.report_batch)
         idx = torch.randint(0, X.shape[0], (min(batch_size, X.shape[0]),), generator=gen)
         idx = idx.to(X.device)
         opt.zero_grad(set_to_none=True)
@@ -158,13 +248,15 @@ def _train(model, loss_func, X, y, steps: int, seed: int, batch_size: int = 64) 
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+    if tracker is not None:
+        tracker.record(steps, *tracker.report_batch)
     for p in model.parameters():
         p.grad = None
     return losses
 
 
-def _approximations(seed: int) -> dict[str, tuple]:
-    """Name -> ``(builder(model, loss_func, data), description)``; the reference first."""
+def _builders(seed: int) -> dict[str, tuple]:
+    """Report name -> ``(builder(model, loss_func, data), description)``."""
     import curvkit as ck
 
     return {
@@ -193,39 +285,110 @@ def _approximations(seed: int) -> dict[str, tuple]:
     }
 
 
-def _message(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}".strip()
+# -- dense matrices from batched products ---------------------------------------------------
+def _identity_chunks(op, chunk: int):
+    for start in range(0, op.dim, chunk):
+        stop = min(start + chunk, op.dim)
+        E = torch.zeros(op.dim, stop - start, dtype=op.dtype, device=op.device)
+        E[torch.arange(start, stop, device=op.device), torch.arange(stop - start)] = 1
+        yield E
 
 
-# -- the computations ---------------------------------------------------------------------
-def _build_operators(model, loss_func, data, seed, bar):
-    """Build every operator and its dense matrix; failures become 'not available' rows."""
-    ops, dense, rows = {}, {}, []
-    for name, (build, description) in bar(_approximations(seed).items(), desc="operators"):
-        row = {"name": name, "description": description, "status": "ok", "notes": ""}
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                start = time.perf_counter()
-                op = build(model, loss_func, data)
-                row["build_s"] = time.perf_counter() - start
-                dense[name] = op.to_dense().to(torch.float64)
-                row["dense_s"] = time.perf_counter() - start - row["build_s"]
-            ops[name] = op
-            row["matvecs"] = op.matvecs
-            notes = {
-                str(w.message)
-                for w in caught
-                if "curvkit" in str(w.filename)
-                and not issubclass(w.category, (DeprecationWarning, FutureWarning))
-            }
-            row["notes"] = " ".join(sorted(notes))
-        except _UNAVAILABLE as e:
-            if name == REFERENCE:
-                raise
-            row["status"] = f"not available: {_message(e)}"
-        rows.append(row)
-    return ops, dense, rows
+def _per_example_jacobian(op, X: torch.Tensor) -> torch.Tensor:
+    """``[D, N, *out]``: the model's Jacobian per example, by reverse mode (``torch.func``).
+
+    One vectorised backward pass per output coordinate over the whole batch
+    (``vmap`` of ``jacrev`` over examples); the model must treat examples
+    independently (evaluation mode).
+    """
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {n: p.detach() for n, p in zip(op.param_names, op.params)}
+
+    def single(ps, x):
+        return functional_call(op.model, ps, (x.unsqueeze(0),)).squeeze(0)
+
+    jac = vmap(jacrev(single), in_dims=(None, 0))(params, X)
+    N = X.shape[0]
+    parts = [jac[n].reshape(N, -1, p.numel()) for n, p in zip(op.param_names, op.params)]
+    out_shape = jac[op.param_names[0]].shape[1 : jac[op.param_names[0]].ndim - op.params[0].ndim]
+    J = torch.cat(parts, dim=2)  # [N, C, D]
+    return J.permute(2, 0, 1).reshape(op.dim, N, *out_shape)
+
+
+def _gauss_newton_dense(op):
+    r""":math:`\sum_n J_n^\top\Lambda_n J_n` from the per-example Jacobians of each batch.
+
+    ``J`` (``[D, N, C]``) from :func:`_per_example_jacobian`; one ``D x NC`` by
+    ``NC x D`` product forms the matrix, with the operator's own output
+    curvature :math:`\Lambda` (the same Monte Carlo samples as its products).
+    ``None`` when a batch's Jacobian would exceed :data:`_JACOBIAN_ENTRIES`.
+    """
+    from curvkit.operators._autodiff import forward_context
+
+    D = op.dim
+    total = None
+    op._reset()
+    with forward_context(op.model):
+        for Xb, yb, scale in op._data():
+            with torch.no_grad():
+                f = op.model(Xb)
+            if D * f.numel() > _JACOBIAN_ENTRIES:
+                return None
+            J = _per_example_jacobian(op, Xb)
+            lam = op._output_curvature(f.detach(), yb, scale)
+            term = J.reshape(D, -1) @ lam(J).reshape(D, -1).T
+            total = term if total is None else total + term
+    op.matvecs += D
+    return total
+
+
+def _hessian_dense(op, chunk: int = 64):
+    """The Hessian from vectorised forward-over-reverse products (``torch.func``)."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    from curvkit.operators._autodiff import forward_context, join_columns, split_columns
+
+    primals = tuple(p.detach() for p in op.params)
+    batches = list(op._data())
+
+    def loss(*ps):
+        tensors = dict(zip(op.param_names, ps))
+        return sum(
+            scale * op.loss_func(functional_call(op.model, tensors, (Xb,)), yb)
+            for Xb, yb, scale in batches
+        )
+
+    gradient = grad(loss, argnums=tuple(range(len(primals))))
+
+    def hvp(*tangents):
+        return jvp(gradient, primals, tangents)[1]
+
+    cols = []
+    with forward_context(op.model):
+        for E in _identity_chunks(op, chunk):
+            cols.append(join_columns(vmap(hvp)(*split_columns(E, op.param_shapes))))
+    op.matvecs += op.dim
+    return torch.cat(cols, dim=1)
+
+
+def _dense_matrix(op) -> tuple[torch.Tensor, str]:
+    """``(matrix in float64, method)``: batched Jacobians/HVPs where they apply, else products."""
+    from curvkit.operators.exact import HessianOperator, _GaussNewtonForm
+
+    M, method = None, "products"
+    try:
+        if isinstance(op, _GaussNewtonForm):
+            M, method = _gauss_newton_dense(op), "jacobian"
+        elif isinstance(op, HessianOperator):
+            M, method = _hessian_dense(op), "vmap-hvp"
+    except RuntimeError:  # e.g. a model torch.func cannot transform: plain products
+        M = None
+    if M is None:
+        method = "products"
+        M = op.to_dense(chunk_size=min(op.dim, 256))
+    M = M.to(torch.float64)
+    return (M + M.T) / 2, method
 
 
 def _dense_op(M, ref):
@@ -236,27 +399,14 @@ def _dense_op(M, ref):
     )
 
 
-def _compare_all(dense, ref_op, g, grid, k, seed, bar):
-    import pandas as pd
-
-    from curvkit.diagnostics.metrics import compare
-
-    reference = _dense_op(dense[REFERENCE], ref_op)
-    frames = []
-    for name in bar([n for n in dense if n != REFERENCE], desc="compare"):
-        frames.append(
-            compare(
-                {name: _dense_op(dense[name], ref_op)},
-                reference,
-                k=k,
-                damping_grid=grid,
-                gradient=g,
-                exact_threshold=ref_op.dim,
-                seed=seed,
-                reference_name=REFERENCE,
-            )  # fmt: skip
-        )
-    return pd.concat(frames, ignore_index=True)
+def _eigvalsh(M: torch.Tensor, slices) -> torch.Tensor:
+    """All eigenvalues; block by block when every off-diagonal block is exactly zero."""
+    mask = torch.ones_like(M, dtype=torch.bool)
+    for _, s in slices:
+        mask[s, s] = False
+    if len(slices) > 1 and not bool(M[mask].any()):
+        return torch.cat([torch.linalg.eigvalsh(M[s, s]) for _, s in slices])
+    return torch.linalg.eigvalsh(M)
 
 
 def _effective_rank(lam: torch.Tensor) -> float:
@@ -266,33 +416,334 @@ def _effective_rank(lam: torch.Tensor) -> float:
     return float(torch.exp(-torch.special.xlogy(p, p).sum()))
 
 
-def _spectra(dense, ref_op, seed, k, bar):
-    """Dense eigenvalues, Lanczos check, SLQ densities and a summary per operator."""
+def _delta(mean: torch.Tensor, cov: torch.Tensor, f) -> tuple[float, float]:
+    r"""``f(mean)`` and its delta-method standard error :math:`\sqrt{\nabla f^\top C\nabla f}`."""
+    grad = torch.autograd.functional.jacobian(f, mean)
+    return float(f(mean)), float((grad @ cov @ grad).clamp_min(0).sqrt())
+
+
+def _block_probes(slices, dim, probes: int, gen, dtype, device):
+    """Per block ``[D, probes]`` Rademacher columns supported on that block only."""
+    out = []
+    for _, s in slices:
+        Z = torch.zeros(dim, probes, dtype=dtype, device=device)
+        signs = torch.randint(0, 2, (s.stop - s.start, probes), generator=gen)
+        Z[s] = (2 * signs - 1).to(dtype=dtype, device=device)
+        out.append(Z)
+    return out
+
+
+def compare_matrix_free(ops, reference, top, g, probes: int = 8, seed: int = 0, bar=None):
+    r"""Compare operators with the reference through block products (no ``D x D`` matrix).
+
+    For a Rademacher probe :math:`z` supported on block :math:`l`,
+    :math:`\mathbb E\|Mz\|^2 = \|M_{:,l}\|_F^2` and :math:`\mathbb E\|(Mz)_l\|^2 = \|M_{ll}\|_F^2`
+    (Hutchinson 1990), so ``probes`` products per block estimate, with the
+    same products, the whole-matrix sums :math:`\|A-G\|_F^2`, :math:`\|G\|_F^2`,
+    :math:`\|A\|_F^2`, :math:`\operatorname{tr}(AG)` (sums over the blocks) and
+    those of every diagonal block. ``frobenius`` and ``cosine`` are ratios of
+    these means, with delta-method standard errors from the samples' covariance.
+    ``overlap`` uses the top-``k`` Lanczos vectors of both operators and
+    ``directional`` the reference's (and the gradient), as in
+    :func:`curvkit.diagnostics.metrics.compare`.
+
+    Args:
+        ops: Name -> approximation (the reference excluded).
+        reference: The reference operator ``G``.
+        top: Name -> ``(values, vectors)`` of the top eigenpairs (reference included,
+            under :data:`REFERENCE`).
+        g: The flat gradient, or ``None``.
+        probes: Probes per block.
+        seed: Seed of the probes.
+        bar: Progress wrapper ``bar(iterable, desc)``.
+
+    Returns:
+        Rows with the columns of :data:`curvkit.diagnostics.metrics.COLUMNS`.
+    """
+    bar = bar or (lambda it, desc: it)
+    slices = reference.block_slices()
+    gen = torch.Generator().manual_seed(seed)
+    Zs = _block_probes(slices, reference.dim, probes, gen, reference.dtype, reference.device)
+    BZ = [reference.matmat(Z) for Z in Zs]
+    ref_top = top.get(REFERENCE)
+    if ref_top is not None:
+        VB = ref_top[1]
+        BV = reference.matmat(VB)
+    G = None if g is None else g.to(device=reference.device, dtype=reference.dtype)[:, None]
+    gBg = None if G is None else float((G * reference.matmat(G)).sum())
+    rows = []
+
+    def add(name, block, metric, value, stderr=0.0, method="block-hutchinson", **extra):
+        rows.append(
+            {"approx": name, "reference": REFERENCE, "block": block, "metric": metric,
+             "value": value, "stderr": stderr, "method": method, **extra}
+        )  # fmt: skip
+
+    def frob(m):
+        return (m[0] / m[2]).sqrt()
+
+    def cosine(m):
+        return m[3] / (m[1] * m[2]).sqrt()
+
+    for name, A in bar(list(ops.items()), desc="compare"):
+        whole_mean = torch.zeros(4, dtype=torch.float64)
+        whole_cov = torch.zeros(4, 4, dtype=torch.float64)
+        per_block = []
+        for (block, s), Z, Bz in zip(slices, Zs, BZ):
+            Az = A.matmat(Z)
+            samples = []
+            for rows_of in (slice(None), s):
+                a, b = Az[rows_of].double(), Bz[rows_of].double()
+                samples.append(
+                    torch.stack([((a - b) ** 2).sum(0), (a**2).sum(0), (b**2).sum(0),
+                                 (a * b).sum(0)], dim=1)
+                )  # fmt: skip
+            full, diag = samples
+            whole_mean += full.mean(0)
+            whole_cov += torch.cov(full.T) / probes
+            per_block.append((block, diag.mean(0), torch.cov(diag.T) / probes))
+        add(name, "all", "frobenius", *_delta(whole_mean, whole_cov, frob))
+        add(name, "all", "cosine", *_delta(whole_mean, whole_cov, cosine))
+        if ref_top is not None and name in top:
+            k = min(VB.shape[1], top[name][1].shape[1])
+            overlap = float((top[name][1][:, :k].T @ VB[:, :k]).pow(2).sum() / k)
+            add(name, "all", "overlap", overlap, method="lanczos", k=k)
+        if ref_top is not None:
+            AV = A.matmat(VB)
+            ratios = (VB * AV).sum(0) / (VB * BV).sum(0)
+            for i, r in enumerate(ratios.tolist()):
+                add(name, "all", "directional", r, method="lanczos", k=VB.shape[1],
+                    direction=f"eigvec_{i + 1}")  # fmt: skip
+        if G is not None and gBg:
+            add(name, "all", "directional", float((G * A.matmat(G)).sum()) / gBg,
+                method="exact", direction="gradient")  # fmt: skip
+        for block, mean, cov in per_block:
+            add(name, block, "frobenius", *_delta(mean, cov, frob))
+            add(name, block, "cosine", *_delta(mean, cov, cosine))
+    return rows
+
+
+class _Run:
+    """State of one report: results so far, failures, and the files written as they are ready."""
+
+    def __init__(self, out_dir: Path, progress: bool, device: torch.device):
+        from tqdm.auto import tqdm
+
+        self.out_dir, self.progress = out_dir, progress
+        self.clock = _Clock(device)
+        self.started = time.perf_counter()
+        self.results: dict = {"failures": []}
+        self.figures: dict = {}
+        self._tqdm = tqdm
+
+    def bar(self, iterable, desc):
+        return self._tqdm(
+            iterable, desc=desc, leave=False, disable=not self.progress, file=sys.stderr
+        )
+
+    def fail(self, phase: str, e: BaseException) -> None:
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+        self.results["failures"].append({"phase": phase, "error": _message(e), "where": where})
+        self.save()
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time ``name``; an exception is recorded as a failure of the phase, not raised."""
+        try:
+            with self.clock(name):
+                yield
+        except Exception as e:  # noqa: BLE001 - every failure is recorded on the page
+            self.fail(name, e)
+        else:
+            self.save()
+
+    def save(self) -> None:
+        """Rewrite ``results.json`` with everything computed so far."""
+        self.results["timings_s"] = {
+            **self.clock.phases, "total": time.perf_counter() - self.started
+        }  # fmt: skip
+        text = json.dumps(_jsonable(self.results), indent=1) + "\n"
+        tmp = self.out_dir / "results.json.tmp"
+        tmp.write_text(text)
+        tmp.replace(self.out_dir / "results.json")
+
+
+# -- the phases ---------------------------------------------------------------------------
+def _build_operators(run, names, model, loss_func, data, seed, dense_mode):
+    """Build each operator (and, in the dense regime, its matrix); failures become rows."""
+    builders = _builders(seed)
+    ops, dense, rows = {}, {}, []
+    for name in run.bar(names, desc="operators"):
+        build, description = builders[name]
+        row = {"name": name, "description": description, "status": "ok", "notes": ""}
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                start = time.perf_counter()
+                op = build(model, loss_func, data)
+                row["build_s"] = time.perf_counter() - start
+                if dense_mode:
+                    start = time.perf_counter()
+                    dense[name], row["dense_method"] = _dense_matrix(op)
+                    row["dense_s"] = time.perf_counter() - start
+            ops[name] = op
+            row["matvecs"] = op.matvecs
+            notes = {
+                str(w.message)
+                for w in caught
+                if "curvkit" in str(w.filename)
+                and not issubclass(w.category, (DeprecationWarning, FutureWarning))
+            }
+            row["notes"] = " ".join(sorted(notes))
+        except _UNAVAILABLE as e:
+            row["status"] = f"not available: {_message(e)}"
+            dense.pop(name, None)
+        except Exception as e:  # noqa: BLE001 - recorded, the report goes on
+            row["status"] = f"failed: {_message(e)}"
+            dense.pop(name, None)
+            run.fail(f"operator {name}", e)
+        rows.append(row)
+        run.results["operators"] = rows
+    return ops, dense, rows
+
+
+#: Largest ``D`` at which the dense comparison uses full eigendecompositions of every matrix.
+_EIGH_ALL = 600
+
+
+def _block_diagonal(M: torch.Tensor, slices) -> bool:
+    mask = torch.ones_like(M, dtype=torch.bool)
+    for _, s in slices:
+        mask[s, s] = False
+    return len(slices) > 1 and not bool(M[mask].any())
+
+
+def _top_and_solve(M, slices, k, g, lambdas, seed):
+    """Top-``k`` eigenvectors of ``M`` and ``(M + λI)^{-1} g`` for every λ.
+
+    Exact eigendecompositions for small or block-diagonal ``M`` (block by
+    block); otherwise Lanczos on the dense matrix (residual-checked) for the
+    eigenvectors and one linear solve per λ.
+    """
     import curvkit as ck
 
-    eigs, summary, lanczos, densities, top_vectors = {}, [], [], {}, {}
-    for name, M in bar(dense.items(), desc="eigenvalues"):
-        lam = torch.linalg.eigvalsh((M + M.T) / 2)
+    D = M.shape[0]
+    if D <= _EIGH_ALL or _block_diagonal(M, slices):
+        parts = [(s, torch.linalg.eigh(M[s, s])) for _, s in slices] if D > _EIGH_ALL else [
+            (slice(0, D), torch.linalg.eigh(M))
+        ]  # fmt: skip
+        vals = torch.cat([v for _, (v, _) in parts])
+        order = torch.argsort(vals, descending=True)[:k]
+        V = M.new_zeros(D, k)
+        d = M.new_zeros(D, len(lambdas))
+        offsets, start = [], 0
+        for s, (v, U) in parts:
+            offsets.append((s, start, start + v.numel(), U))
+            start += v.numel()
+            d[s] = U @ ((U.T @ g[s])[:, None] / (v[:, None] + lambdas[None, :]))
+        for col, idx in enumerate(order.tolist()):
+            for s, lo, hi, U in offsets:
+                if lo <= idx < hi:
+                    V[s, col] = U[:, idx - lo]
+        return V, d, "dense"
+    op = ck.DenseOperator(M)
+    _, V, _ = ck.eigenvectors(op, k=k, method="lanczos", tol=1e-10, seed=seed)
+    eye = torch.eye(D, dtype=M.dtype, device=M.device)
+    d = torch.stack([torch.linalg.solve(M + float(lam) * eye, g) for lam in lambdas], dim=1)
+    return V, d, "lanczos"
+
+
+def _compare_dense(dense, ref_op, g, grid, k, seed):
+    r"""Every dense matrix against the GGN: the rows of :func:`curvkit.compare`, cheaply.
+
+    The metrics and formulas of :func:`curvkit.diagnostics.metrics.compare`
+    (whole matrix: ``frobenius``, ``cosine``, ``spectral``, ``overlap``,
+    ``directional``, ``precond_cosine``, ``precond_reduction``; per layer block:
+    ``frobenius`` and ``cosine``), exact except where ``D > 600`` and the matrix
+    is not block-diagonal: there :math:`\|A - G\|_2` and the top-``k``
+    eigenvectors come from Lanczos on the dense matrix (tolerance ``1e-10``,
+    ``method="lanczos"``) instead of ``D^3`` eigendecompositions of every matrix.
+    """
+    import pandas as pd
+
+    import curvkit as ck
+    from curvkit.diagnostics.metrics import COLUMNS
+
+    B = dense[REFERENCE]
+    D = B.shape[0]
+    slices = ref_op.block_slices()
+    k = min(k, D)
+    lamB, UB = torch.linalg.eigh(B)
+    VB = UB[:, torch.argsort(lamB, descending=True)[:k]]
+    norm_B = float(lamB.abs().max())
+    lambdas = torch.as_tensor(grid, dtype=B.dtype)
+    g = g.to(B)
+    dB = UB @ ((UB.T @ g)[:, None] / (lamB[:, None] + lambdas[None, :]))
+    BVB = (VB * (B @ VB)).sum(0)
+    rows = []
+
+    def add(name, block, metric, value, method="dense", **extra):
+        rows.append({"approx": name, "reference": REFERENCE, "block": block, "metric": metric,
+                     "value": float(value), "stderr": 0.0, "method": method, **extra})  # fmt: skip
+
+    for name, A in dense.items():
+        if name == REFERENCE:
+            continue
+        nB = torch.linalg.matrix_norm(B)
+        add(name, "all", "frobenius", torch.linalg.matrix_norm(A - B) / nB)
+        add(name, "all", "cosine", (A * B).sum() / (torch.linalg.matrix_norm(A) * nB))
+        if D <= _EIGH_ALL:
+            spectral, how = float(torch.linalg.eigvalsh(A - B).abs().max()), "dense"
+        else:
+            value = ck.eigenvalues(ck.DenseOperator(A - B), k=1, which="LM", method="lanczos",
+                                   tol=1e-10, seed=seed)[0]  # fmt: skip
+            spectral, how = float(value.abs()[0]), "lanczos"
+        add(name, "all", "spectral", spectral / norm_B, method=how)
+        VA, dA, how = _top_and_solve(A, slices, k, g, lambdas, seed)
+        add(name, "all", "overlap", (VA.T @ VB).pow(2).sum() / k, method=how, k=k)
+        for i, r in enumerate(((VB * (A @ VB)).sum(0) / BVB).tolist()):
+            add(name, "all", "directional", r, k=k, direction=f"eigvec_{i + 1}")
+        add(name, "all", "directional", (g @ A @ g) / (g @ B @ g), direction="gradient")
+        cos = (dA * dB).sum(0) / (dA.norm(dim=0) * dB.norm(dim=0))
+        quad_A = -(g @ dA) + 0.5 * (dA * (B @ dA + lambdas * dA)).sum(0)
+        quad_opt = -0.5 * (g @ dB)
+        for lam, c, r in zip(lambdas.tolist(), cos.tolist(), (quad_A / quad_opt).tolist()):
+            add(name, "all", "precond_cosine", c, damping=lam)
+            add(name, "all", "precond_reduction", r, damping=lam)
+        if len(slices) > 1:
+            for block, s in slices:
+                Ab, Bb = A[s, s], B[s, s]
+                nb = torch.linalg.matrix_norm(Bb)
+                add(name, block, "frobenius", torch.linalg.matrix_norm(Ab - Bb) / nb)
+                add(name, block, "cosine", (Ab * Bb).sum() / (torch.linalg.matrix_norm(Ab) * nb))
+    return pd.DataFrame(rows, columns=COLUMNS) if rows else None
+
+
+def _spectra_dense(run, dense, ref_op, seed, k):
+    """Dense eigenvalues, Lanczos checked against them, SLQ densities, a summary per matrix."""
+    import curvkit as ck
+
+    slices = ref_op.block_slices()
+    eigs, summary, lanczos, densities, top = {}, [], [], {}, {}
+    for name, M in run.bar(dense.items(), desc="eigenvalues"):
+        lam = _eigvalsh(M, slices)
         eigs[name] = lam
-        top = float(lam.max())
+        top_value = float(lam.max())
         summary.append(
             {
-                "name": name, "lambda_max": top, "lambda_min": float(lam.min()),
+                "name": name, "lambda_max": top_value, "lambda_min": float(lam.min()),
                 "trace": float(lam.sum()),
-                "negative": int((lam < -1e-10 * max(abs(top), 1e-300)).sum()),
-                "effective_rank": _effective_rank(lam),
+                "negative": int((lam < -1e-10 * max(abs(top_value), 1e-300)).sum()),
+                "effective_rank": _effective_rank(lam), "method": "dense",
             }
         )  # fmt: skip
     D = ref_op.dim
     k_lanczos = min(k, max(1, (D - 2) // 3))
-    for name in bar([n for n in ("Hessian", REFERENCE, "EF") if n in dense], desc="lanczos"):
+    for name in run.bar([n for n in ("Hessian", REFERENCE, "EF") if n in dense], desc="lanczos"):
         op = _dense_op(dense[name], ref_op)
-        try:
-            vals, vecs, info = ck.eigenvectors(op, k=k_lanczos, method="lanczos", seed=seed)
-        except _UNAVAILABLE as e:
-            lanczos.append({"name": name, "index": None, "note": _message(e)})
-            continue
-        top_vectors[name] = vecs
+        vals, vecs, info = ck.eigenvectors(op, k=k_lanczos, method="lanczos", seed=seed)
+        top[name] = (vals, vecs)
         exact = torch.sort(eigs[name], descending=True).values[:k_lanczos]
         for i, (v, r, e) in enumerate(zip(vals.tolist(), info.residuals.tolist(), exact.tolist())):
             lanczos.append(
@@ -302,72 +753,104 @@ def _spectra(dense, ref_op, seed, k, bar):
                     "restarts": info.restarts, "converged": bool(info.converged),
                 }
             )  # fmt: skip
-    steps = min(80, D)
     names = (REFERENCE, "Fisher (MC)", "EF", "KFLR", "tri-diag KFLR", "Hessian")
-    for name in bar([n for n in names if n in dense], desc="densities"):
-        op = _dense_op(dense[name], ref_op)
+    for name in run.bar([n for n in names if n in dense], desc="densities"):
         log = name != "Hessian"
         if log and float(eigs[name].max()) <= 0:
             continue
         densities[name] = ck.spectral_density(
-            op, num_probes=10, lanczos_steps=steps, log=log, seed=seed
-        )
-    return eigs, summary, lanczos, densities, top_vectors
+            _dense_op(dense[name], ref_op), num_probes=10, lanczos_steps=min(80, D), log=log,
+            seed=seed,
+        )  # fmt: skip
+    return eigs, summary, lanczos, densities, top
 
 
-def _traces(dense, ref_op, seed, bar):
-    """Trace estimates with standard errors, and the estimator error against the budget."""
+def _spectra_matrix_free(run, ops, seed, k, probes, steps):
+    """Top-``k`` Lanczos eigenpairs of every operator, SLQ densities of the exact matrices."""
+    import curvkit as ck
+
+    eigs, summary, lanczos, densities, top = {}, [], [], {}, {}
+    for name, op in run.bar(list(ops.items()), desc="lanczos"):
+        try:
+            vals, vecs, info = ck.eigenvectors(op, k=k, method="lanczos", seed=seed)
+        except Exception as e:  # noqa: BLE001
+            run.fail(f"spectra {name}", e)
+            continue
+        top[name], eigs[name] = (vals, vecs), vals
+        summary.append({"name": name, "lambda_max": float(vals[0]), "method": "lanczos"})
+        for i, (v, r) in enumerate(zip(vals.tolist(), info.residuals.tolist())):
+            lanczos.append(
+                {
+                    "name": name, "index": i + 1, "lanczos": v, "residual": r,
+                    "matvecs": info.matvecs, "restarts": info.restarts,
+                    "converged": bool(info.converged),
+                }
+            )  # fmt: skip
+    for name in run.bar([n for n in (REFERENCE, "Hessian") if n in top], desc="densities"):
+        log = name != "Hessian"
+        if log and float(top[name][0][0]) <= 0:
+            continue
+        try:
+            densities[name] = ck.spectral_density(
+                ops[name], num_probes=probes, lanczos_steps=min(steps, ops[name].dim), log=log,
+                seed=seed,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            run.fail(f"density {name}", e)
+    return eigs, summary, lanczos, densities, top
+
+
+def _traces(run, ops, dense, ref_op, seed, budget):
+    """Trace estimates with standard errors (against the exact trace in the dense regime)."""
     import curvkit as ck
 
     rows, errors = [], []
-    budget = 99
-    for name in bar([n for n in ("Hessian", REFERENCE, "Fisher (MC)", "EF") if n in dense],
-                    desc="traces"):  # fmt: skip
-        op = _dense_op(dense[name], ref_op)
-        exact = float(torch.trace(dense[name]))
-        for method in ("hutchinson", "hutch++", "xtrace"):
+    for name in run.bar([n for n in EXACT if n in ops], desc="traces"):
+        op = _dense_op(dense[name], ref_op) if name in dense else ops[name]
+        exact = float(torch.trace(dense[name])) if name in dense else None
+        for method in ("hutchinson", "hutch++") + (("xtrace",) if name in dense else ()):
             try:
                 est = ck.trace(op, method=method, num_matvecs=budget, seed=seed)
             except _UNAVAILABLE as e:
                 rows.append({"name": name, "method": method, "exact": exact, "note": _message(e)})
                 continue
-            tiny = 1e-10 * max(abs(exact), 1e-300)
-            z = (est.value - exact) / est.stderr if est.stderr > tiny else float("nan")
-            rows.append(
-                {
-                    "name": name, "method": method, "estimate": est.value,
-                    "stderr": est.stderr, "exact": exact, "z": z, "matvecs": est.matvecs,
-                }
-            )  # fmt: skip
-    op, exact = _dense_op(dense[REFERENCE], ref_op), float(torch.trace(dense[REFERENCE]))
-    for method in ("hutchinson", "hutch++", "xtrace"):
-        for n in (8, 16, 32, 64, 128):
-            for s in range(5):
-                try:
-                    est = ck.trace(op, method=method, num_matvecs=n, seed=seed + s)
-                except ShapeError:  # xtrace needs n / 2 < D
-                    break
-                err = abs(est.value - exact) / abs(exact) if exact else abs(est.value)
-                errors.append({"method": method, "matvecs": n, "seed": seed + s, "error": err})
+            row = {"name": name, "method": method, "estimate": est.value, "stderr": est.stderr,
+                   "exact": exact, "matvecs": est.matvecs}  # fmt: skip
+            if exact is not None:
+                tiny = 1e-10 * max(abs(exact), 1e-300)
+                row["z"] = (est.value - exact) / est.stderr if est.stderr > tiny else None
+            rows.append(row)
+    if REFERENCE in dense:
+        op, exact = _dense_op(dense[REFERENCE], ref_op), float(torch.trace(dense[REFERENCE]))
+        for method in ("hutchinson", "hutch++", "xtrace"):
+            for n in (8, 16, 32, 64, 128):
+                for s in range(5):
+                    try:
+                        est = ck.trace(op, method=method, num_matvecs=n, seed=seed + s)
+                    except ShapeError:  # xtrace needs n / 2 < D
+                        break
+                    err = abs(est.value - exact) / abs(exact) if exact else abs(est.value)
+                    errors.append({"method": method, "matvecs": n, "seed": seed + s, "error": err})
     return rows, errors
 
 
-def _directions(eigs, top_vectors, ref_op, g, seed):
+def _directions(top, lam_max, dim, g, seed):
     """Top-3 Hessian (else GGN) eigenvectors (Lanczos), the gradient and three random directions."""
-    source = "Hessian" if "Hessian" in top_vectors else REFERENCE
+    source = "Hessian" if "Hessian" in top else REFERENCE
     short = "H" if source == "Hessian" else source
-    vecs = top_vectors.get(source)
+    vecs = top[source][1] if source in top else None
     dirs = (
         {}
         if vecs is None
         else {f"{short} eigvec {i + 1}": vecs[:, i] for i in range(min(3, vecs.shape[1]))}
     )
-    dirs["gradient"] = g
+    if g is not None:
+        dirs["gradient"] = g
     gen = torch.Generator().manual_seed(seed)
     for i in range(3):
-        dirs[f"random {i + 1}"] = torch.randn(ref_op.dim, generator=gen, dtype=torch.float64)
-    lam_max = float(eigs[source].max())
-    span = 2.0 / math.sqrt(lam_max) if lam_max > 0 else 1.0
+        dirs[f"random {i + 1}"] = torch.randn(dim, generator=gen, dtype=torch.float64)
+    lam = lam_max.get(source)
+    span = 2.0 / math.sqrt(lam) if lam is not None and lam > 0 else 1.0
     return dirs, span
 
 
@@ -380,7 +863,192 @@ def _memory(model):
     return df, wide.reindex(order)[list(dict.fromkeys(df["structure"]))]
 
 
+def _module_types(model: nn.Module) -> dict[str, str]:
+    return {name: type(m).__name__ for name, m in model.named_modules()}
+
+
 # -- the job --------------------------------------------------------------------------------
+def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_samples, seed,
+             train_steps, max_dense, names, command, dtype, figures=True):  # fmt: skip
+    """Every phase of the report on a validated problem; writes the files and returns the page."""
+    import curvkit as ck
+    from curvkit.app import report_html as _html
+    from curvkit.operators.exact import loss_and_gradient
+
+    results = run.results
+    data = (X_all[:n_samples], y_all[:n_samples])
+    D = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dense_mode = D <= max_dense
+    types = _module_types(model)
+    results["problem"] = {
+        "name": name, "description": description, "num_params": D,
+        "n_samples": int(data[0].shape[0]), "loss_func": type(loss_func).__name__,
+        "train_steps": train_steps, "model_type": type(model).__name__,
+    }  # fmt: skip
+    k = min(10, D) if dense_mode else min(5, max(1, (D - 2) // 3))
+    results["settings"] = {
+        "seed": seed, "device": str(next(model.parameters()).device), "dtype": dtype,
+        "k": k, "reference": REFERENCE, "max_dense": max_dense,
+        "mode": "dense" if dense_mode else "matrix-free", "operators": names,
+        "model_mode": "eval",
+    }  # fmt: skip
+    results["command"] = command
+    results["versions"] = _versions()
+    run.save()
+    state = {"model": model, "loss_func": loss_func, "data": data, "dense_mode": dense_mode}
+
+    with run.phase("train"):
+        tracker = None
+        if train_steps > 0:
+            tracker = ck.CurvatureTracker(
+                model, loss_func, every=max(1, math.ceil(train_steps / 2)), k=3,
+                quantities=("top_eigenvalues", "trace"), trace_method="hutch++",
+                num_matvecs=18, seed=seed,
+            )  # fmt: skip
+            tracker.report_batch = (data[0][:32], data[1][:32])
+        losses = _train(
+            model, loss_func, X_all, y_all, train_steps, seed, _SafeTracker(run, tracker)
+        )
+        results["problem"]["train_loss_first"] = losses[0] if losses else None
+        results["problem"]["train_loss_last"] = losses[-1] if losses else None
+        if tracker is not None and tracker.records:
+            results["tracking"] = tracker.records
+    model.eval()  # the analysis uses running statistics (BatchNorm) and no dropout
+    ops, dense, ref_op, g = {}, {}, None, None
+    with run.phase("operators"):
+        ops, dense, _ = _build_operators(run, names, model, loss_func, data, seed, dense_mode)
+        ref_op = ops.get(REFERENCE)
+        blocks_of = ref_op or next(iter(ops.values()), None)
+        if blocks_of is not None:
+            results["problem"]["blocks"] = [
+                {"name": b, "type": types.get(b, "?"), "size": s}
+                for b, s in zip(blocks_of.block_names, blocks_of.block_sizes)
+            ]
+        loss, g = loss_and_gradient(model, loss_func, data)
+        g = g.to(torch.float64)
+        results["problem"]["loss"] = float(loss)
+        results["problem"]["gradient_norm"] = float(g.norm())
+    state.update(ops=ops, dense=dense, ref_op=ref_op, g=g)
+    eigs, top, lam_max = {}, {}, {}
+    with run.phase("spectra"):
+        if dense_mode:
+            if dense:
+                eigs, summary, lanczos, densities, top = _spectra_dense(run, dense, ref_op, seed, k)
+            else:
+                summary, lanczos, densities = [], [], {}
+        else:
+            eigs, summary, lanczos, densities, top = _spectra_matrix_free(
+                run, ops, seed, k, probes=3, steps=20
+            )
+        lam_max = {r["name"]: r["lambda_max"] for r in summary}
+        results["spectra"], results["lanczos"] = summary, lanczos
+        if dense_mode:
+            results["eigenvalues"] = {n: v for n, v in eigs.items()}
+        else:
+            results["top_eigenvalues"] = {n: v for n, v in eigs.items()}
+        results["densities"] = {
+            n: {"grid": sd.grid, "density": sd.density, "log": sd.log, "matvecs": sd.matvecs,
+                "mass_below_cutoff": sd.mass_below_cutoff}
+            for n, sd in densities.items()
+        }  # fmt: skip
+        state.update(eigs=eigs, densities=densities, top=top)
+    grid = None
+    with run.phase("compare"):
+        if ref_op is None:
+            raise CurvkitError(f"the reference {REFERENCE} is not available: nothing to compare.")
+        if dense_mode:
+            lam = max(lam_max.get(REFERENCE, 0.0), 1e-12)
+            grid = [lam * 10.0**e for e in (-5, -4, -3, -2, -1, 0)]
+            results["settings"]["damping_grid"] = grid
+            table = _compare_dense(dense, ref_op, g, grid, k, seed)
+        else:
+            import pandas as pd
+
+            from curvkit.diagnostics.metrics import COLUMNS
+
+            others = {n: op for n, op in ops.items() if n != REFERENCE}
+            probes = max(2, 32 // len(ref_op.block_sizes))
+            results["settings"]["probes_per_block"] = probes
+            rows = compare_matrix_free(others, ref_op, top, g, probes, seed=seed, bar=run.bar)
+            table = pd.DataFrame(rows, columns=COLUMNS)
+        if table is not None:
+            table.to_csv(run.out_dir / "metrics.csv", index=False)
+            results["comparison"] = table.to_dict(orient="records")
+            state["table"] = table
+    with run.phase("traces"):
+        budget = 99 if dense_mode else 18
+        results["traces"], results["trace_estimator_error"] = _traces(
+            run, ops, dense, ref_op, seed, budget
+        )
+        state["error_rows"] = results["trace_estimator_error"]
+    with run.phase("landscape"):
+        dim = ref_op.dim if ref_op is not None else D
+        state["directions"], state["span"] = _directions(top, lam_max, dim, g, seed)
+    memory_wide = None
+    with run.phase("memory"):
+        memory_long, memory_wide = _memory(model)
+        results["memory"] = memory_long.to_dict(orient="records")
+    with run.phase("figures"):
+        lam = lam_max.get(REFERENCE)
+        state["damping"] = 1e-3 * lam if lam and lam > 0 else 1e-3
+        results["settings"]["damping_inverse"] = state["damping"]
+        labels = {b["name"]: _html.layer_label(b) for b in results["problem"].get("blocks", [])}
+        state["labels"] = labels
+        if figures:
+            _html.make_figures(run, run.out_dir / "figures", state)
+    for row in results.get("operators", []):  # products of the whole report, per operator
+        if row["name"] in ops:
+            row["matvecs"] = ops[row["name"]].matvecs
+    with run.clock("write"):
+        page = run.out_dir / "index.html"
+        try:
+            text = _html.render(run.results, run.figures, memory_wide)
+        except Exception as e:  # noqa: BLE001 - the page must exist, even a plain one
+            run.fail("page", e)
+            text = _html.fallback(run.results)
+        page.write_text(text, encoding="utf-8")
+    run.save()
+    return page
+
+
+class _SafeTracker:
+    """Forwards to a tracker; its first failure is recorded and tracking stops."""
+
+    def __init__(self, run, tracker):
+        self.run, self.tracker = run, tracker
+        self.report_batch = getattr(tracker, "report_batch", None)
+
+    def __bool__(self):
+        return self.tracker is not None
+
+    def _call(self, method, *args):
+        if self.tracker is None:
+            return
+        try:
+            getattr(self.tracker, method)(*args)
+        except Exception as e:  # noqa: BLE001
+            self.run.fail("tracking", e)
+            self.tracker = None
+
+    def maybe_record(self, *args):
+        self._call("maybe_record", *args)
+
+    def record(self, *args):
+        self._call("record", *args)
+
+
+def _check_common(n_samples, seed, train_steps, max_dense, dtype=None):
+    if dtype is not None and dtype not in _DTYPES:
+        raise ShapeError(f"report: dtype={dtype!r} is not one of {tuple(_DTYPES)}.")
+    for label, value, low in (("n_samples", n_samples, 2), ("train_steps", train_steps, 0),
+                              ("max_dense", max_dense, 0)):  # fmt: skip
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < low):  # fmt: skip
+            raise ShapeError(f"report: {label} must be an int >= {low}, got {value!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ShapeError(f"report: seed must be an int, got {seed!r}.")
+
+
 def build_report(
     problem: str = DEFAULT_PROBLEM,
     out_dir: str | Path = "curvkit-report",
@@ -392,13 +1060,15 @@ def build_report(
     train_steps: int = 100,
     dtype: str = "float64",
     max_dense: int = MAX_DENSE,
+    operators=None,
+    figures: bool = True,
 ) -> Path:
-    r"""Compute every comparison on one problem and write a self-contained HTML report.
+    r"""Compute every comparison on a built-in problem or a model file; write the report.
 
     Args:
         problem: A built-in problem (:func:`curvkit.problems.list_problems`) or
             ``"digits_mlp_small"`` (:func:`digits_mlp_small`, the default).
-        out_dir: Output folder (created).
+        out_dir: Output folder (created; checked writable before any computation).
         model_path: ``"path/to/file.py:function"``; the function takes no
             argument and returns ``(model, loss_func, (X, y))``. Replaces ``problem``.
         n_samples: Examples of the training data the curvature is computed on.
@@ -406,145 +1076,156 @@ def build_report(
         device: Device of every computation.
         progress: Show tqdm progress bars on stderr.
         train_steps: Seeded Adam steps (learning rate ``1e-2``, batches of 64)
-            on the training data before the analysis; 0 analyses the model as built.
+            on the training data before the analysis, with the GGN's top
+            eigenvalues and trace tracked (:class:`~curvkit.CurvatureTracker`);
+            0 analyses the model as built.
         dtype: ``"float64"`` (default) or ``"float32"``.
-        max_dense: Largest number of parameters accepted (``D x D`` matrices are formed).
+        max_dense: Largest number of parameters ``D`` with dense ``D x D``
+            matrices; above it the report is matrix-free.
+        operators: Operators to compute (see :func:`parse_operators`); default all.
+        figures: Draw the figures (PNG and PDF); ``False`` writes tables only.
 
     Returns:
         The path of ``index.html``.
 
     Raises:
-        ShapeError: For an unknown problem, a bad ``model_path``, ``n_samples < 2``
-            or ``D > max_dense``.
-        CurvkitError: If the reference GGN cannot be computed.
+        ShapeError: For an unknown problem or operator, a bad ``model_path``,
+            ``n_samples < 2``, a negative ``max_dense`` or ``train_steps``, or an
+            unwritable ``out_dir``. Failures after the setup are recorded in
+            the report, not raised.
     """
-    from tqdm.auto import tqdm
-
     import curvkit as ck
-    from curvkit.app import report_html as _report_html
-    from curvkit.operators.exact import loss_and_gradient
 
-    if dtype not in _DTYPES:
-        raise ShapeError(f"report: dtype={dtype!r} is not one of {tuple(_DTYPES)}.")
-    if n_samples < 2:
-        raise ShapeError(f"report: n_samples must be at least 2, got {n_samples}.")
+    started = time.perf_counter()
+    _check_common(n_samples, seed, train_steps, max_dense, dtype)
+    names = parse_operators(operators)
     try:
         device = torch.device(device)
     except RuntimeError as e:
         raise ShapeError(f"report: device={device!r} is not a device: {e}") from None
     out_dir = Path(out_dir)
-    clock = _Clock(device)
-    started = time.perf_counter()
-
-    def bar(iterable, desc):
-        return tqdm(iterable, desc=desc, leave=False, disable=not progress, file=sys.stderr)
-
-    phases = tqdm(total=8, desc="report", disable=not progress, file=sys.stderr)
-
-    def phase(name):
-        phases.set_postfix_str(name)
-        return clock(name)
-
-    with phase("setup"):
-        if model_path is not None:
-            name, description, model, loss_func, X_all, y_all = _load_model(
-                model_path, device, _DTYPES[dtype]
-            )
+    if model_path is not None and not Path(model_path.rpartition(":")[0]).is_file():
+        _load_model(model_path)  # raises the ShapeError naming the problem
+    _check_out(out_dir)
+    if model_path is not None:
+        name, description, model, loss_func, X_all, y_all = _load_model(model_path)
+    else:
+        kwargs = {"seed": seed, "dtype": _DTYPES[dtype], "device": device}
+        if problem == DEFAULT_PROBLEM:
+            prob = digits_mlp_small(**kwargs)
         else:
-            kwargs = {"seed": seed, "dtype": _DTYPES[dtype], "device": device}
-            if problem == DEFAULT_PROBLEM:
-                prob = digits_mlp_small(**kwargs)
-            else:
-                prob = ck.problems.get_problem(problem, **kwargs)
-            name, description = prob.name, prob.description
-            model, loss_func = prob.model, prob.loss_func
-            X_all, y_all = prob.train
-        D = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if D > max_dense:
-            raise ShapeError(
-                f"report: the model has D={D} parameters; the report forms dense D x D matrices "
-                f"and accepts D <= max_dense={max_dense}. Use a smaller model (--model) or raise "
-                "the limit."
-            )
-        data = (X_all[:n_samples], y_all[:n_samples])
-    phases.update()
-    with phase("train"):
-        train_losses = _train(model, loss_func, X_all, y_all, train_steps, seed)
-    phases.update()
-    with phase("operators"):
-        ops, dense, op_rows = _build_operators(model, loss_func, data, seed, bar)
-        ref_op = ops[REFERENCE]
-        loss, g = loss_and_gradient(model, loss_func, data)
-        g = g.to(torch.float64)
-    phases.update()
-    with phase("spectra"):
-        k = min(10, D)
-        eigs, summary, lanczos, densities, top_vectors = _spectra(dense, ref_op, seed, k, bar)
-    phases.update()
-    with phase("compare"):
-        lam_max = max(float(eigs[REFERENCE].max()), 1e-12)
-        grid = [lam_max * 10.0**e for e in (-5, -4, -3, -2, -1, 0)]
-        table = _compare_all(dense, ref_op, g, grid, k, seed, bar)
-    phases.update()
-    with phase("traces"):
-        trace_rows, error_rows = _traces(dense, ref_op, seed, bar)
-    phases.update()
-    with phase("landscape"):
-        directions, span = _directions(eigs, top_vectors, ref_op, g, seed)
-        memory_long, memory_wide = _memory(model)
-    phases.update()
-    with phase("figures"):
-        damping = 1e-3 * lam_max
-        figures, block_errors = _report_html.make_figures(
-            out_dir / "figures", model, loss_func, data, ops, dense, ref_op, eigs, densities,
-            table, error_rows, directions, span, damping, bar,
-        )  # fmt: skip
-    phases.update()
-    phases.close()
-    results = {
-        "problem": {
-            "name": name, "description": description, "num_params": D,
-            "n_samples": int(data[0].shape[0]), "loss_func": type(loss_func).__name__,
-            "loss": float(loss), "gradient_norm": float(g.norm()), "train_steps": train_steps,
-            "train_loss_first": train_losses[0] if train_losses else None,
-            "train_loss_last": train_losses[-1] if train_losses else None,
-            "blocks": [
-                {"name": b, "size": s} for b, s in zip(ref_op.block_names, ref_op.block_sizes)
-            ],
-        },
-        "settings": {
-            "seed": seed, "device": str(device), "dtype": dtype, "damping_inverse": damping,
-            "damping_grid": grid, "k": k, "reference": REFERENCE,
-        },
-        "command": _command(
-            problem, model_path, out_dir, device, seed, n_samples, train_steps, dtype
-        ),
-        "versions": _versions(),
-        "operators": op_rows,
-        "spectra": summary,
-        "lanczos": lanczos,
-        "eigenvalues": {n: v.tolist() for n, v in eigs.items()},
-        "densities": {
-            n: {"grid": sd.grid.tolist(), "density": sd.density.tolist(), "log": sd.log,
-                "matvecs": sd.matvecs, "mass_below_cutoff": sd.mass_below_cutoff}
-            for n, sd in densities.items()
-        },
-        "comparison": table.to_dict(orient="records"),
-        "block_errors": block_errors,
-        "traces": trace_rows,
-        "trace_estimator_error": error_rows,
-        "loss_landscape": figures.pop("_landscape").to_dict(orient="records"),
-        "memory": memory_long.to_dict(orient="records"),
-    }  # fmt: skip
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with clock("write"):
-        table.to_csv(out_dir / "metrics.csv", index=False)
-        results["timings_s"] = {**clock.phases, "total": time.perf_counter() - started}
-        page = _report_html.render(results, figures, memory_wide)
-        (out_dir / "index.html").write_text(page, encoding="utf-8")
-    results["timings_s"] = {**clock.phases, "total": time.perf_counter() - started}
-    (out_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1) + "\n")
-    return out_dir / "index.html"
+            prob = ck.problems.get_problem(problem, **kwargs)
+        name, description = prob.name, prob.description
+        model, loss_func = prob.model, prob.loss_func
+        X_all, y_all = prob.train
+    model, X_all, y_all = _to(model, X_all, y_all, device, _DTYPES[dtype])
+    args = ["curvkit", "report"]
+    args += ["--model", model_path] if model_path else ["--problem", problem]
+    args += ["--out", str(out_dir), "--device", str(device), "--seed", str(seed)]
+    args += ["--n-samples", str(n_samples), "--train-steps", str(train_steps), "--dtype", dtype]
+    args += ["--max-dense", str(max_dense)]
+    if not figures:
+        args += ["--no-figures"]
+    if operators is not None:
+        args += ["--operators", ",".join(k for k, v in OPERATORS.items() if v in names)]
+    run = _Run(out_dir, progress, device)
+    run.clock.phases["setup"] = time.perf_counter() - started
+    return _analyse(
+        run, name=name, description=description, model=model, loss_func=loss_func,
+        X_all=X_all, y_all=y_all, n_samples=n_samples, seed=seed, train_steps=train_steps,
+        max_dense=max_dense, names=names, command=shlex.join(args), dtype=dtype, figures=figures,
+    )  # fmt: skip
+
+
+def report(
+    model: nn.Module,
+    loss_func,
+    data,
+    out: str | Path = "curvkit-report",
+    max_dense: int = MAX_DENSE,
+    operators=None,
+    n_samples: int | None = None,
+    train_steps: int = 0,
+    seed: int = 0,
+    name: str | None = None,
+    progress: bool = False,
+    figures: bool = True,
+) -> Path:
+    r"""The ``curvkit report`` page for a model, a loss and data, in one call.
+
+    The model is analysed where it lives (device and dtype unchanged), in
+    evaluation mode (it is left there). ``D <= max_dense`` gives dense matrices
+    and exact comparisons, a larger ``D`` the matrix-free report (see
+    :mod:`curvkit.app.report`).
+
+    Args:
+        model: The network.
+        loss_func: Its loss, e.g. ``torch.nn.CrossEntropyLoss()`` (``reduction``
+            ``"mean"`` or ``"sum"``).
+        data: ``(X, y)`` tensors; the curvature uses the first ``n_samples`` examples.
+        out: Output folder (created; checked writable before any computation).
+        max_dense: Largest ``D`` with dense ``D x D`` matrices.
+        operators: Operators to compute (see :func:`parse_operators`); default all.
+        n_samples: Examples of the curvature (default: all of ``data``).
+        train_steps: Seeded Adam steps on ``data`` before the analysis (default 0:
+            the model as it is); when positive the GGN's top eigenvalues and trace
+            are tracked over them.
+        seed: Seed of Monte Carlo samples, probes and directions.
+        name: Title of the report (default: the model's class name).
+        progress: Show progress bars on stderr.
+        figures: Draw the figures (PNG and PDF); ``False`` writes tables only.
+
+    Returns:
+        The path of ``index.html`` (``results.json``, ``metrics.csv`` and
+        ``figures/`` beside it).
+
+    Raises:
+        ShapeError: For a bad argument, an unknown operator or an unwritable
+            ``out``, before any computation.
+
+    Example:
+        >>> import json, tempfile, torch, curvkit as ck
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(3, 2)).double()
+        >>> X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> page = ck.report(model, torch.nn.CrossEntropyLoss(), (X, y), out=tempfile.mkdtemp(),
+        ...                  operators="kflr,hessian", figures=False)
+        >>> results = json.loads((page.parent / "results.json").read_text())
+        >>> page.name, results["settings"]["mode"], results["failures"]
+        ('index.html', 'dense', [])
+        >>> [r["name"] for r in results["operators"]]
+        ['GGN', 'Hessian', 'KFLR']
+    """
+    if not isinstance(model, nn.Module):
+        raise ShapeError(f"report: model must be an nn.Module, got {type(model).__name__}.")
+    if not (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):  # fmt: skip
+        raise ShapeError("report: data must be a pair (X, y) of tensors.")
+    X, y = data
+    if X.shape[0] != y.shape[0]:
+        raise ShapeError(f"report: X has {X.shape[0]} examples, y {y.shape[0]}.")
+    n = X.shape[0] if n_samples is None else n_samples
+    _check_common(n, seed, train_steps, max_dense)
+    names = parse_operators(operators)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ShapeError("report: the model has no trainable parameter.")
+    out = Path(out)
+    _check_out(out)
+    dtype = str(params[0].dtype).removeprefix("torch.")
+    title = type(model).__name__ if name is None else str(name)
+    command = (
+        f"curvkit.report(model, {type(loss_func).__name__}(), data, out={str(out)!r}, "
+        f"max_dense={max_dense}, operators={operators!r}, n_samples={n}, "
+        f"train_steps={train_steps}, seed={seed})"
+    )
+    run = _Run(out, progress, params[0].device)
+    return _analyse(
+        run, name=title, description=f"{type(model).__name__} (Python API)", model=model,
+        loss_func=loss_func, X_all=X, y_all=y, n_samples=n, seed=seed, train_steps=train_steps,
+        max_dense=max_dense, names=names, command=command, dtype=dtype, figures=figures,
+    )  # fmt: skip
 
 
 def _jsonable(value):
@@ -592,6 +1273,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-steps", type=int, default=100, help="Adam steps before the analysis (0: none)"
     )
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float64")
+    parser.add_argument(
+        "--max-dense", type=int, default=MAX_DENSE, metavar="D",
+        help=f"largest parameter count with dense D x D matrices; above: matrix-free "
+        f"(default {MAX_DENSE})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--operators", metavar="NAME,...",
+        help=f"operators to compute, from: {','.join(OPERATORS)} (default: all; ggn always)",
+    )  # fmt: skip
+    parser.add_argument("--no-figures", action="store_true", help="tables only, no figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -624,6 +1315,7 @@ def run(args: argparse.Namespace) -> int:
             problem=args.problem, out_dir=args.out, model_path=args.model,
             n_samples=args.n_samples, seed=args.seed, device=args.device,
             progress=not args.quiet, train_steps=args.train_steps, dtype=args.dtype,
+            max_dense=args.max_dense, operators=args.operators, figures=not args.no_figures,
         )  # fmt: skip
     except CurvkitError as e:
         print(f"curvkit report: error: {e}", file=sys.stderr)

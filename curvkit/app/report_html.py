@@ -70,142 +70,216 @@ footer { color:var(--muted); font-size:12px; text-align:center; padding:8px 0 28
 a { color:var(--accent); }
 ul.highlights { margin:4px 0 12px; padding-left:20px; }
 ul.highlights li { margin:2px 0; }
+header p.failed { color:#ffd2c4; font-weight:600; margin-top:6px; }
+header p.failed a { color:#ffd2c4; }
 """
 
 
 # -- figures ------------------------------------------------------------------------------
-def make_figures(
-    folder, model, loss_func, data, ops, dense, ref_op, eigs, densities, table, error_rows,
-    directions, span, damping, bar,
-):  # fmt: skip
-    """Draw and save every figure; returns ``(figures, block_errors)``.
+def layer_label(block: dict) -> str:
+    """``"blocks.0.conv1 (Conv2d)"`` for a block entry ``{"name", "type"}`` (plain text)."""
+    name = block["name"] or "(root)"
+    return f"{name} ({block['type']})" if block.get("type") else name
 
-    ``figures`` maps a key to ``title``, ``caption``, ``png`` (base64) and
-    ``files``, plus ``"_landscape"``: the loss table of the landscape figure.
+
+def _draw_tracking(P, records):
+    import pandas as pd
+
+    df = pd.DataFrame(records)
+    eig = df[df["quantity"] == "eigenvalue"].assign(quantity="top GGN eigenvalues")
+    tr = df[df["quantity"] == "trace"].assign(quantity="GGN trace (Hutch++)")
+    loss = df[df["quantity"] == "loss"].assign(quantity="loss")
+    parts = [p for p in (loss, eig, tr) if len(p)]
+    return P.curvature_over_training(pd.concat(parts, ignore_index=True))
+
+
+def make_figures(run, folder, state) -> None:
+    """Draw and save every figure whose inputs exist (PNG and PDF), one at a time.
+
+    Each figure lands in ``run.figures`` (``title``, ``caption``, ``png`` as
+    base64, ``width``, ``files``) as soon as it is saved; a figure that fails
+    is recorded in ``run.results["failures"]`` and the others go on. Block
+    errors go to ``run.results["block_errors"]`` and the loss table of the
+    landscape to ``run.results["loss_landscape"]``.
     """
     from curvkit import plotting as P
 
-    blocks = ref_op.block_slices()
-    names = ref_op.block_names
-    figures, block_errors = {}, {}
+    dense, ops, ref_op = state.get("dense", {}), state.get("ops", {}), state.get("ref_op")
+    table, eigs = state.get("table"), state.get("eigs", {})
+    labels = state.get("labels", {})
+    blocks = ref_op.block_slices() if ref_op is not None else []
+    names = [labels.get(n, n) for n, _ in blocks]
+    shown_blocks = [(labels.get(n, n), s) for n, s in blocks]
+    damping = state.get("damping", 1e-3)
     todo = []
 
     def add(key, title, caption, draw):
         todo.append((key, title, caption, draw))
 
-    shown = {n: dense[n] for n in ("GGN", "KFLR", "tri-diag KFLR") if n in dense}
-    add(
-        "matrices", "GGN, KFLR and tri-diagonal KFLR",
-        "log<sub>10</sub>|entry| of the dense matrices on one colour scale; lines separate the "
-        "layers (weight and bias of a layer form one block). KFLR keeps only the diagonal "
-        "blocks (white: exact zeros); the tri-diagonal model fills the off-diagonal blocks.",
-        lambda: P.heatmaps(shown, blocks),
-    )  # fmt: skip
-    inverses = {}
-    G = dense["GGN"]
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    inverses["(GGN + λI)⁻¹"] = torch.cholesky_inverse(
-        torch.linalg.cholesky((G + G.T) / 2 + damping * eye)
-    )
-    for name, label, kwargs in (
-        ("KFLR", "KFLR inverse", {"damping_mode": "factored"}),
-        ("tri-diag KFLR", "tri-diag KFLR inverse", {}),
-    ):
-        if name in ops:
-            try:
-                inverses[label] = ops[name].inverse(damping=damping, **kwargs).to_dense().to(G)
-            except (NotImplementedError, CurvkitError):
-                pass
-    add(
-        "inverses", f"Damped inverses (λ = {damping:.3g})",
-        "(GGN + λI)<sup>−1</sup> against the inverses of the two Kronecker models, both damped "
-        "as M&amp;G 2015 do (factored Tikhonov, §6.3, with the same λ). M&amp;G (Fig. 3) found "
-        "the exact inverse close to block-tri-diagonal, which motivates the tri-diagonal model "
-        "(its inverse is exactly block-tri-diagonal; KFLR's is block-diagonal).",
-        lambda: P.heatmaps(inverses, blocks),
-    )  # fmt: skip
-    for name in ("KFLR", "tri-diag KFLR", "KFAC", "EKFAC", "EF", "Fisher (MC)"):
-        if name in dense:
-            block_errors[name] = P.block_norms(dense[name], blocks, G)
-    add(
-        "block_errors", "Per-block relative error against the GGN",
-        "‖A<sub>ij</sub> − G<sub>ij</sub>‖<sub>F</sub> / ‖G<sub>ij</sub>‖<sub>F</sub> for every "
-        "pair of layers (i, j): 1 on blocks an approximation sets to zero.",
-        lambda: P.block_heatmap(block_errors, names, ncols=3),
-    )  # fmt: skip
-    exact_inv = inverses["(GGN + λI)⁻¹"]
-    inv_errors = {k: P.block_norms(v, blocks, exact_inv) for k, v in inverses.items()
-                  if k != "(GGN + λI)⁻¹"}  # fmt: skip
-    if inv_errors:
+    G = dense.get("GGN")
+    block_errors, inverses = {}, {}
+    if G is not None:
+        shown = {n: dense[n] for n in ("GGN", "KFLR", "tri-diag KFLR") if n in dense}
+        add(
+            "matrices", "GGN, KFLR and tri-diagonal KFLR" if len(shown) == 3 else "Dense matrices",
+            "log<sub>10</sub>|entry| of the dense matrices on one colour scale; lines separate "
+            "the layers (weight and bias of a layer form one block). KFLR keeps only the "
+            "diagonal blocks (white: exact zeros); the tri-diagonal model fills the off-diagonal "
+            "blocks.",
+            lambda: P.heatmaps(shown, shown_blocks),
+        )  # fmt: skip
+
+        def draw_inverses():
+            eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+            inverses["(GGN + λI)⁻¹"] = torch.cholesky_inverse(
+                torch.linalg.cholesky((G + G.T) / 2 + damping * eye)
+            )
+            for name, label, kwargs in (
+                ("KFLR", "KFLR inverse", {"damping_mode": "factored"}),
+                ("tri-diag KFLR", "tri-diag KFLR inverse", {}),
+            ):
+                if name in ops:
+                    try:
+                        inv = ops[name].inverse(damping=damping, **kwargs)
+                        inverses[label] = inv.to_dense().to(G)
+                    except (NotImplementedError, CurvkitError):
+                        pass
+            return P.heatmaps(inverses, shown_blocks)
+
+        add(
+            "inverses", f"Damped inverses (λ = {damping:.3g})",
+            "(GGN + λI)<sup>−1</sup> against the inverses of the two Kronecker models, both "
+            "damped as M&amp;G 2015 do (factored Tikhonov, §6.3, with the same λ). M&amp;G "
+            "(Fig. 3) found the exact inverse close to block-tri-diagonal, which motivates the "
+            "tri-diagonal model (its inverse is exactly block-tri-diagonal; KFLR's is "
+            "block-diagonal).",
+            draw_inverses,
+        )  # fmt: skip
+        for name in ("KFLR", "tri-diag KFLR", "KFAC", "EKFAC", "EF", "Fisher (MC)"):
+            if name in dense:
+                block_errors[name] = P.block_norms(dense[name], blocks, G)
+        if block_errors:
+            add(
+                "block_errors", "Per-block relative error against the GGN",
+                "‖A<sub>ij</sub> − G<sub>ij</sub>‖<sub>F</sub> / ‖G<sub>ij</sub>‖<sub>F</sub> for "
+                "every pair of layers (i, j): 1 on blocks an approximation sets to zero.",
+                lambda: P.block_heatmap(block_errors, names, ncols=3),
+            )  # fmt: skip
+
+        def draw_inverse_errors():
+            exact_inv = inverses["(GGN + λI)⁻¹"]
+            errors = {k: P.block_norms(v, blocks, exact_inv) for k, v in inverses.items()
+                      if k != "(GGN + λI)⁻¹"}  # fmt: skip
+            block_errors["inverse"] = errors
+            if not errors:
+                return None
+            return P.block_heatmap(errors, names)
+
         add(
             "block_errors_inverse", "Per-block relative error of the damped inverses",
             "Block errors against (GGN + λI)<sup>−1</sup>; the block-diagonal inverse sets the "
             "off-diagonal blocks to zero (error 1), the tri-diagonal one models the first "
             "off-diagonal blocks.",
-            lambda: P.block_heatmap(inv_errors, names),
+            draw_inverse_errors,
         )  # fmt: skip
+    densities = state.get("densities")
     if densities:
+        probes = (
+            "10 Rademacher probes"
+            if state["dense_mode"]
+            else "3 Rademacher probes × 20 Lanczos steps"
+        )
         add(
             "densities", "Spectral densities (stochastic Lanczos quadrature)",
-            "Gaussian-smoothed densities from 10 Rademacher probes; positive semi-definite "
+            f"Gaussian-smoothed densities from {probes}; positive semi-definite "
             "matrices over log<sub>10</sub> λ (left; eigenvalues below 10<sup>−6</sup> λ<sub>max"
             "</sub> are placed at that cutoff), the indefinite Hessian over λ (right).",
             lambda: P.spectral_densities(densities, colors=COLORS),
         )  # fmt: skip
-    add(
-        "ranks", "Eigenvalues by rank",
-        "All eigenvalues (dense eigh), largest first; a symmetric-log axis where some are "
-        "negative or zero.",
-        lambda: P.eigenvalue_ranks(eigs, colors=COLORS),
-    )  # fmt: skip
-    add(
-        "overlap", "Top eigenspace overlap with the GGN",
-        "‖V<sub>A</sub><sup>T</sup>V<sub>G</sub>‖<sub>F</sub><sup>2</sup>/k of the top-k "
-        "eigenvectors (Gur-Ari et al. 2018): 1 when the top eigenspaces coincide.",
-        lambda: P.metric_bars(table, "overlap", colors=COLORS),
-    )  # fmt: skip
-    top3 = ("eigvec_1", "eigvec_2", "eigvec_3", "gradient")
-    add(
-        "directional", "Directional curvature relative to the GGN",
-        "v<sup>T</sup>Av / v<sup>T</sup>Gv along the GGN's top three eigenvectors and the "
-        "gradient (all k in metrics.csv); 1 is exact, bars start at 1.",
-        lambda: P.metric_bars(table, "directional", directions=top3, colors=COLORS),
-    )  # fmt: skip
-    add(
-        "frobenius", "Relative Frobenius error, whole matrix and per layer",
-        "‖A − G‖<sub>F</sub>/‖G‖<sub>F</sub> on the whole matrix (“all”) and on each "
-        "layer's diagonal block.",
-        lambda: P.metric_bars(table, "frobenius", block=None, colors=COLORS),
-    )  # fmt: skip
-    add(
-        "preconditioning", "Preconditioning quality against the damping",
-        "Left: cosine between (A + λI)<sup>−1</sup>g and (G + λI)<sup>−1</sup>g. Right: the "
-        "fraction of the optimal decrease of the damped quadratic model "
-        "q(δ) = g<sup>T</sup>δ + ½δ<sup>T</sup>(G + λI)δ (M&amp;G 2015, §6.4) the step achieves.",
-        lambda: P.preconditioning_quality(table, colors=COLORS),
-    )  # fmt: skip
-    if error_rows:
+    if eigs:
+        dense_caption = (
+            "All eigenvalues (dense eigh), largest first; a symmetric-log axis where some are "
+            "negative or zero."
+        )
+        free_caption = "Top eigenvalues by restarted Lanczos (residuals in the Spectra table)."
+        add(
+            "ranks", "Eigenvalues by rank" if state["dense_mode"] else "Top eigenvalues by rank",
+            dense_caption if state["dense_mode"] else free_caption,
+            lambda: P.eigenvalue_ranks(eigs, colors=COLORS),
+        )  # fmt: skip
+    if table is not None and len(table):
+        if (table["metric"] == "overlap").any():
+            add(
+                "overlap", "Top eigenspace overlap with the GGN",
+                "‖V<sub>A</sub><sup>T</sup>V<sub>G</sub>‖<sub>F</sub><sup>2</sup>/k of the top-k "
+                "eigenvectors (Gur-Ari et al. 2018): 1 when the top eigenspaces coincide.",
+                lambda: P.metric_bars(table, "overlap", colors=COLORS),
+            )  # fmt: skip
+        top3 = ("eigvec_1", "eigvec_2", "eigvec_3", "gradient")
+        if (table["metric"] == "directional").any():
+            add(
+                "directional", "Directional curvature relative to the GGN",
+                "v<sup>T</sup>Av / v<sup>T</sup>Gv along the GGN's top three eigenvectors and "
+                "the gradient (all k in metrics.csv); 1 is exact, bars start at 1.",
+                lambda: P.metric_bars(table, "directional", directions=top3, colors=COLORS),
+            )  # fmt: skip
+        add(
+            "frobenius", "Relative Frobenius error, whole matrix and per layer",
+            "‖A − G‖<sub>F</sub>/‖G‖<sub>F</sub> on the whole matrix (“all”) and on each "
+            "layer's diagonal block"
+            + ("." if state["dense_mode"] else " (block-probe estimates; standard errors in "
+               "metrics.csv)."),
+            lambda: P.metric_bars(table, "frobenius", block=None, colors=COLORS),
+        )  # fmt: skip
+        if (table["metric"] == "precond_cosine").any():
+            add(
+                "preconditioning", "Preconditioning quality against the damping",
+                "Left: cosine between (A + λI)<sup>−1</sup>g and (G + λI)<sup>−1</sup>g. Right: "
+                "the fraction of the optimal decrease of the damped quadratic model "
+                "q(δ) = g<sup>T</sup>δ + ½δ<sup>T</sup>(G + λI)δ (M&amp;G 2015, §6.4) the step "
+                "achieves.",
+                lambda: P.preconditioning_quality(table, colors=COLORS),
+            )  # fmt: skip
+    if state.get("error_rows"):
         add(
             "estimators", "Trace estimators: relative error against the budget",
             "|estimate − tr G| / tr G, mean over 5 seeds (band: min–max), against the number "
             "of matrix-vector products.",
-            lambda: P.estimator_error(error_rows),
+            lambda: P.estimator_error(state["error_rows"]),
         )  # fmt: skip
-    alphas = np.linspace(-span, span, 41)
-    add(
-        "landscape", "Loss along top eigenvectors, the gradient and random directions",
-        f"L(θ + αd) for unit directions d, |α| ≤ {span:.3g} (= 2/√λ<sub>max</sub>, where the "
-        "quadratic model along the top eigenvector rises by 2): top Hessian eigenvectors, the "
-        "normalised gradient and random Gaussian directions (grey, dashed).",
-        lambda: P.loss_landscape(model, loss_func, data, directions, alphas),
-    )  # fmt: skip
-    for key, title, caption, draw in bar(todo, desc="figures"):
-        fig = draw()
-        if key == "landscape":
-            figures["_landscape"] = fig.curvkit_data
-        files = P.save(fig, folder / key, ("png",))
+    if state.get("directions"):
+        span = state["span"]
+        alphas = np.linspace(-span, span, 41)
+        add(
+            "landscape", "Loss along top eigenvectors, the gradient and random directions",
+            f"L(θ + αd) for unit directions d, |α| ≤ {span:.3g} (= 2/√λ<sub>max</sub>, where the "
+            "quadratic model along the top eigenvector rises by 2): top Hessian eigenvectors, "
+            "the normalised gradient and random Gaussian directions (grey, dashed).",
+            lambda: P.loss_landscape(
+                state["model"], state["loss_func"], state["data"], state["directions"], alphas
+            ),
+        )  # fmt: skip
+    if run.results.get("tracking"):
+        add(
+            "tracking", "Curvature over training",
+            "Loss, top-3 GGN eigenvalues (Lanczos) and the GGN trace (Hutch++, band: ±2 standard "
+            "errors) on a fixed batch of 32 examples of the report's data, recorded by "
+            "<code>curvkit.CurvatureTracker</code> during the Adam steps.",
+            lambda: _draw_tracking(P, run.results["tracking"]),
+        )  # fmt: skip
+    for key, title, caption, draw in run.bar(todo, desc="figures"):
+        try:
+            fig = draw()
+            if fig is None:
+                continue
+            if key == "landscape":
+                run.results["loss_landscape"] = fig.curvkit_data.to_dict(orient="records")
+            files = P.save(fig, folder / key, ("png", "pdf"))
+        except Exception as e:  # noqa: BLE001 - one figure less, the report goes on
+            run.fail(f"figure {key}", e)
+            continue
         png = files[0].read_bytes()
-        figures[key] = {
+        run.figures[key] = {
             "title": title,
             "caption": caption,
             "png": base64.b64encode(png).decode("ascii"),
@@ -213,8 +287,9 @@ def make_figures(
             "width": round(int.from_bytes(png[16:20], "big") * 1.2 * 96 / P.STYLE["savefig.dpi"]),
             "files": [f"{folder.name}/{f.name}" for f in files],
         }
-    block_errors["inverse"] = inv_errors
-    return figures, _lists(block_errors)
+    run.results["block_errors"] = _lists(block_errors)
+    run.results["figures"] = {k: f["files"] for k, f in run.figures.items()}
+    run.save()
 
 
 def _lists(value):
@@ -225,7 +300,7 @@ def _lists(value):
 
 # -- formatting ---------------------------------------------------------------------------
 def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -241,8 +316,17 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
+def _missing(value) -> bool:
+    import pandas as pd
+
+    try:
+        return value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _bytes(n) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
+    if _missing(n):
         return "–"
     n = float(n)
     for unit in ("B", "kB", "MB", "GB", "TB"):
@@ -253,7 +337,11 @@ def _bytes(n) -> str:
 
 
 def _table(rows, columns, raw=()) -> str:
-    """HTML table of ``rows`` (dicts); ``columns`` are ``(key, label)``; ``raw`` keys hold HTML."""
+    """HTML table of ``rows`` (dicts); ``columns`` are ``(key, label)``; ``raw`` keys hold HTML.
+
+    Labels are HTML written by this module; text from the model or the user
+    (module names, problem names) must be escaped before it becomes a label.
+    """
     head = "".join(
         f'<th class="num">{label}</th>'
         if any(isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
@@ -286,7 +374,7 @@ def _figure(figures, key) -> str:
     if key not in figures:
         return ""
     f = figures[key]
-    links = " · ".join(f'<a href="{html.escape(p)}">{p.rsplit(".", 1)[1].upper()}</a>'
+    links = " · ".join(f'<a href="{html.escape(p)}">{html.escape(p.rsplit(".", 1)[1].upper())}</a>'
                        for p in f["files"])  # fmt: skip
     return (
         f'<figure id="fig-{key}"><img alt="{html.escape(f["title"])}" '
@@ -302,36 +390,45 @@ def _section(anchor, title, lead, *parts) -> str:
 
 
 # -- sections -----------------------------------------------------------------------------
+#: Exact matrices: compared with the GGN, never ranked as its approximations.
+EXACT = ("GGN", "Hessian", "Fisher (MC)", "EF")
+
+
 def _operators(results) -> str:
     rows = []
-    for r in results["operators"]:
-        ok = r["status"] == "ok"
-        status = (
-            '<span class="badge ok">ok</span>'
-            if ok
-            else '<span class="badge na">not available</span><span class="na-reason">'
-            + html.escape(r["status"].removeprefix("not available: "))
-            + "</span>"
-        )
-        rows.append({**r, "status_html": status})
+    for r in results.get("operators", []):
+        status = r["status"]
+        if status == "ok":
+            badge = '<span class="badge ok">ok</span>'
+        else:
+            kind, _, reason = status.partition(": ")
+            badge = (
+                f'<span class="badge na">{html.escape(kind)}</span><span class="na-reason">'
+                + html.escape(reason)
+                + "</span>"
+            )
+        rows.append({**r, "status_html": badge})
     return _table(
         rows,
         [("name", "operator"), ("description", "what"), ("status_html", "status"),
-         ("build_s", "build [s]"), ("dense_s", "dense [s]"), ("matvecs", "products"),
-         ("notes", "notes")],
+         ("build_s", "build [s]"), ("dense_s", "dense [s]"), ("dense_method", "dense from"),
+         ("matvecs", "products (all phases)"), ("notes", "notes")],
         raw=("status_html",),
     )  # fmt: skip
 
 
-def _comparison(results) -> tuple[str, str]:
-    rows = [r for r in results["comparison"] if r["block"] == "all"]
-    grid = results["settings"]["damping_grid"]
-    mid = grid[len(grid) // 2]
+def _comparison(results, labels) -> tuple[str, str]:
+    table = results.get("comparison") or []
+    rows = [r for r in table if r["block"] == "all"]
+    grid = results["settings"].get("damping_grid") or []
+    mid = grid[len(grid) // 2] if grid else None
     summary = {}
     for r in rows:
         s = summary.setdefault(r["approx"], {"approx": r["approx"]})
         if r["metric"] in ("frobenius", "cosine", "spectral", "overlap"):
             s[r["metric"]] = r["value"]
+            if r["metric"] == "frobenius":
+                s["frobenius_se"] = r.get("stderr")
         elif r["metric"] == "directional" and r["direction"] == "gradient":
             s["dir_grad"] = r["value"]
         elif r["metric"] == "directional" and r["direction"] == "eigvec_1":
@@ -341,42 +438,71 @@ def _comparison(results) -> tuple[str, str]:
         elif r["metric"] == "precond_cosine" and r["damping"] == mid:
             s["pcos"] = r["value"]
     k = results["settings"]["k"]
+    approximations = [s for s in summary.values() if s["approx"] not in EXACT]
     highlights = []
     for key, label, best in (
         ("frobenius", "smallest relative Frobenius error", min),
         ("overlap", f"largest top-{k} eigenspace overlap", max),
-        ("reduction", f"largest model reduction at λ = {mid:.2g}", max),
     ):
-        scored = [(s[key], s["approx"]) for s in summary.values() if s.get(key) is not None]
+        scored = [(s[key], s["approx"]) for s in approximations if s.get(key) is not None]
         if scored:
             value, name = best(scored)
-            highlights.append(f"<li>{label}: <b>{html.escape(name)}</b> ({_fmt(value)})</li>")
-    main = _table(
-        list(summary.values()),
-        [("approx", "approximation"), ("frobenius", "rel. Frobenius"), ("cosine", "cosine"),
-         ("spectral", "rel. spectral"), ("overlap", f"overlap (k={k})"),
-         ("dir_top", "v₁ᵀAv₁ / v₁ᵀGv₁"), ("dir_grad", "gᵀAg / gᵀGg"),
-         ("pcos", f"step cosine (λ={mid:.2g})"), ("reduction", f"model reduction (λ={mid:.2g})")],
-    )  # fmt: skip
+            highlights.append(
+                f"<li>best approximation by {label}: <b>{html.escape(name)}</b> "
+                f"({_fmt(value)})</li>"
+            )
+    reductions = [(s["reduction"], s["approx"]) for s in approximations
+                  if s.get("reduction") is not None]  # fmt: skip
+    if reductions:
+        value, name = max(reductions)
+        if value > 0:
+            highlights.append(
+                f"<li>largest model reduction at λ = {mid:.2g}: <b>{html.escape(name)}</b> "
+                f"({_fmt(value)} of the optimum)</li>"
+            )
+        else:
+            highlights.append(
+                f"<li>no approximation's step reduces the damped quadratic model at "
+                f"λ = {mid:.2g} (best: {html.escape(name)}, {_fmt(value)})</li>"
+            )
+    exact = [s["approx"] for s in summary.values() if s["approx"] in EXACT]
+    if exact:
+        highlights.append(
+            "<li>exact matrices compared with the GGN (not ranked as approximations): "
+            + ", ".join(html.escape(n) for n in exact)
+            + "</li>"
+        )
+    columns = [("approx", "matrix"), ("frobenius", "rel. Frobenius")]
+    if results["settings"].get("mode") == "matrix-free":
+        columns.append(("frobenius_se", "± std. error"))
+    columns += [("cosine", "cosine"), ("spectral", "rel. spectral"),
+                ("overlap", f"overlap (k={k})"), ("dir_top", "v₁ᵀAv₁ / v₁ᵀGv₁"),
+                ("dir_grad", "gᵀAg / gᵀGg")]  # fmt: skip
+    if mid is not None:
+        columns += [("pcos", f"step cosine (λ={mid:.2g})"),
+                    ("reduction", f"model reduction (λ={mid:.2g})")]  # fmt: skip
+    shown = [c for c in columns if c[0] == "approx" or any(c[0] in s for s in summary.values())]
+    main = _table(list(summary.values()), shown)
     per_block = {}
-    for r in results["comparison"]:
+    for r in table:
         if r["metric"] == "frobenius" and r["block"] != "all":
             per_block.setdefault(r["approx"], {"approx": r["approx"]})[r["block"]] = r["value"]
-    blocks = [b["name"] for b in results["problem"]["blocks"]]
+    blocks = [b["name"] for b in results["problem"].get("blocks", [])]
     layers = _table(
         list(per_block.values()),
-        [("approx", "approximation")] + [(b, f"layer {b}") for b in blocks],
+        [("approx", "matrix")] + [(b, html.escape(labels.get(b, b))) for b in blocks],
     )
     return f'<ul class="highlights">{"".join(highlights)}</ul>' + main, layers
 
 
 def _spectra(results) -> tuple[str, str]:
     main = _table(
-        results["spectra"],
+        results.get("spectra", []),
         [("name", "matrix"), ("lambda_max", "λ<sub>max</sub>"), ("lambda_min", "λ<sub>min</sub>"),
-         ("trace", "trace"), ("negative", "# λ &lt; 0"), ("effective_rank", "effective rank")],
+         ("trace", "trace"), ("negative", "# λ &lt; 0"), ("effective_rank", "effective rank"),
+         ("method", "method")],
     )  # fmt: skip
-    lz = [r for r in results["lanczos"] if r.get("index") in (1, 2, 3)]
+    lz = [r for r in results.get("lanczos", []) if r.get("index") in (1, 2, 3)]
     lanczos = _table(
         lz,
         [("name", "matrix"), ("index", "i"), ("lanczos", "Lanczos λ<sub>i</sub>"),
@@ -386,25 +512,82 @@ def _spectra(results) -> tuple[str, str]:
     return main, lanczos
 
 
-def _memory(memory_wide) -> str:
+def _memory(memory_wide, labels) -> str:
+    if memory_wide is None:
+        return ""
     rows = []
     for layer, r in memory_wide.iterrows():
-        rows.append({"layer": layer, **{k: _bytes(None if v is None else v) for k, v in r.items()}})
-    labels = {
+        name = labels.get(layer, layer) if isinstance(layer, str) else layer
+        rows.append({"layer": name, **{k: _bytes(v) for k, v in r.items()}})
+    names = {
         "full": "full (layer's rows)", "block_diagonal": "block-diagonal",
         "kronecker": "Kronecker", "kronecker_cross": "cross factors", "diagonal": "diagonal",
     }  # fmt: skip
-    return _table(rows, [("layer", "layer")] + [(c, labels.get(c, c)) for c in memory_wide.columns])
+    return _table(
+        rows,
+        [("layer", "layer")]
+        + [(c, names.get(c, html.escape(str(c)))) for c in memory_wide.columns],
+    )
+
+
+def _failures(results) -> str:
+    failures = results.get("failures", [])
+    if not failures:
+        return ""
+    return (
+        '<section id="failures"><h2>What failed</h2><p class="lead">These parts of the report '
+        "could not be computed; everything else on the page is complete.</p>"
+        + _table(failures, [("phase", "phase"), ("error", "error"), ("where", "where")])
+        + "</section>"
+    )
+
+
+def _tracking(results, figures) -> str:
+    records = results.get("tracking")
+    if not records:
+        return ""
+    last = {}
+    for r in records:
+        key = r["quantity"] + (f" {r['index']}" if r.get("index") is not None else "")
+        last.setdefault(key, []).append(r)
+    rows = [{"quantity": k, "first": v[0]["value"], "last": v[-1]["value"],
+             "stderr": v[-1]["stderr"], "steps": len(v)} for k, v in last.items()]  # fmt: skip
+    return _section(
+        "tracking", "Curvature over training",
+        "Recorded during the Adam steps before the analysis (every results row is in "
+        "results.json, section <code>tracking</code>).",
+        _table(rows, [("quantity", "quantity"), ("first", "first"), ("last", "last"),
+                      ("stderr", "last std. error"), ("steps", "records")]),
+        _figure(figures, "tracking"),
+    )  # fmt: skip
+
+
+def _safe(part, *args) -> str:
+    """A section's HTML, or a note of why it could not be drawn."""
+    try:
+        return part(*args)
+    except Exception as e:  # noqa: BLE001 - one section less, never no page
+        return (
+            f'<section><h2>Section not rendered</h2><p class="na-reason">'
+            f"{html.escape(type(e).__name__)}: {html.escape(str(e))}</p></section>"
+        )
 
 
 def render(results, figures, memory_wide) -> str:
-    """The whole page as one HTML string (figures inlined as base64 PNG)."""
+    """The whole page as one HTML string (figures inlined as base64 PNG, PDF files linked).
+
+    Every text that comes from the model, the data or the user (problem and
+    module names, error messages) is HTML-escaped.
+    """
     p, s = results["problem"], results["settings"]
     esc = html.escape
+    labels = {b["name"]: layer_label(b) for b in p.get("blocks", [])}
+    matrix_free = s.get("mode") == "matrix-free"
     facts = [
         ("parameters D", _fmt(p["num_params"])), ("examples N", _fmt(p["n_samples"])),
-        ("loss", _fmt(p["loss"])),
-        ("‖gradient‖", _fmt(p["gradient_norm"])), ("training", f"{p['train_steps']} Adam steps"),
+        ("loss", _fmt(p.get("loss"))), ("‖gradient‖", _fmt(p.get("gradient_norm"))),
+        ("training", f"{p['train_steps']} Adam steps"),
+        ("regime", f"{esc(s['mode'])} (max_dense {s['max_dense']:,})"),
         ("device · dtype", f"{esc(s['device'])} · {esc(s['dtype'])}"), ("seed", str(s["seed"])),
         ("total time", f"{results['timings_s']['total']:.1f} s"),
     ]  # fmt: skip
@@ -412,71 +595,126 @@ def render(results, figures, memory_wide) -> str:
            ("spectra", "Spectra"), ("preconditioning", "Preconditioning"),
            ("traces", "Traces"), ("landscape", "Landscape"), ("memory", "Memory"),
            ("reproduce", "Reproduce")]  # fmt: skip
+    if results.get("tracking"):
+        toc.insert(-1, ("tracking", "Training"))
+    if results.get("failures"):
+        toc.insert(0, ("failures", "What failed"))
+    failed_note = (
+        f'<p class="failed">{len(results["failures"])} part(s) failed: see '
+        '<a href="#failures">What failed</a>.</p>'
+        if results.get("failures")
+        else ""
+    )
     header = (
         f'<header><div class="wrap"><h1>Curvature report · {esc(p["name"])}</h1>'
-        f"<p>{esc(p['description'])}; curvature on {p['n_samples']} training examples, "
-        f"reference: the exact {esc(s['reference'])}.</p>"
-        '<div class="facts">'
+        f"<p>{esc(p['description'])}; curvature on {p['n_samples']} training examples "
+        f"(model in evaluation mode), reference: the exact {esc(s['reference'])}.</p>"
+        + failed_note
+        + '<div class="facts">'
         + "".join(f'<div class="fact"><b>{k}</b><span>{v}</span></div>' for k, v in facts)
         + "</div><nav>"
         + "".join(f'<a href="#{a}">{t}</a>' for a, t in toc)
         + "</nav></div></header>"
     )
-    comp_main, comp_layers = _comparison(results)
-    spec_main, spec_lanczos = _spectra(results)
-    trace_rows = results["traces"]
     timings = [{"phase": k, "seconds": v} for k, v in results["timings_s"].items()]
     versions = [{"package": k, "version": v} for k, v in results["versions"].items()]
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    sections = [
-        _section(
-            "operators", "Operators",
-            "Every matrix is formed densely (D products) in flat parameter order. An "
-            "approximation the model does not support is listed with the reason.",
-            _operators(results),
-        ),
-        _section(
+    regime = (
+        "Matrix-free (D above max_dense): no D × D matrix is formed; spectra by Lanczos and "
+        "stochastic Lanczos quadrature, traces and comparisons from randomised products with "
+        "standard errors."
+        if matrix_free
+        else "Every matrix is formed densely from batched products (per-example Jacobians for "
+        "the Gauss-Newton forms, vectorised Hessian-vector products for the Hessian) in flat "
+        "parameter order."
+    )
+
+    def comparison():
+        comp_main, comp_layers = _comparison(results, labels)
+        how = (
+            f"Block-probe estimates ({s.get('probes_per_block')} Rademacher probes per layer "
+            "block, shared by the whole matrix and the blocks) and Lanczos vectors"
+            if matrix_free
+            else "Whole-matrix metrics of <code>curvkit.compare</code> (exact, dense)"
+        )
+        return _section(
             "comparison", f"Comparison with the {esc(s['reference'])}",
-            "Whole-matrix metrics of <code>curvkit.compare</code> (exact, dense); all rows, per "
-            "layer and per damping, are in <a href=\"metrics.csv\">metrics.csv</a>.",
+            f"{how}; all rows, per layer (and per damping), with standard errors, are in "
+            '<a href="metrics.csv">metrics.csv</a>.',
             comp_main, _figure(figures, "overlap"), _figure(figures, "directional"),
             "<h3>Relative Frobenius error per layer block</h3>", comp_layers,
             _figure(figures, "frobenius"),
-        ),
-        _section(
-            "structure", "Structure of the matrices and their inverses", None,
-            _figure(figures, "matrices"), _figure(figures, "inverses"),
-            _figure(figures, "block_errors"), _figure(figures, "block_errors_inverse"),
-        ),
-        _section(
-            "spectra", "Spectra",
-            "Dense eigenvalues of every matrix; restarted Lanczos checked against them.",
-            spec_main, "<h3>Lanczos against dense eigenvalues (top 3)</h3>", spec_lanczos,
+        )  # fmt: skip
+
+    def structure():
+        parts = [_figure(figures, k) for k in
+                 ("matrices", "inverses", "block_errors", "block_errors_inverse")]  # fmt: skip
+        lead = (
+            None
+            if any(parts)
+            else ("Dense matrices only (D ≤ max_dense)." if matrix_free else "No figure available.")
+        )
+        return _section("structure", "Structure of the matrices and their inverses", lead, *parts)
+
+    def spectra():
+        spec_main, spec_lanczos = _spectra(results)
+        lead = (
+            "Top eigenvalues by restarted Lanczos with their residuals ‖Av − λv‖ (an eigenvalue "
+            "lies within the residual of each Ritz value)."
+            if matrix_free
+            else "Dense eigenvalues of every matrix; restarted Lanczos checked against them."
+        )
+        return _section(
+            "spectra", "Spectra", lead, spec_main,
+            "<h3>Lanczos (top 3)</h3>", spec_lanczos,
             _figure(figures, "densities"), _figure(figures, "ranks"),
-        ),
-        _section(
-            "preconditioning", "Preconditioning",
-            "Damping grid: " + ", ".join(f"{v:.3g}" for v in s["damping_grid"])
-            + " (λ<sub>max</sub>(GGN) × 10<sup>−5…0</sup>).",
-            _figure(figures, "preconditioning"),
-        ),
-        _section(
+        )  # fmt: skip
+
+    def preconditioning():
+        grid = s.get("damping_grid")
+        lead = (
+            "Damping grid: " + ", ".join(f"{v:.3g}" for v in grid)
+            + " (λ<sub>max</sub>(GGN) × 10<sup>−5…0</sup>)."
+            if grid
+            else "Dense regime only: damped solves with every approximation need the matrices."
+        )  # fmt: skip
+        return _section(
+            "preconditioning", "Preconditioning", lead, _figure(figures, "preconditioning")
+        )
+
+    def traces():
+        budget = "99" if not matrix_free else "18"
+        return _section(
             "traces", "Traces",
-            "Randomised estimates (99 products each) with standard errors against the exact "
-            "trace; z = (estimate − exact) / standard error (– where the error is zero: "
-            "Hutch++ is exact when the rank is below its sketch size).",
-            _table(trace_rows, [("name", "matrix"), ("method", "method"),
-                                ("estimate", "estimate"), ("stderr", "std. error"),
-                                ("exact", "exact"), ("z", "z"), ("matvecs", "products"),
-                                ("note", "note")]),
+            f"Randomised estimates ({budget} products each) with standard errors"
+            + (" against the exact trace; z = (estimate − exact) / standard error (– where the "
+               "error is zero: Hutch++ is exact when the rank is below its sketch size)."
+               if not matrix_free else "."),
+            _table(results.get("traces", []),
+                   [("name", "matrix"), ("method", "method"), ("estimate", "estimate"),
+                    ("stderr", "std. error"), ("exact", "exact"), ("z", "z"),
+                    ("matvecs", "products"), ("note", "note")]),
             _figure(figures, "estimators"),
+        )  # fmt: skip
+
+    sections = [
+        _safe(_failures, results),
+        _safe(
+            lambda: _section("operators", "Operators", regime + " An approximation the model "
+                             "does not support is listed with the reason.", _operators(results))
         ),  # fmt: skip
-        _section("landscape", "Loss landscape", None, _figure(figures, "landscape")),
-        _section(
-            "memory", "Memory",
-            "Storage (float32) of each representation of a D × D curvature matrix, per layer.",
-            _memory(memory_wide),
+        _safe(comparison), _safe(structure), _safe(spectra), _safe(preconditioning),
+        _safe(traces),
+        _safe(lambda: _section("landscape", "Loss landscape", None,
+                               _figure(figures, "landscape"))),  # fmt: skip
+        _safe(
+            lambda: _section(
+                "memory", "Memory",
+                "Storage (float32) of each representation of a D × D curvature matrix, per layer.",
+                _memory(memory_wide, labels),
+            )
         ),
+        _safe(_tracking, results, figures),
         _section(
             "reproduce", "Reproduce",
             "Command line, versions and wall-clock time of each phase.",
@@ -487,7 +725,7 @@ def render(results, figures, memory_wide) -> str:
             _table(timings, [("phase", "phase"), ("seconds", "seconds")]),
             "</div></div>",
             '<p>Files: <a href="metrics.csv">metrics.csv</a> · '
-            '<a href="results.json">results.json</a> · figures/ (PNG).</p>',
+            '<a href="results.json">results.json</a> · figures/ (PNG and PDF).</p>',
         ),
     ]  # fmt: skip
     return (
@@ -496,5 +734,22 @@ def render(results, figures, memory_wide) -> str:
         f"<title>curvkit report · {esc(p['name'])}</title><style>{_CSS}</style></head><body>"
         f'{header}<main class="wrap">{"".join(sections)}</main>'
         f"<footer>Generated by curvkit {esc(results['versions']['curvkit'])} on {now}.</footer>"
+        "</body></html>\n"
+    )
+
+
+def fallback(results) -> str:
+    """A plain page when :func:`render` fails: the failures and a pointer to results.json."""
+    p = results.get("problem", {})
+    rows = "".join(
+        f"<li>{html.escape(f['phase'])}: {html.escape(f['error'])}</li>"
+        for f in results.get("failures", [])
+    )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>curvkit report · {html.escape(str(p.get('name', '')))}</title></head><body>"
+        f"<h1>Curvature report · {html.escape(str(p.get('name', '')))}</h1>"
+        f"<p>The page could not be drawn; every number computed is in "
+        f'<a href="results.json">results.json</a>.</p><h2>What failed</h2><ul>{rows}</ul>'
         "</body></html>\n"
     )
