@@ -193,9 +193,16 @@ def test_spectral_densities_panels_by_kind(tmp_path):
     assert log_ax.get_xscale() == "log" and lin_ax.get_xscale() == "linear"
     assert log_ax.get_yscale() == "log"
     assert len(log_ax.lines) == 2 and len(lin_ax.lines) == 1
-    np.testing.assert_allclose(lin_ax.lines[0].get_ydata(), sds["linear"].density.numpy())
-    np.testing.assert_allclose(log_ax.lines[0].get_xdata(), sds["log"].grid.numpy())
+    # default: re-smoothed with Silverman's width; the legend states it
+    x, y, sigma = P.smooth_density(sds["linear"])
+    np.testing.assert_allclose(lin_ax.lines[0].get_ydata(), y)
+    assert f"σ = {sigma:.2g}" in lin_ax.lines[0].get_label() or any(
+        f"σ = {sigma:.2g}" in t.get_text() for t in fig.legends[0].get_texts()
+    )
     _assert_files(tmp_path / "sd")
+    raw = P.spectral_densities(sds, kernel_width=None)
+    np.testing.assert_allclose(raw.axes[1].lines[0].get_ydata(), sds["linear"].density.numpy())
+    np.testing.assert_allclose(raw.axes[0].lines[0].get_xdata(), sds["log"].grid.numpy())
     one = P.spectral_densities({"linear": sds["linear"]}, logy=False)
     assert len(one.axes) == 1 and one.axes[0].get_yscale() == "linear"
     with pytest.raises(ShapeError, match="at least one"):
