@@ -332,8 +332,9 @@ def layer_labels(source, with_type: bool = True) -> list[str]:
 def coinciding_series(series: Mapping[str, object], rtol: float = 1e-6) -> dict[str, str]:
     """Which series equal an earlier one (same shape, ``allclose``), so a plot can mark them.
 
-    The absolute tolerance is ``rtol`` times the largest finite magnitude of all
-    series (so it scales with the data); NaNs at the same places count as equal.
+    Two series are equal when every entry agrees within ``rtol`` relative to the
+    largest finite magnitude of the two (so the test scales with the pair, not
+    with other series of the plot); NaNs at the same places count as equal.
 
     Args:
         series: Name -> array (or tuple of arrays, e.g. ``(x, y)``), in drawing order.
@@ -347,10 +348,15 @@ def coinciding_series(series: Mapping[str, object], rtol: float = 1e-6) -> dict[
         seq = v if isinstance(v, tuple) else (v,)
         return [_numpy(a).ravel() for a in seq]
 
+    def equal(x, y):
+        if x.shape != y.shape:
+            return False
+        both = np.abs(np.concatenate([x, y]))
+        both = both[np.isfinite(both)]
+        atol = rtol * float(both.max()) if both.size else 0.0
+        return bool(np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True))
+
     arrays = {k: parts(v) for k, v in series.items()}
-    finite = [np.abs(a[np.isfinite(a)]) for v in arrays.values() for a in v]
-    scale = max((float(a.max()) for a in finite if a.size), default=0.0)
-    atol = rtol * scale
     out = {}
     names = list(arrays)
     for i, name in enumerate(names):
@@ -358,10 +364,7 @@ def coinciding_series(series: Mapping[str, object], rtol: float = 1e-6) -> dict[
             if other in out:
                 continue
             a, b = arrays[name], arrays[other]
-            if len(a) == len(b) and all(
-                x.shape == y.shape and np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
-                for x, y in zip(a, b)
-            ):
+            if len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b)):
                 out[name] = other
                 break
     return out
@@ -909,8 +912,7 @@ def eigenvalue_histogram(
             label = f"{name}: {int((v >= cut).sum())} positive, {int((v <= -cut).sum())} negative"
             if zero:
                 label += f", {zero} with |λ| < {cut:.1g}"
-                notes.append(f"{name}: {zero} |λ| < {cut:.1g}" if len(values) > 1 else
-                             f"{zero} eigenvalues with |λ| < {cut:.1g} not shown")  # fmt: skip
+                notes.append(f"{zero} eigenvalues with |λ| < {cut:.1g} not shown")
             ax.stairs(pos, edges, color=color, fill=filled, alpha=0.75 if filled else 1.0,
                       label=label, lw=1.2)  # fmt: skip
             if neg.any():
@@ -926,9 +928,8 @@ def eigenvalue_histogram(
         ax.set_xlabel(r"eigenvalue magnitude $|\lambda|$")
         ax.set_ylabel(r"count ($\lambda > 0$ up, $\lambda < 0$ down)")
         ax.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda y, _: f"{abs(y):g}"))
-        if notes:
-            ax.text(0.99, 0.97, "\n".join(notes), transform=ax.transAxes, ha="right", va="top",
-                    fontsize=7)  # fmt: skip
+        if notes and len(values) == 1:
+            ax.text(0.99, 0.97, notes[0], transform=ax.transAxes, ha="right", va="top", fontsize=7)
         ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.18), borderaxespad=0.0)
         fig.curvkit_data = pd.DataFrame(rows, columns=["name", "sign", "left", "right", "count"])
         return _finish(fig, path, formats, title)
