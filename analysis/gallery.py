@@ -176,7 +176,6 @@ def main(argv=None) -> dict:
         approx, reference, k=10, gradient=g, seed=args.seed, reference_name="GGN",
         damping_grid=[lam_max * r for r in (1e-4, 1e-3, 1e-2, 1e-1)],
     )  # fmt: skip
-    table.to_csv(out / "gallery_compare.csv", index=False)
     fig = plotting.metric_bars(table, "frobenius", block=None, title="Against the exact GGN")
     done("metric_bars", fig)
     fig = plotting.metric_bars(table, "directional", directions=("eigvec_1", "eigvec_2",

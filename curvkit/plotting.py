@@ -711,7 +711,7 @@ def spectral_densities(
     densities: Mapping,
     logy: bool = True,
     floor: float = 1e-6,
-    kernel_width: float | str | None = "auto",
+    kernel_width: float | str | Mapping | None = "auto",
     colors: Mapping[str, str] | None = None,
     title: str | None = None,
     path=None,
@@ -735,7 +735,9 @@ def spectral_densities(
         logy: Logarithmic density axis (values below ``floor`` times the largest are clipped).
         floor: Relative floor of the log density axis.
         kernel_width: ``"auto"`` (Silverman's rule per density), a width for all
-            (decades for log densities), or ``None`` to draw ``sd.density`` as computed.
+            (decades for log densities), ``None`` to draw ``sd.density`` as computed,
+            or name -> one of these (missing names: ``"auto"``), e.g. one shared
+            width for an SLQ estimate and the exact density it is checked against.
         colors: Optional name -> colour (others get palette colours).
         title: Figure title.
         path: Where to save (see :func:`save`).
@@ -757,11 +759,14 @@ def spectral_densities(
             panel = {k: sd for k, sd in densities.items() if bool(getattr(sd, "log", False)) == log}
             lines, widths = {}, {}
             for name, sd in panel.items():
-                if kernel_width is None:
+                width = kernel_width
+                if isinstance(kernel_width, Mapping):
+                    width = kernel_width.get(name, "auto")
+                if width is None:
                     lines[name] = (_numpy(sd.grid), _numpy(sd.density))
                     widths[name] = float(getattr(sd, "kernel_width", math.nan))
                 else:
-                    x, y, widths[name] = smooth_density(sd, kernel_width)
+                    x, y, widths[name] = smooth_density(sd, width)
                     lines[name] = (x, y)
             same = coinciding_series(lines)
             top = max(float(y.max()) for _, y in lines.values())
@@ -1293,8 +1298,10 @@ def metric_bars(
                 x = np.arange(len(groups)) + (i - (len(approxes) - 1) / 2) * w
                 ax.bar(x, values[name] - 1.0, w, bottom=1.0, color=palette[name],
                        label=name, hatch="///" if name in same else None)  # fmt: skip
-            ax.set_xticks(range(len(groups)), [names[g] for g in groups],
-                          rotation=30 if len(groups) > 4 else 0)  # fmt: skip
+            ax.set_xticks(range(len(groups)), [names[g] for g in groups])
+            if len(groups) > 4:
+                for t in ax.get_xticklabels():
+                    t.set(rotation=30, ha="right", rotation_mode="anchor")
             ax.set_yscale("log")
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
         else:
@@ -1315,12 +1322,9 @@ def metric_bars(
                     ax.errorbar(x, sub["value"].to_numpy(float), yerr=err, fmt="none",
                                 ecolor="k", elinewidth=0.8, capsize=2)  # fmt: skip
             ax.set_xlabel("")
-            if group:
-                ax.tick_params(axis="x", rotation=30 if len(groups) > 4 else 0)
-            else:
-                ax.tick_params(axis="x", rotation=30)
+            if not group or len(groups) > 4:
                 for t in ax.get_xticklabels():
-                    t.set_horizontalalignment("right")
+                    t.set(rotation=30, ha="right", rotation_mode="anchor")
         containers = [c for c in ax.containers if isinstance(c, BarContainer)]
         lo, hi = ax.get_ylim()
         log = ax.get_yscale() == "log"
@@ -1343,7 +1347,8 @@ def metric_bars(
                       borderaxespad=0.0)  # fmt: skip
         elif same:
             ticks = [f"{a} (= {same[a]})" if a in same else a for a in approxes]
-            ax.set_xticks(range(len(approxes)), ticks, rotation=30, ha="right")
+            ax.set_xticks(range(len(approxes)), ticks, rotation=30, ha="right",
+                          rotation_mode="anchor")  # fmt: skip
         ax.set_ylabel(metric_label(metric, k if metric == "overlap" else None))
         ax.grid(axis="x", visible=False)
         return _finish(fig, path, formats, title)
