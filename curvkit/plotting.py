@@ -221,8 +221,9 @@ def _figure_legend(fig: Figure, axes) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
     if entries:
-        fig.legend(list(entries.values()), list(entries), loc="outside lower center",
-                   ncol=min(5, len(entries)))  # fmt: skip
+        longest = max(len(label) for label in entries)  # about 130 characters per row
+        ncol = max(1, min(5, len(entries), 130 // max(longest, 1)))
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncol=ncol)
 
 
 def _legend(ax, outside: bool = False) -> None:
@@ -1288,6 +1289,8 @@ def metric_bars(
     names = {g: (block_labels or {}).get(g, _label(g)) for g in groups}
     k = rows["k"].dropna().iloc[0] if "k" in rows and rows["k"].notna().any() else None
     nbars = len(agg)
+    # slanted group labels when there are many or when long ones would collide
+    rotate = len(groups) > 4 or max(len(n) for n in names.values()) > 12
     with mpl.rc_context(STYLE):
         width = min(11.0, max(4.5, 1.5 + 0.2 * nbars + 0.3 * len(groups)))
         fig, axes = _figure(1, 1, (width, 3.6))
@@ -1299,7 +1302,7 @@ def metric_bars(
                 ax.bar(x, values[name] - 1.0, w, bottom=1.0, color=palette[name],
                        label=name, hatch="///" if name in same else None)  # fmt: skip
             ax.set_xticks(range(len(groups)), [names[g] for g in groups])
-            if len(groups) > 4:
+            if rotate:
                 for t in ax.get_xticklabels():
                     t.set(rotation=30, ha="right", rotation_mode="anchor")
             ax.set_yscale("log")
@@ -1322,7 +1325,7 @@ def metric_bars(
                     ax.errorbar(x, sub["value"].to_numpy(float), yerr=err, fmt="none",
                                 ecolor="k", elinewidth=0.8, capsize=2)  # fmt: skip
             ax.set_xlabel("")
-            if not group or len(groups) > 4:
+            if not group or rotate:
                 for t in ax.get_xticklabels():
                     t.set(rotation=30, ha="right", rotation_mode="anchor")
         containers = [c for c in ax.containers if isinstance(c, BarContainer)]
