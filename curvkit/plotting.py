@@ -141,7 +141,7 @@ QUANTITY_LABELS = {
     "loss": "training loss",
     "grad_norm": r"gradient norm $\|g\|_2$",
     "eigenvalue": r"top eigenvalues $\lambda_i$",
-    "trace": r"trace $\mathrm{tr}(H)$",
+    "trace": "trace of the curvature matrix",
     "grad_overlap": r"gradient share in top-$k$ eigenspace",
     "approx_frobenius": METRIC_LABELS["frobenius"],
     "approx_cosine": METRIC_LABELS["cosine"],
@@ -1307,6 +1307,9 @@ def metric_bars(
                     t.set(rotation=30, ha="right", rotation_mode="anchor")
             ax.set_yscale("log")
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            low, high = min(map(np.nanmin, values.values())), max(map(np.nanmax, values.values()))
+            if low > 0:  # room for the value labels beyond the bar ends
+                ax.set_ylim(min(low, 1.0) / 3.0, max(high, 1.0) * 3.0)
         else:
             data = agg.assign(_x=agg[group].map(names) if group else agg["approx"])
             sns.barplot(

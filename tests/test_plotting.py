@@ -203,6 +203,12 @@ def test_spectral_densities_panels_by_kind(tmp_path):
     raw = P.spectral_densities(sds, kernel_width=None)
     np.testing.assert_allclose(raw.axes[1].lines[0].get_ydata(), sds["linear"].density.numpy())
     np.testing.assert_allclose(raw.axes[0].lines[0].get_xdata(), sds["log"].grid.numpy())
+    mixed = P.spectral_densities(sds, kernel_width={"log": 0.1, "linear": None})  # log2: auto
+    np.testing.assert_allclose(
+        mixed.axes[0].lines[0].get_ydata(), P.smooth_density(sds["log"], 0.1)[1]
+    )
+    np.testing.assert_allclose(mixed.axes[0].lines[1].get_ydata(), P.smooth_density(sds["log2"])[1])
+    np.testing.assert_allclose(mixed.axes[1].lines[0].get_ydata(), sds["linear"].density.numpy())
     one = P.spectral_densities({"linear": sds["linear"]}, logy=False)
     assert len(one.axes) == 1 and one.axes[0].get_yscale() == "linear"
     with pytest.raises(ShapeError, match="at least one"):
