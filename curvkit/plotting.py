@@ -624,8 +624,11 @@ def kernel_width_for(
     with :math:`s` the weighted standard deviation, IQR the weighted
     inter-quartile range and :math:`n_\mathrm{eff}` Kish's effective sample size
     of the weights. With ``log=True`` the sample is
-    :math:`u_j = \log_{10}\max(\theta_j, c)` (the variable of a log density) and
-    :math:`\sigma` is in decades. Where the IQR vanishes (most mass at one point)
+    :math:`u_j = \log_{10}\theta_j` of the nodes above the cutoff :math:`c` (the
+    variable of a log density; the mass at or below the cutoff is a point mass
+    placed at it, which would otherwise set the width of the whole density, e.g.
+    99.9 % of it for a low-rank GGN) and :math:`\sigma` is in decades. Where the
+    IQR vanishes (most mass at one point)
     :math:`s` is used alone; the width is never below ``min_fraction`` of the
     span of the sample (the previous fixed default, 1/200), so that a kernel can
     never be narrower than the spacing that makes a density of isolated Ritz
@@ -657,6 +660,9 @@ def kernel_width_for(
         w = np.ones_like(u)
     if log:
         cut = 1e-6 * float(np.abs(u).max()) if cutoff is None else float(cutoff)
+        above = u > cut
+        if above.any() and w[above].sum() > 0:  # the mass at the cutoff is a point mass
+            u, w = u[above], w[above]
         u = np.log10(np.maximum(u, cut if cut > 0 else np.finfo(float).tiny))
     w = w / w.sum()
     span = float(u.max() - u.min())

@@ -502,7 +502,12 @@ def test_kernel_width_is_silverman_on_weighted_ritz_values():
     expected = 0.9 * min(rep.std(), (q3 - q1) / 1.34) * n_eff ** (-0.2)
     assert P.kernel_width_for(x, w) == pytest.approx(expected, rel=0.03)
     # log: in decades of the clipped values; never below 1/200 of the span
-    assert P.kernel_width_for(10.0**x, log=True) == pytest.approx(silverman, rel=0.02)
+    assert P.kernel_width_for(10.0**x, log=True, cutoff=1e-10) == pytest.approx(silverman, rel=0.02)
+    # log: nodes at or below the cutoff (a point mass placed at it) do not set the width
+    low_rank = np.r_[np.full(2000, 1e-12), 10.0**x]
+    assert P.kernel_width_for(low_rank, log=True, cutoff=1e-6) == pytest.approx(
+        P.kernel_width_for(10.0**x, log=True, cutoff=1e-6), rel=1e-12
+    )
     spike = np.r_[np.zeros(99), 1.0]
     assert P.kernel_width_for(spike) == pytest.approx(max(0.9 * spike.std() * 100**-0.2, 1 / 200))
     with pytest.raises(ShapeError, match="kernel_width_for"):
