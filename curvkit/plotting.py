@@ -410,6 +410,7 @@ def heatmaps(
     vmax: float | None = None,
     cmap: str | None = None,
     max_pixels: int = MAX_PIXELS,
+    labels: Sequence[str] | None = None,
     title: str | None = None,
     path=None,
     formats: Sequence[str] = ("png", "pdf"),
@@ -435,6 +436,8 @@ def heatmaps(
         vmax: Upper colour limit.
         cmap: Colour map (default ``"magma"`` for log, ``"RdBu_r"`` otherwise).
         max_pixels: Largest side drawn before pooling.
+        labels: Tick labels replacing the block names, one per block (e.g.
+            :func:`layer_labels` of the model: ``"blocks.0.conv1 (Conv2d)"``).
         title: Figure title.
         path: Where to save (see :func:`save`).
         formats: File formats when ``path`` is given.
@@ -489,7 +492,12 @@ def heatmaps(
             image = ax.imshow(
                 masked, cmap=colormap, vmin=vmin, vmax=vmax, extent=(0, m, n, 0), aspect="equal"
             )
-            _draw_blocks(ax, _slices(block_slices, n), n, "#4d4d4d" if log else "k")
+            slices = _slices(block_slices, n)
+            if labels is not None:
+                if len(labels) != len(slices):
+                    raise ShapeError(f"heatmaps: {len(labels)} labels for {len(slices)} blocks.")
+                slices = [(str(label), sl) for label, (_, sl) in zip(labels, slices)]
+            _draw_blocks(ax, slices, n, "#4d4d4d" if log else "k")
             ax.set_title(name)
             for spine in ax.spines.values():
                 spine.set_visible(True)

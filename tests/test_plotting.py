@@ -90,6 +90,10 @@ def test_heatmaps_shared_log_scale_and_files(tmp_path):
     assert sorted(float(y[0]) for y in horizontal) == [5.0, 12.0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["L0", "L1", "L2"]
     _assert_files(tmp_path / "h")
+    named = P.heatmaps({"a": M1}, blocks, labels=["x (Linear)", "y (Conv2d)", "z (Linear)"])
+    assert [t.get_text() for t in named.axes[0].get_yticklabels()][1] == "y (Conv2d)"
+    with pytest.raises(ShapeError, match="labels"):
+        P.heatmaps({"a": M1}, blocks, labels=["x"])
 
 
 def test_heatmaps_pools_large_matrices_by_block_maximum():
