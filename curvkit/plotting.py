@@ -787,7 +787,9 @@ def spectral_densities(
             top = max(float(y.max()) for _, y in lines.values())
             for name, (x, y) in lines.items():
                 mass = float(getattr(panel[name], "mass_below_cutoff", 0.0) or 0.0)
-                extra = f", {100 * mass:.0f}% below cutoff" if log and mass >= 0.005 else ""
+                pct = 100 * mass  # "99.9%", not a rounded "100%", for a low-rank matrix
+                share = f"{pct:.0f}" if 1 <= pct < 99.5 else f"{pct:.3g}"
+                extra = f", {share}% below cutoff" if log and mass >= 0.005 else ""
                 unit = " dec" if log else ""
                 label = f"{name} (σ = {widths[name]:.2g}{unit}{extra})"
                 style = {"lw": 1.2}
