@@ -189,11 +189,11 @@ def main(argv=None) -> dict:
         {f"GGN, batch {args.batch_size}": sd},
         title=f"SLQ density of the GGN, MLP {widths} (D = {D:,})",
         path=out / fig_name,
-        formats=("png",),
     )
     if args.docs:
         Path(args.docs).mkdir(parents=True, exist_ok=True)
-        shutil.copy(out / f"{fig_name}.png", Path(args.docs) / f"{fig_name}.png")
+        for suffix in (".png", ".pdf"):
+            shutil.copy(out / f"{fig_name}{suffix}", Path(args.docs) / f"{fig_name}{suffix}")
     summary = "\n".join(
         [
             f"MLP {widths} (D = {D:,}), batch {args.batch_size}, "

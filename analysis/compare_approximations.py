@@ -21,7 +21,8 @@ Outputs (in ``--out``): ``metrics.csv`` (every :func:`curvkit.compare` row,
 both checkpoints), ``block_errors.csv`` (per-layer-block relative Frobenius
 errors), ``block_mass.csv`` (share of the squared off-diagonal entries on the
 block-diagonal, the first block off-diagonals and beyond, for each matrix and
-damped inverse), ``training.csv``, and the figures ``cmp_*.png``.
+damped inverse), ``training.csv``, and the figures ``cmp_*.png`` / ``cmp_*.pdf``
+(layers labelled by module name and type, e.g. ``0 (Linear)``).
 
 Usage::
 
@@ -49,7 +50,7 @@ from curvkit.operators.base import DenseOperator
 from curvkit.operators.exact import loss_and_gradient
 
 NAME = "compare_approximations"
-#: Figures copied to the documentation with ``--docs``.
+#: Figures copied to the documentation with ``--docs`` (each also as PDF).
 DOCS_FIGURES = (
     "cmp_heatmaps_trained.png",
     "cmp_heatmaps_middle_trained.png",
@@ -241,13 +242,16 @@ def damped_inverses(ops, G, lam: float) -> dict:
     }
 
 
-def figures(tag, dense, inverses, slices, metrics, lam, out: Path) -> None:
-    """Heatmaps of matrices and inverses (whole and middle layers), preconditioning curves."""
-    fmt = ("png",)
+def figures(tag, dense, inverses, slices, lam, out: Path) -> None:
+    """Heatmaps of matrices and inverses (whole and middle layers).
+
+    ``slices`` carry the figure labels of the layers (module name and type).
+    Every figure is written as PNG and (vector) PDF.
+    """
     show = {"GGN (exact Fisher)": dense[REFERENCE]}
     show.update({k: dense[k] for k in ("KFAC (MC)", "KFLR", "tri-diag KFLR")})
     title = f"Curvature matrices ({tag})"
-    plotting.heatmaps(show, slices, title=title, path=out / f"cmp_heatmaps_{tag}", formats=fmt)
+    plotting.heatmaps(show, slices, title=title, path=out / f"cmp_heatmaps_{tag}")
     middle = slice(slices[1][1].start, slices[-2][1].stop)
     mid = [(n, slice(s.start - middle.start, s.stop - middle.start)) for n, s in slices[1:-1]]
     plotting.heatmaps(
@@ -255,20 +259,12 @@ def figures(tag, dense, inverses, slices, metrics, lam, out: Path) -> None:
         mid,
         title=f"Middle layers ({tag})",
         path=out / f"cmp_heatmaps_middle_{tag}",
-        formats=fmt,
     )
     plotting.heatmaps(
         {k: v[middle, middle] for k, v in inverses.items()},
         mid,
         title=f"Damped inverses, middle layers ({tag}, λ = {lam:.2g})",
         path=out / f"cmp_inverse_heatmaps_{tag}",
-        formats=fmt,
-    )
-    plotting.preconditioning_quality(
-        metrics,
-        title=f"Preconditioned steps vs exact GGN ({tag})",
-        path=out / f"cmp_preconditioning_{tag}",
-        formats=fmt,
     )
 
 
@@ -297,7 +293,9 @@ def analyse(tag, model, loss_func, data, args, out: Path) -> dict:
         for name, M in mats.items():
             mass = band_mass(M.numpy(), slices)
             mass_rows.append({"checkpoint": tag, "kind": kind, "name": name, **mass})
-    figures(tag, dense, inverses, slices, metrics, lam, out)
+    labels = plotting.layer_labels(model)
+    labelled = [(label, s) for label, (_, s) in zip(labels, slices)]
+    figures(tag, dense, inverses, labelled, lam, out)
     T = dense["tri-diag KFLR"]  # dense in exact arithmetic symmetric PSD: check round-off
     info = {
         "lambda_max": lam_max,
@@ -314,9 +312,34 @@ def analyse(tag, model, loss_func, data, args, out: Path) -> dict:
         "mass": mass_rows,
         "errors": errors,
         "names": names,
+        "labels": labels,
         "timings": timings,
         "info": info,
     }
+
+
+def table_figures(metrics: pd.DataFrame, out: Path) -> None:
+    """Figures drawn from ``metrics.csv`` alone: error and overlap bars, preconditioning curves.
+
+    ``table_figures(pd.read_csv(out / "metrics.csv"), out)`` redraws them without
+    recomputing any matrix.
+    """
+    for metric in ("frobenius", "overlap"):
+        rows = metrics[metrics["block"].isin(["all", "middle"]) & (metrics["metric"] == metric)]
+        where = rows["block"].map({"all": "whole", "middle": "middle layers"})
+        plotting.metric_bars(
+            rows.assign(block=rows["checkpoint"] + ", " + where),
+            metric=metric,
+            block=None,
+            title="Approximations against the exact GGN",
+            path=out / f"cmp_{metric}",
+        )
+    for tag in dict.fromkeys(metrics["checkpoint"]):
+        plotting.preconditioning_quality(
+            metrics[metrics["checkpoint"] == tag],
+            title=f"Preconditioned steps vs exact GGN ({tag})",
+            path=out / f"cmp_preconditioning_{tag}",
+        )
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -376,7 +399,7 @@ def main(argv=None) -> dict:
     )
     info.to_csv(out / "checkpoints.csv", index=False)
 
-    names = results["trained"]["names"]
+    labels = results["trained"]["labels"]
     panels = {
         f"{n} ({tag})": results[tag]["errors"][n]
         for tag in results
@@ -384,28 +407,18 @@ def main(argv=None) -> dict:
     }
     plotting.block_heatmap(
         panels,
-        names=names,
+        names=labels,
         ncols=3,
         title="Per-block relative Frobenius error vs the exact GGN",
         path=out / "cmp_block_errors",
-        formats=("png",),
     )
-    for metric, label in (("frobenius", r"$\|A - G\|_F / \|G\|_F$"), ("overlap", "top-10 overlap")):
-        rows = metrics[metrics["block"].isin(["all", "middle"]) & (metrics["metric"] == metric)]
-        where = rows["block"].map({"all": "whole", "middle": "middle layers"})
-        plotting.metric_bars(
-            rows.assign(block=rows["checkpoint"] + ", " + where),
-            metric=metric,
-            block=None,
-            title=f"{label} against the exact GGN",
-            path=out / f"cmp_{metric}",
-            formats=("png",),
-        )
+    table_figures(metrics, out)
     if args.docs:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
         for fig in DOCS_FIGURES:
-            shutil.copy(out / fig, docs / fig)
+            for suffix in (".png", ".pdf"):  # raster for the pages, vector for print
+                shutil.copy((out / fig).with_suffix(suffix), (docs / fig).with_suffix(suffix))
 
     summary = _summary(metrics, mass, info, log, args, wall)
     print(summary)

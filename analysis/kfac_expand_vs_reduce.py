@@ -21,7 +21,7 @@ layer has no weight sharing, so there expand and reduce must coincide.
 
 Outputs (in ``--out``): ``metrics.csv`` (every compare row, per layer, kind,
 approximation and checkpoint), ``timings.csv`` (factor extraction time of each
-variant), ``training.csv``, figures ``conv_*.png``.
+variant), ``training.csv``, figures ``conv_*.png`` and ``conv_*.pdf``.
 
 Usage::
 
@@ -145,18 +145,17 @@ def analyse(tag, problem, data, args, out: Path) -> tuple[list, list]:
             )
         print(f"[{tag}] {label}: compared", file=sys.stderr, flush=True)
         if isinstance(module, torch.nn.Conv2d) and size >= 100:
-            heat[label] = {
+            heat[f"{lname} ({type(module).__name__})"] = {
                 "exact GGN": B,
                 "KFLR expand": blocks["KFLR expand"],
                 "KFLR reduce": blocks["KFLR reduce"],
             }
     for label, mats in heat.items():
-        safe = label.split()[1]
+        safe = label.split()[0]
         plotting.heatmaps(
             mats,
             title=f"{label}, {tag}: exact GGN block vs KFLR",
             path=out / f"conv_heatmaps_{safe}_{tag}",
-            formats=("png",),
         )
     return frames, timing
 
@@ -201,24 +200,23 @@ def main(argv=None) -> dict:
     timings.to_csv(out / "timings.csv", index=False)
     pd.DataFrame(log).to_csv(out / "training.csv", index=False)
 
-    titles = {
-        "frobenius": r"$\|A - G\|_F / \|G\|_F$",
-        "cosine": r"cosine $\langle A, G\rangle_F / (\|A\|_F \|G\|_F)$",
-        "overlap": "top-10 eigenspace overlap",
-    }
-    for metric, label in titles.items():
+    # layers labelled by module name and type, e.g. "trained: 3 (Conv2d)"
+    kind = metrics["block"].str.split().str[0]
+    shown = metrics.assign(
+        block=metrics["checkpoint"] + ": " + metrics["layer"] + " (" + kind + ")"
+    )
+    for metric in ("frobenius", "cosine", "overlap"):
         plotting.metric_bars(
-            metrics.assign(block=metrics["checkpoint"] + ": " + metrics["block"]),
+            shown,
             metric=metric,
             block=None,
-            title=f"{label} vs the exact GGN block, per layer",
+            title="K-FAC expand and reduce vs the exact GGN block, per layer",
             path=out / f"conv_{metric}",
-            formats=("png",),
         )
     if args.docs:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
-        for f in sorted(out.glob("conv_*.png")):
+        for f in sorted([*out.glob("conv_*.png"), *out.glob("conv_*.pdf")]):
             shutil.copy(f, docs / f.name)
     summary = _summary(metrics, timings, log, problem, data[0].shape[0], args, wall)
     print(summary)

@@ -139,20 +139,27 @@ def dense_density(values: torch.Tensor, sd) -> SpectralDensity:
 
 
 def figures(name: str, D: int, classes: int, densities, dense_eigs, top, out: Path) -> None:
-    """SLQ densities (log scale; the Hessian also linear) and the top-eigenvalue rank plot."""
-    fmt = ("png",)
+    """SLQ densities (log scale; the Hessian also linear) and the top-eigenvalue rank plot.
+
+    The figure re-smooths every density with Silverman's kernel width
+    (:func:`curvkit.plotting.kernel_width_for`); the dense GGN density shares the
+    width of the GGN's SLQ estimate, so that the two are comparable.
+    """
     shown = {k[0]: v for k, v in densities.items() if k[1] == "log"}
-    colors = {}
+    colors, widths = {}, {}
     if "GGN" in dense_eigs:
-        shown["GGN, dense eigvalsh"] = dense_density(dense_eigs["GGN"], densities[("GGN", "log")])
+        sd = densities[("GGN", "log")]
+        shown["GGN, dense eigvalsh"] = dense_density(dense_eigs["GGN"], sd)
         colors["GGN, dense eigvalsh"] = "#000000"
+        width = plotting.kernel_width_for(sd.nodes, sd.weights, log=True, cutoff=sd.cutoff)
+        widths = {"GGN": width, "GGN, dense eigvalsh": width}
     shown["Hessian (linear axis)"] = densities[("Hessian", "linear")]
     plotting.spectral_densities(
         shown,
+        kernel_width=widths,
         colors=colors,
         title=f"SLQ spectral densities, {name} (D = {D})",
         path=out / f"spec_density_{name}",
-        formats=fmt,
     )
     ranks = dict(top)
     if "GGN" in dense_eigs:
@@ -168,7 +175,7 @@ def figures(name: str, D: int, classes: int, densities, dense_eigs, top, out: Pa
         textcoords="offset points",
         fontsize=8,
     )
-    plotting.save(fig, out / f"spec_ranks_{name}", formats=fmt)
+    plotting.save(fig, out / f"spec_ranks_{name}")
 
 
 def analyse_problem(name: str, args, out: Path) -> dict:
@@ -390,7 +397,7 @@ def main(argv=None) -> dict:
     if args.docs:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
-        for f in sorted(out.glob("spec_*.png")):
+        for f in sorted([*out.glob("spec_*.png"), *out.glob("spec_*.pdf")]):
             shutil.copy(f, docs / f.name)
     summary = _summary(tables, info, wall)
     print(summary)

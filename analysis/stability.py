@@ -32,7 +32,7 @@ empty when even the best value misses the bar).
 
 Outputs in ``--out`` (default ``results/stability``): ``runs.csv`` (every run's
 final loss), ``stability.csv`` / ``stability.md`` (good region per method),
-``stability.png``; ``--docs [DIR]`` copies the figure to ``DIR/stability.png``.
+``stability.png`` and ``stability.pdf``; ``--docs [DIR]`` copies them to ``DIR``.
 
 Usage:
     python analysis/stability.py [--quick] [--problem digits_cnn] [--seeds 3] [--steps 100]
@@ -174,7 +174,7 @@ def plot(runs: pd.DataFrame, regions: pd.DataFrame, table: dict, path: Path, cap
         axes[0].set_ylabel("final training loss (diverged: top)")
         if caption:
             fig.suptitle(caption, fontsize=8)
-        plotting.save(fig, path, formats=("png",))
+        plotting.save(fig, path)  # PNG and vector PDF
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -246,7 +246,8 @@ def main(argv=None) -> dict:
     if args.docs:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
-        shutil.copy(args.out / "stability.png", docs / "stability.png")
+        for suffix in (".png", ".pdf"):
+            shutil.copy(args.out / f"stability{suffix}", docs / f"stability{suffix}")
     return {"runs": runs, "regions": regions}
 
 

@@ -82,7 +82,7 @@ def plot_tuning(tuning: pd.DataFrame, path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="final training loss")
         ax.set_title("learning-rate tuning (seed 0)")
         ax.legend()
-        plotting.save(fig, path, formats=("png",))
+        plotting.save(fig, path)  # PNG and vector PDF
 
 
 def variant(name: str, args) -> T.Method | None:
@@ -206,8 +206,11 @@ def main(argv=None) -> dict:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
         for src, dst in DOCS_FIGURES.items():
-            if (args.out / src).is_file():
-                shutil.copy(args.out / src, docs / dst)
+            for suffix in (".png", ".pdf"):  # the PDF where the figure has one
+                if (args.out / src).with_suffix(suffix).is_file():
+                    shutil.copy(
+                        (args.out / src).with_suffix(suffix), (docs / dst).with_suffix(suffix)
+                    )
         print(f"copied figures to {docs}")
     return {"summary": summary, "curves": pd.DataFrame(curves), "lrs": lrs}
 

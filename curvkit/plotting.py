@@ -3,14 +3,28 @@ r"""Figures of curvature comparisons, spectra and estimators (the only module us
 Every function returns a :class:`matplotlib.figure.Figure` built without
 ``pyplot`` (no global figure registry, works under any backend, Agg included)
 and, when ``path`` is given, writes it as PNG and PDF (``path`` without its
-suffix plus ``.png`` / ``.pdf``; ``formats`` chooses others). Styles are applied
-with :func:`matplotlib.rc_context` around building and saving: the global
-``rcParams`` are never changed.
+suffix plus ``.png`` / ``.pdf``; ``formats`` chooses others). The PDF is vector
+graphics: lines, bars and text stay vectors; only matrix heatmaps
+(:func:`heatmaps`, :func:`block_heatmap`, :func:`factor_heatmaps`) are embedded
+as raster images inside the vector page (one pixel per matrix entry or pooled
+block, so the file stays small while axes, ticks and labels stay vectors).
+
+Style: one colour-blind-safe look for every figure: seaborn's ``"whitegrid"``
+axes style and ``"paper"`` context with its ``"colorblind"`` palette
+(:data:`STYLE`, :data:`PALETTE`), applied with :func:`matplotlib.rc_context`
+around building and saving; the global ``rcParams`` are never changed (no
+``seaborn.set_theme``). Tidy tables are drawn with seaborn on an explicit
+``ax``; the rest with matplotlib directly.
 
 Inputs are the outputs of the other modules: dense matrices and
 ``block_slices()`` of :mod:`curvkit.operators`, the tidy tables of
 :func:`curvkit.compare` and :meth:`curvkit.CurvatureTracker.to_dataframe`,
-:class:`curvkit.diagnostics.spectral.SpectralDensity` objects.
+:class:`curvkit.diagnostics.spectral.SpectralDensity` objects, and the
+:class:`curvkit.records.Records` of :func:`curvkit.extract` (Kronecker factors).
+Axis labels of :func:`curvkit.compare`'s metrics come from
+:data:`METRIC_LABELS`; layers are labelled ``"name (Type)"`` by
+:func:`layer_labels`. Series that coincide (``allclose``) are drawn dashed on
+top of the one they equal and labelled ``"name (= other)"``, so that neither hides.
 
 Example:
     >>> import torch, curvkit as ck
@@ -33,53 +47,76 @@ from pathlib import Path
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
+import seaborn as sns
 import torch
 from matplotlib.colors import LogNorm
+from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from curvkit.data import as_batches
 from curvkit.errors import ShapeError
 
 __all__ = [
+    "METRIC_LABELS",
+    "PALETTE",
+    "QUANTITY_LABELS",
     "STYLE",
     "block_heatmap",
     "block_norms",
+    "coinciding_series",
     "curvature_over_training",
+    "diagonal_blocks",
+    "eigenvalue_histogram",
     "eigenvalue_ranks",
     "estimator_error",
+    "factor_heatmaps",
     "heatmaps",
+    "kernel_width_for",
+    "kronecker_eigenvalues",
+    "kronecker_spectra",
+    "layer_labels",
+    "layer_spectra",
     "loss_along_directions",
     "loss_landscape",
     "metric_bars",
+    "metric_label",
     "preconditioning_quality",
     "save",
+    "smooth_density",
     "spectral_densities",
 ]
 
-#: Colour-blind-safe qualitative palette (Okabe & Ito 2008; teal and wine from Tol 2021).
-PALETTE = (
-    "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7",
-    "#56B4E9", "#882255", "#000000", "#44AA99", "#999999",
-)  # fmt: skip
+#: Colour-blind-safe qualitative palette: seaborn's ``"colorblind"`` (after Okabe & Ito 2008).
+PALETTE = tuple(sns.color_palette("colorblind").as_hex())
 
-#: ``rcParams`` applied (with :func:`matplotlib.rc_context`) to every figure.
+#: ``rcParams`` applied (with :func:`matplotlib.rc_context`) to every figure: seaborn's
+#: ``"whitegrid"`` style and ``"paper"`` context as dictionaries (globals untouched),
+#: with the palette above and a few adjustments for small multi-panel figures.
 STYLE = {
+    **sns.axes_style("whitegrid"),
+    **sns.plotting_context("paper"),
     "font.size": 9,
     "axes.titlesize": 10,
     "axes.titleweight": "bold",
     "axes.labelsize": 9,
+    "axes.edgecolor": ".35",
     "legend.fontsize": 8,
+    "legend.title_fontsize": 8,
     "legend.frameon": False,
     "xtick.labelsize": 8,
     "ytick.labelsize": 8,
+    "xtick.bottom": True,
+    "ytick.left": True,
     "axes.spines.top": False,
     "axes.spines.right": False,
     "axes.grid": True,
-    "grid.alpha": 0.3,
+    "grid.alpha": 0.5,
     "grid.linewidth": 0.6,
     "axes.prop_cycle": mpl.cycler(color=list(PALETTE)),
     "lines.linewidth": 1.6,
     "lines.markersize": 4,
+    "patch.edgecolor": "white",
     "image.interpolation": "nearest",
     "savefig.dpi": 150,
     "savefig.bbox": "tight",
@@ -87,6 +124,44 @@ STYLE = {
 }
 #: Largest side (pixels) of a heatmap before block max-pooling.
 MAX_PIXELS = 600
+
+#: Axis label of each metric of :func:`curvkit.diagnostics.metrics.compare` (``A``: the
+#: approximation, ``B``: the reference; every metric is a dimensionless ratio).
+METRIC_LABELS = {
+    "frobenius": r"relative Frobenius error $\|A - B\|_F \,/\, \|B\|_F$",
+    "cosine": r"matrix cosine $\mathrm{tr}(AB) \,/\, (\|A\|_F \|B\|_F)$",
+    "spectral": r"relative spectral error $\|A - B\|_2 \,/\, \|B\|_2$",
+    "overlap": r"top-$k$ eigenspace overlap $\|V_A^\top V_B\|_F^2 / k$",
+    "directional": r"curvature ratio $v^\top A v \,/\, v^\top B v$",
+    "precond_cosine": r"cosine of damped steps $\cos(d_A, d_B)$",
+    "precond_reduction": r"model reduction ratio $q(-d_A) / q(-d_B)$",
+}
+#: Axis label of each quantity of :meth:`curvkit.CurvatureTracker.to_dataframe`.
+QUANTITY_LABELS = {
+    "loss": "training loss",
+    "grad_norm": r"gradient norm $\|g\|_2$",
+    "eigenvalue": r"top eigenvalues $\lambda_i$",
+    "trace": "trace of the curvature matrix",
+    "grad_overlap": r"gradient share in top-$k$ eigenspace",
+    "approx_frobenius": METRIC_LABELS["frobenius"],
+    "approx_cosine": METRIC_LABELS["cosine"],
+}
+
+
+def metric_label(metric: str, k: int | None = None) -> str:
+    """The axis label of a :func:`curvkit.compare` metric (``k`` filled in for ``overlap``).
+
+    Args:
+        metric: Metric name, e.g. ``"frobenius"``; unknown names are returned unchanged.
+        k: Number of eigenvectors of ``overlap`` (replaces :math:`k` in the label).
+
+    Returns:
+        The label (matplotlib mathtext).
+    """
+    label = METRIC_LABELS.get(metric, QUANTITY_LABELS.get(metric, metric))
+    if k is not None and metric == "overlap":
+        label = label.replace("top-$k$", f"top-{int(k)}").replace("/ k$", f"/ {int(k)}$")
+    return label
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -146,8 +221,9 @@ def _figure_legend(fig: Figure, axes) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
     if entries:
-        fig.legend(list(entries.values()), list(entries), loc="outside lower center",
-                   ncol=min(5, len(entries)))  # fmt: skip
+        longest = max(len(label) for label in entries)  # about 130 characters per row
+        ncol = max(1, min(5, len(entries), 130 // max(longest, 1)))
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncol=ncol)
 
 
 def _legend(ax, outside: bool = False) -> None:
@@ -217,6 +293,113 @@ def _draw_blocks(ax, slices, n: int, color: str) -> None:
         ax.tick_params(length=0)
 
 
+def layer_labels(source, with_type: bool = True) -> list[str]:
+    """Labels ``"name (Type)"`` of the parametrised layers, in forward order.
+
+    The order is that of the layer blocks of the curvature operators
+    (``op.block_slices()``), so the labels can replace their names, e.g.
+    ``blocks.0.conv1 (Conv2d)`` instead of a bare ``Sequential`` index ``0``.
+
+    Args:
+        source: A :class:`curvkit.records.Records` (its layers' ``name`` and
+            ``module``), a sequence of :class:`~curvkit.records.LayerRecord`, or an
+            ``nn.Module`` (every sub-module with trainable parameters of its own).
+        with_type: Append the module's class name in parentheses.
+
+    Returns:
+        One label per layer.
+
+    Raises:
+        ShapeError: If ``source`` is none of these.
+    """
+    if isinstance(source, torch.nn.Module):
+        pairs = [
+            (name or type(source).__name__, module)
+            for name, module in source.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False))
+        ]
+    else:
+        layers = getattr(source, "layers", source)
+        try:
+            pairs = [(str(r.name), r.module) for r in layers]
+        except (AttributeError, TypeError):
+            raise ShapeError(
+                "layer_labels: give an nn.Module, a Records or a list of LayerRecord; "
+                f"got {type(source).__name__}."
+            ) from None
+    return [f"{n} ({type(m).__name__})" if with_type else n for n, m in pairs]
+
+
+def coinciding_series(series: Mapping[str, object], rtol: float = 1e-6) -> dict[str, str]:
+    """Which series equal an earlier one (same shape, ``allclose``), so a plot can mark them.
+
+    Two series are equal when every entry agrees within ``rtol`` relative to the
+    largest finite magnitude of the two (so the test scales with the pair, not
+    with other series of the plot); NaNs at the same places count as equal.
+
+    Args:
+        series: Name -> array (or tuple of arrays, e.g. ``(x, y)``), in drawing order.
+        rtol: Relative tolerance.
+
+    Returns:
+        Name -> name of the first earlier series it equals, for every such name.
+    """
+
+    def parts(v):
+        seq = v if isinstance(v, tuple) else (v,)
+        return [_numpy(a).ravel() for a in seq]
+
+    def equal(x, y):
+        if x.shape != y.shape:
+            return False
+        both = np.abs(np.concatenate([x, y]))
+        both = both[np.isfinite(both)]
+        atol = rtol * float(both.max()) if both.size else 0.0
+        return bool(np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True))
+
+    arrays = {k: parts(v) for k, v in series.items()}
+    out = {}
+    names = list(arrays)
+    for i, name in enumerate(names):
+        for other in names[:i]:
+            if other in out:
+                continue
+            a, b = arrays[name], arrays[other]
+            if len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b)):
+                out[name] = other
+                break
+    return out
+
+
+#: Dash pattern of a series drawn on top of an equal one (gaps show the one below).
+COINCIDE_DASHES = (0, (2.5, 2.5))
+
+
+def _plot_lines(ax, lines: Mapping[str, tuple], palette: Mapping[str, str], **kwargs) -> dict:
+    """Plot ``name -> (x, y)``; series equal to an earlier one are dashed, hollow-marked, noted.
+
+    Returns the name -> equal-earlier-name map of :func:`coinciding_series`.
+    """
+    same = coinciding_series(lines)
+    for name, (x, y) in lines.items():
+        style = dict(kwargs)
+        label = name
+        if name in same:
+            label = f"{name} (= {same[name]})"
+            style.update(ls=COINCIDE_DASHES, lw=style.get("lw", 1.6) + 0.4, zorder=3)
+            if style.get("marker"):
+                style.update(marker="D", mfc="none", markersize=6)
+        ax.plot(x, y, color=palette[name], label=label, **style)
+    return same
+
+
+def _fmt(v: float) -> str:
+    """A bar's value label: ``0`` for an exact zero, else three significant digits."""
+    if not np.isfinite(v):
+        return str(v)
+    return "0" if v == 0 else f"{v:.2g}" if abs(v) < 1e-3 else f"{v:.3g}"
+
+
 # -- dense matrices ----------------------------------------------------------------------
 def heatmaps(
     mats: Mapping[str, torch.Tensor],
@@ -227,6 +410,7 @@ def heatmaps(
     vmax: float | None = None,
     cmap: str | None = None,
     max_pixels: int = MAX_PIXELS,
+    labels: Sequence[str] | None = None,
     title: str | None = None,
     path=None,
     formats: Sequence[str] = ("png", "pdf"),
@@ -252,6 +436,8 @@ def heatmaps(
         vmax: Upper colour limit.
         cmap: Colour map (default ``"magma"`` for log, ``"RdBu_r"`` otherwise).
         max_pixels: Largest side drawn before pooling.
+        labels: Tick labels replacing the block names, one per block (e.g.
+            :func:`layer_labels` of the model: ``"blocks.0.conv1 (Conv2d)"``).
         title: Figure title.
         path: Where to save (see :func:`save`).
         formats: File formats when ``path`` is given.
@@ -306,7 +492,12 @@ def heatmaps(
             image = ax.imshow(
                 masked, cmap=colormap, vmin=vmin, vmax=vmax, extent=(0, m, n, 0), aspect="equal"
             )
-            _draw_blocks(ax, _slices(block_slices, n), n, "#4d4d4d" if log else "k")
+            slices = _slices(block_slices, n)
+            if labels is not None:
+                if len(labels) != len(slices):
+                    raise ShapeError(f"heatmaps: {len(labels)} labels for {len(slices)} blocks.")
+                slices = [(str(label), sl) for label, (_, sl) in zip(labels, slices)]
+            _draw_blocks(ax, slices, n, "#4d4d4d" if log else "k")
             ax.set_title(name)
             for spine in ax.spines.values():
                 spine.set_visible(True)
@@ -415,10 +606,127 @@ def block_heatmap(
 
 
 # -- spectra -----------------------------------------------------------------------------
+def _weighted_quantile(u: np.ndarray, w: np.ndarray, q) -> np.ndarray:
+    order = np.argsort(u)
+    cum = np.cumsum(w[order])
+    return np.interp(np.asarray(q) * cum[-1], cum, u[order])
+
+
+def kernel_width_for(
+    ritz_values,
+    weights=None,
+    log: bool = False,
+    cutoff: float | None = None,
+    min_fraction: float = 1 / 200,
+) -> float:
+    r"""Gaussian kernel width for a spectral density from its Ritz values (Silverman's rule).
+
+    The Ritz values :math:`\theta_j` with their SLQ weights :math:`\tau_j` form a
+    weighted sample of the spectral measure; Silverman's rule of thumb
+    (Silverman 1986, *Density Estimation*, eq. 3.31) for that sample gives
+
+    .. math::
+        \sigma = 0.9\,\min\!\big(s, \mathrm{IQR}/1.34\big)\, n_\mathrm{eff}^{-1/5},
+        \qquad n_\mathrm{eff} = \frac{(\sum_j \tau_j)^2}{\sum_j \tau_j^2},
+
+    with :math:`s` the weighted standard deviation, IQR the weighted
+    inter-quartile range and :math:`n_\mathrm{eff}` Kish's effective sample size
+    of the weights. With ``log=True`` the sample is
+    :math:`u_j = \log_{10}\theta_j` of the nodes above the cutoff :math:`c` (the
+    variable of a log density; the mass at or below the cutoff is a point mass
+    placed at it, which would otherwise set the width of the whole density, e.g.
+    99.9 % of it for a low-rank GGN) and :math:`\sigma` is in decades. Where the
+    IQR vanishes (most mass at one point)
+    :math:`s` is used alone; the width is never below ``min_fraction`` of the
+    span of the sample (the previous fixed default, 1/200), so that a kernel can
+    never be narrower than the spacing that makes a density of isolated Ritz
+    values ripple.
+
+    Args:
+        ritz_values: Nodes :math:`\theta`, any shape (e.g. ``SpectralDensity.nodes``).
+        weights: Quadrature weights of the same shape (default: equal weights).
+        log: Width for a density over :math:`\log_{10}\lambda`.
+        cutoff: Lower cutoff :math:`c` of the log scale (default
+            :math:`10^{-6}\max_j|\theta_j|`, as :func:`curvkit.spectral_density`).
+        min_fraction: Smallest width as a fraction of the sample's span.
+
+    Returns:
+        The kernel width :math:`\sigma` (eigenvalue units, or decades when ``log``).
+
+    Raises:
+        ShapeError: If the shapes differ or there are no values.
+    """
+    u = _numpy(ritz_values).ravel()
+    w = np.ones_like(u) if weights is None else _numpy(weights).ravel()
+    if u.size == 0 or w.shape != u.shape:
+        raise ShapeError(
+            f"kernel_width_for: {u.size} Ritz values and weights of shape {w.shape}; "
+            "give equally many, at least one."
+        )
+    w = np.clip(w, 0.0, None)
+    if not w.sum() > 0:
+        w = np.ones_like(u)
+    if log:
+        cut = 1e-6 * float(np.abs(u).max()) if cutoff is None else float(cutoff)
+        above = u > cut
+        if above.any() and w[above].sum() > 0:  # the mass at the cutoff is a point mass
+            u, w = u[above], w[above]
+        u = np.log10(np.maximum(u, cut if cut > 0 else np.finfo(float).tiny))
+    w = w / w.sum()
+    span = float(u.max() - u.min())
+    mean = float(w @ u)
+    sd = math.sqrt(max(float(w @ (u - mean) ** 2), 0.0))
+    q1, q3 = _weighted_quantile(u, w, [0.25, 0.75])
+    spread = min(sd, (q3 - q1) / 1.34) if q3 > q1 else sd
+    n_eff = 1.0 / float(w @ w)
+    sigma = 0.9 * spread * n_eff ** (-0.2)
+    floor = min_fraction * span if span > 0 else min_fraction * max(abs(mean), 1.0)
+    return float(max(sigma, floor))
+
+
+def smooth_density(
+    sd, kernel_width: float | str = "auto", grid: int = 1024
+) -> tuple[np.ndarray, np.ndarray, float]:
+    r"""Re-evaluate an SLQ density from its nodes and weights with another kernel width.
+
+    :math:`\phi(t) = \sum_{i,j} \tau^{(i)}_j\, g_\sigma(t - u^{(i)}_j) / n` as in
+    :func:`curvkit.spectral_density` (over :math:`u = \log_{10}\max(\theta, c)`
+    when ``sd.log``, with the same cutoff ``c``), on ``grid`` points spanning
+    the nodes plus five kernel widths on each side.
+
+    Args:
+        sd: A :class:`~curvkit.diagnostics.spectral.SpectralDensity`.
+        kernel_width: :math:`\sigma` (decades when ``sd.log``), or ``"auto"`` for
+            :func:`kernel_width_for`.
+        grid: Number of evaluation points.
+
+    Returns:
+        ``(points, density, sigma)``: eigenvalues (positive when ``sd.log``), the
+        density per unit eigenvalue (per decade when ``sd.log``) and the width used.
+    """
+    nodes, weights = _numpy(sd.nodes).ravel(), _numpy(sd.weights).ravel()
+    log = bool(getattr(sd, "log", False))
+    cut = getattr(sd, "cutoff", None)
+    if kernel_width == "auto":
+        sigma = kernel_width_for(nodes, weights, log=log, cutoff=cut)
+    else:
+        sigma = float(kernel_width)
+    u = np.log10(np.maximum(nodes, cut)) if log else nodes
+    x = np.linspace(u.min() - 5 * sigma, u.max() + 5 * sigma, int(grid))
+    w = weights / weights.sum()
+    density = np.zeros_like(x)
+    for chunk in np.array_split(np.arange(u.size), max(1, u.size // 2048)):
+        z = (x[:, None] - u[None, chunk]) / sigma
+        density += np.exp(-0.5 * z**2) @ w[chunk]
+    density /= sigma * math.sqrt(2 * math.pi)
+    return (10**x if log else x), density, sigma
+
+
 def spectral_densities(
     densities: Mapping,
     logy: bool = True,
     floor: float = 1e-6,
+    kernel_width: float | str | Mapping | None = "auto",
     colors: Mapping[str, str] | None = None,
     title: str | None = None,
     path=None,
@@ -430,11 +738,21 @@ def spectral_densities(
     logarithmic eigenvalue axis; linear densities share another (so a PSD
     GGN on a log axis and an indefinite Hessian on a linear one can sit side by side).
 
+    By default each density is re-smoothed from its Ritz values and weights with
+    the kernel width of :func:`kernel_width_for` (Silverman's rule on the
+    weighted Ritz values; see :func:`smooth_density`), which removes the ripple
+    of a too narrow fixed width; the legend states each width.
+
     Args:
         densities: Name -> :class:`~curvkit.diagnostics.spectral.SpectralDensity` (``grid``,
-            ``density``, ``log``, ``mass_below_cutoff`` are used).
+            ``density``, ``nodes``, ``weights``, ``log``, ``cutoff``,
+            ``mass_below_cutoff`` are used).
         logy: Logarithmic density axis (values below ``floor`` times the largest are clipped).
         floor: Relative floor of the log density axis.
+        kernel_width: ``"auto"`` (Silverman's rule per density), a width for all
+            (decades for log densities), ``None`` to draw ``sd.density`` as computed,
+            or name -> one of these (missing names: ``"auto"``), e.g. one shared
+            width for an SLQ estimate and the exact density it is checked against.
         colors: Optional name -> colour (others get palette colours).
         title: Figure title.
         path: Where to save (see :func:`save`).
@@ -453,23 +771,40 @@ def spectral_densities(
     with mpl.rc_context(STYLE):
         fig, axes = _figure(len(kinds), 1, (4.6, 3.3))
         for ax, log in zip(axes[0], kinds):
-            top = 0.0
             panel = {k: sd for k, sd in densities.items() if bool(getattr(sd, "log", False)) == log}
+            lines, widths = {}, {}
             for name, sd in panel.items():
-                x, y = _numpy(sd.grid), _numpy(sd.density)
-                top = max(top, float(y.max()))
-                mass = float(getattr(sd, "mass_below_cutoff", 0.0) or 0.0)
-                extra = f" ({100 * mass:.0f}% below cutoff)" if log and mass >= 0.005 else ""
-                ax.plot(x, y, color=palette[name], label=f"{name}{extra}", lw=1.2)
+                width = kernel_width
+                if isinstance(kernel_width, Mapping):
+                    width = kernel_width.get(name, "auto")
+                if width is None:
+                    lines[name] = (_numpy(sd.grid), _numpy(sd.density))
+                    widths[name] = float(getattr(sd, "kernel_width", math.nan))
+                else:
+                    x, y, widths[name] = smooth_density(sd, width)
+                    lines[name] = (x, y)
+            same = coinciding_series(lines)
+            top = max(float(y.max()) for _, y in lines.values())
+            for name, (x, y) in lines.items():
+                mass = float(getattr(panel[name], "mass_below_cutoff", 0.0) or 0.0)
+                pct = 100 * mass  # "99.9%", not a rounded "100%", for a low-rank matrix
+                share = f"{pct:.0f}" if 1 <= pct < 99.5 else f"{pct:.3g}"
+                extra = f", {share}% below cutoff" if log and mass >= 0.005 else ""
+                unit = " dec" if log else ""
+                label = f"{name} (σ = {widths[name]:.2g}{unit}{extra})"
+                style = {"lw": 1.2}
+                if name in same:
+                    label = f"{name} (= {same[name]})"
+                    style = {"lw": 1.6, "ls": COINCIDE_DASHES, "zorder": 3}
+                ax.plot(x, y, color=palette[name], label=label, **style)
                 if len(panel) <= 2:
                     ax.fill_between(x, y, color=palette[name], alpha=0.08, lw=0)
+            ax.set_xlabel(r"eigenvalue $\lambda$")
             if log:
                 ax.set_xscale("log")
-                ax.set_xlabel(r"eigenvalue $\lambda$")
-                ax.set_ylabel(r"density per unit $\log_{10}\lambda$")
+                ax.set_ylabel(r"density per decade of $\lambda$")
             else:
-                ax.set_xlabel(r"eigenvalue $\lambda$")
-                ax.set_ylabel("density")
+                ax.set_ylabel(r"density per unit $\lambda$")
             if logy and top > 0:
                 ax.set_yscale("log")
                 ax.set_ylim(top * floor, top * 2)
@@ -521,9 +856,9 @@ def eigenvalue_ranks(
         fig, axes = _figure(1, 1, (5.0, 3.4))
         ax = axes[0, 0]
         palette = _colors(values, colors)
-        for name, v in values.items():
-            rank = np.arange(1, v.size + 1)
-            ax.plot(rank, v, label=name, color=palette[name], marker="." if v.size <= 50 else None)
+        lines = {name: (np.arange(1, v.size + 1), v) for name, v in values.items()}
+        small = max(v.size for v in values.values()) <= 50
+        _plot_lines(ax, lines, palette, marker="." if small else None)
         if scale == "symlog":
             ax.set_yscale("symlog", linthresh=1e-6 * float(np.abs(allv).max() or 1.0))
         elif scale == "log":
@@ -532,6 +867,362 @@ def eigenvalue_ranks(
         ax.set_xlabel("rank")
         ax.set_ylabel(r"eigenvalue $\lambda_i$")
         _legend(ax, outside=len(values) > 3)
+        return _finish(fig, path, formats, title)
+
+
+def _log_bins(magnitudes: np.ndarray, cutoff: float, bins: int) -> np.ndarray:
+    top = float(magnitudes.max()) if magnitudes.size else 1.0
+    top = max(top, cutoff * 10)
+    return np.geomspace(cutoff, top * (1 + 1e-9), bins + 1)
+
+
+def eigenvalue_histogram(
+    eigs,
+    bins: int = 40,
+    cutoff: float | None = None,
+    colors: Mapping[str, str] | None = None,
+    title: str | None = None,
+    path=None,
+    formats: Sequence[str] = ("png", "pdf"),
+) -> Figure:
+    r"""Histogram of exact eigenvalues over log-scaled magnitude bins, negatives mirrored below.
+
+    Bins are logarithmic in :math:`|\lambda|` from ``cutoff`` to the largest
+    magnitude; positive eigenvalues are counted upwards, negative ones (by their
+    magnitude) downwards on the same bins, so an indefinite Hessian shows both
+    sides of its spectrum on one log axis. Eigenvalues with
+    :math:`|\lambda| <` ``cutoff`` (numerical zeros) are not binned; their number
+    is written in the panel and legend.
+
+    Args:
+        eigs: A 1-D array of eigenvalues (e.g. ``torch.linalg.eigvalsh`` of a
+            dense matrix), or name -> array (one outline each).
+        bins: Number of logarithmic bins.
+        cutoff: Smallest binned magnitude (default :math:`10^{-8}\max|\lambda|`).
+        colors: Optional name -> colour (others get palette colours).
+        title: Figure title.
+        path: Where to save (see :func:`save`).
+        formats: File formats when ``path`` is given.
+
+    Returns:
+        The figure (one axes); its ``curvkit_data`` attribute is a DataFrame with
+        columns ``name``, ``sign``, ``left``, ``right``, ``count``.
+
+    Raises:
+        ShapeError: If no eigenvalues are given or ``bins``/``cutoff`` are not positive.
+    """
+    spectra = dict(eigs) if isinstance(eigs, Mapping) else {"eigenvalues": eigs}
+    values = {k: _numpy(v).ravel() for k, v in spectra.items()}
+    if not values or any(v.size == 0 for v in values.values()):
+        raise ShapeError("eigenvalue_histogram: give at least one non-empty set of eigenvalues.")
+    if bins < 1 or (cutoff is not None and not cutoff > 0):
+        raise ShapeError(f"eigenvalue_histogram: bins={bins} and cutoff={cutoff} must be positive.")
+    largest = max(float(np.abs(v).max()) for v in values.values())
+    cut = (1e-8 * largest if largest > 0 else 1e-8) if cutoff is None else float(cutoff)
+    edges = _log_bins(np.concatenate([np.abs(v) for v in values.values()]), cut, bins)
+    palette = _colors(values, colors)
+    rows, notes = [], []
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(1, 1, (5.2, 3.6))
+        ax = axes[0, 0]
+        filled = len(values) == 1
+        for name, v in values.items():
+            pos, _ = np.histogram(v[v >= cut], edges)
+            neg, _ = np.histogram(-v[v <= -cut], edges)
+            zero = int((np.abs(v) < cut).sum())
+            color = palette[name]
+            label = f"{name}: {int((v >= cut).sum())} positive, {int((v <= -cut).sum())} negative"
+            if zero:
+                label += f", {zero} with |λ| < {cut:.1g}"
+                notes.append(f"{zero} eigenvalues with |λ| < {cut:.1g} not shown")
+            ax.stairs(pos, edges, color=color, fill=filled, alpha=0.75 if filled else 1.0,
+                      label=label, lw=1.2)  # fmt: skip
+            if neg.any():
+                ax.stairs(-neg, edges, color=color, fill=filled, alpha=0.4 if filled else 1.0,
+                          hatch="///" if filled else None, ls="-" if filled else "--",
+                          lw=1.2)  # fmt: skip
+            for sign, counts in (("positive", pos), ("negative", neg)):
+                for left, right, c in zip(edges[:-1], edges[1:], counts):
+                    rows.append({"name": name, "sign": sign, "left": left, "right": right,
+                                 "count": int(c)})  # fmt: skip
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(r"eigenvalue magnitude $|\lambda|$")
+        ax.set_ylabel(r"count ($\lambda > 0$ up, $\lambda < 0$ down)")
+        ax.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda y, _: f"{abs(y):g}"))
+        if notes and len(values) == 1:
+            ax.text(0.99, 0.97, notes[0], transform=ax.transAxes, ha="right", va="top", fontsize=7)
+        ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.18), borderaxespad=0.0)
+        fig.curvkit_data = pd.DataFrame(rows, columns=["name", "sign", "left", "right", "count"])
+        return _finish(fig, path, formats, title)
+
+
+def kronecker_eigenvalues(G, A) -> np.ndarray:
+    r"""Eigenvalues of :math:`G \otimes A`: all products :math:`\lambda_i(G)\,\mu_j(A)`, descending.
+
+    (Van Loan 2000, "The ubiquitous Kronecker product", §2: the eigenvalues of a
+    Kronecker product of symmetric matrices are the products of theirs.)
+
+    Args:
+        G: Symmetric ``[m, m]`` factor.
+        A: Symmetric ``[n, n]`` factor.
+
+    Returns:
+        The ``m * n`` eigenvalues, largest first.
+    """
+    g = np.linalg.eigvalsh(_sym(_numpy(G), "kronecker_eigenvalues", "G"))
+    a = np.linalg.eigvalsh(_sym(_numpy(A), "kronecker_eigenvalues", "A"))
+    return np.sort(np.outer(g, a).ravel())[::-1]
+
+
+def _sym(M: np.ndarray, where: str, name: str) -> np.ndarray:
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ShapeError(f"{where}: {name} has shape {M.shape}, expected a square matrix.")
+    return (M + M.T) / 2
+
+
+def kronecker_spectra(records, kind: str = "kflr", labels: Sequence[str] | None = None) -> dict:
+    r"""Per-layer eigenvalues of the Kronecker blocks of extraction records.
+
+    A joint block :math:`G \otimes A` (weight and bias) has the eigenvalues of
+    :func:`kronecker_eigenvalues`; with ``separate_bias`` the bias block
+    :math:`G \cdot s` (``bias_scale`` :math:`s`) adds the eigenvalues of
+    :math:`G` times :math:`s`.
+
+    Args:
+        records: :class:`curvkit.records.Records` from :func:`curvkit.extract`.
+        kind: Which ``G`` factor (``"kfac"``, ``"kflr"``, ``"kfra"``, ``"empirical"``).
+        labels: Layer labels (default: :func:`layer_labels`).
+
+    Returns:
+        Label -> 1-D eigenvalues (largest first), forward order.
+
+    Raises:
+        ShapeError: If a layer lacks ``A`` or ``G[kind]``.
+    """
+    layers = list(getattr(records, "layers", records))
+    labels = layer_labels(layers) if labels is None else list(labels)
+    out = {}
+    for label, rec in zip(labels, layers):
+        if rec.A is None or kind not in rec.G:
+            raise ShapeError(
+                f"kronecker_spectra: layer {rec.name!r} has no A/G[{kind!r}] (kinds present: "
+                f"{sorted(rec.G)}); extract with quantities=({kind!r},)."
+            )
+        vals = kronecker_eigenvalues(rec.G[kind], rec.A)
+        if rec.has_bias and rec.separate_bias:
+            bias = np.linalg.eigvalsh(_sym(_numpy(rec.G[kind]), "kronecker_spectra", "G"))
+            vals = np.sort(np.concatenate([vals, rec.bias_scale * bias]))[::-1]
+        out[label] = vals
+    return out
+
+
+def diagonal_blocks(matrix, block_slices, labels: Sequence[str] | None = None) -> dict:
+    """The diagonal blocks of a dense matrix, e.g. the exact per-layer curvature blocks.
+
+    Args:
+        matrix: ``D x D`` matrix (e.g. ``ck.ggn(...).to_dense()``).
+        block_slices: Layer blocks, as ``op.block_slices()`` returns them (see :func:`heatmaps`).
+        labels: Names replacing the block names (e.g. :func:`layer_labels`).
+
+    Returns:
+        Name -> block ``matrix[s, s]`` (numpy), in block order.
+
+    Raises:
+        ShapeError: If the blocks do not fit the matrix or ``labels`` has another length.
+    """
+    M = _numpy(matrix)
+    slices = _slices(block_slices, M.shape[0])
+    if labels is not None and len(labels) != len(slices):
+        raise ShapeError(f"diagonal_blocks: {len(labels)} labels for {len(slices)} blocks.")
+    names = [n for n, _ in slices] if labels is None else list(labels)
+    return {name: M[s, s] for name, (_, s) in zip(names, slices)}
+
+
+def _spectrum(value, where: str) -> np.ndarray:
+    """Eigenvalues (descending) of a 1-D array, a symmetric matrix, or a ``(G, A)`` pair."""
+    if isinstance(value, tuple) and len(value) == 2:
+        return kronecker_eigenvalues(*value)
+    arr = _numpy(value)
+    if arr.ndim == 1:
+        return np.sort(arr)[::-1]
+    return np.sort(np.linalg.eigvalsh(_sym(arr, where, "a block")))[::-1]
+
+
+def layer_spectra(
+    approx_blocks,
+    exact_blocks=None,
+    kind: str = "kflr",
+    approx_name: str = "Kronecker",
+    exact_name: str = "exact",
+    labels: Sequence[str] | None = None,
+    top: int | None = None,
+    ncols: int = 4,
+    colors: Mapping[str, str] | None = None,
+    title: str | None = None,
+    path=None,
+    formats: Sequence[str] = ("png", "pdf"),
+) -> Figure:
+    r"""Per-layer spectra: a Kronecker block's eigenvalues against the exact block's.
+
+    One panel per layer, eigenvalue against rank (largest first, log-log; a
+    symmetric-log value axis where a spectrum is indefinite). The eigenvalues of
+    :math:`G \otimes A` are the products of the factors' eigenvalues
+    (:func:`kronecker_eigenvalues`), so no Kronecker product is formed. Where the
+    two spectra coincide (e.g. KFLR on a linear output layer with MSE, which is
+    exact) the approximation is drawn dashed on top and labelled ``"(= exact)"``.
+
+    Args:
+        approx_blocks: :class:`curvkit.records.Records` (uses ``G[kind]`` and ``A``,
+            see :func:`kronecker_spectra`), or layer -> ``(G, A)`` pair, dense
+            block, or 1-D eigenvalues.
+        exact_blocks: Optional layer -> dense block or eigenvalues (e.g.
+            :func:`diagonal_blocks` of the dense GGN and ``op.block_slices()``),
+            paired with ``approx_blocks`` in order.
+        kind: The ``G`` factor when ``approx_blocks`` are records.
+        approx_name: Legend name of the approximation.
+        exact_name: Legend name of the exact blocks.
+        labels: Panel titles (default: the keys of ``approx_blocks``, or
+            :func:`layer_labels` of the records).
+        top: Show only the ``top`` largest eigenvalues per layer.
+        ncols: Panels per row.
+        colors: Optional ``{approx_name: colour, exact_name: colour}``.
+        title: Figure title.
+        path: Where to save (see :func:`save`).
+        formats: File formats when ``path`` is given.
+
+    Returns:
+        The figure: one axes per layer (empty grid slots hidden).
+
+    Raises:
+        ShapeError: If there are no blocks, ``exact_blocks`` has another number of
+            layers, or a block is not square.
+    """
+    if hasattr(approx_blocks, "layers") or (
+        isinstance(approx_blocks, Sequence) and approx_blocks and hasattr(approx_blocks[0], "A")
+    ):
+        approx = kronecker_spectra(approx_blocks, kind, labels)
+    elif isinstance(approx_blocks, Mapping):
+        approx = {k: _spectrum(v, "layer_spectra") for k, v in approx_blocks.items()}
+    else:
+        raise ShapeError("layer_spectra: give Records or a mapping layer -> block.")
+    if not approx:
+        raise ShapeError("layer_spectra: give at least one layer.")
+    exact = None
+    if exact_blocks is not None:
+        exact = [_spectrum(v, "layer_spectra") for v in dict(exact_blocks).values()]
+        if len(exact) != len(approx):
+            raise ShapeError(
+                f"layer_spectra: {len(approx)} approximate and {len(exact)} exact blocks."
+            )
+    titles = list(approx) if labels is None else list(labels)
+    palette = _colors([exact_name, approx_name], colors)
+    n = len(approx)
+    cols = min(ncols, n)
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(cols, math.ceil(n / cols), (3.3, 2.8))
+        for ax in axes.ravel()[n:]:
+            ax.set_visible(False)
+        for i, (ax, name) in enumerate(zip(axes.ravel(), titles)):
+            lines = {}
+            if exact is not None:
+                e = exact[i][:top]
+                lines[exact_name] = (np.arange(1, e.size + 1), e)
+            a = list(approx.values())[i][:top]
+            lines[approx_name] = (np.arange(1, a.size + 1), a)
+            small = max(v[1].size for v in lines.values()) <= 60
+            _plot_lines(ax, lines, palette, marker="." if small else None, lw=1.3)
+            allv = np.concatenate([v[1] for v in lines.values()])
+            if (allv > 0).all():
+                ax.set_yscale("log")
+            else:
+                ax.set_yscale("symlog", linthresh=1e-6 * float(np.abs(allv).max() or 1.0))
+            ax.set_xscale("log")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("rank")
+            if i % cols == 0:
+                ax.set_ylabel(r"eigenvalue $\lambda_i$")
+        _figure_legend(fig, axes.ravel()[:n])
+        return _finish(fig, path, formats, title)
+
+
+def factor_heatmaps(
+    records,
+    kind: str = "kflr",
+    labels: Sequence[str] | None = None,
+    log: bool = True,
+    decades: float = 6.0,
+    max_pixels: int = 200,
+    title: str | None = None,
+    path=None,
+    formats: Sequence[str] = ("png", "pdf"),
+) -> Figure:
+    r"""Heatmaps of every layer's Kronecker factors: ``A`` (top row) and ``G[kind]`` (bottom row).
+
+    Drawn with :func:`seaborn.heatmap`, each panel with its own colour bar
+    (factors of different layers have different scales): :math:`\log_{10}|F_{ij}|`
+    over at most ``decades`` below the panel's largest entry (exact zeros white),
+    or the signed entries on a symmetric diverging scale. Factors larger than
+    ``max_pixels`` are block max-pooled (largest magnitude per pixel block).
+    The cells are rasterised inside the vector PDF (``rasterized=True``);
+    titles, ticks and colour bars stay vectors.
+
+    Args:
+        records: :class:`curvkit.records.Records` from :func:`curvkit.extract` (or
+            a list of :class:`~curvkit.records.LayerRecord`).
+        kind: Which ``G`` (``"kfac"``, ``"kflr"``, ``"kfra"``, ``"empirical"``).
+        labels: Column titles (default: :func:`layer_labels`).
+        log: Logarithmic magnitude (``True``) or signed linear scale.
+        decades: Span of each log colour scale.
+        max_pixels: Largest side drawn before pooling.
+        title: Figure title.
+        path: Where to save (see :func:`save`).
+        formats: File formats when ``path`` is given.
+
+    Returns:
+        The figure: ``2 x L`` heatmap axes (row 0: ``A``, row 1: ``G``) and their colour bars.
+
+    Raises:
+        ShapeError: If there are no layers or a layer lacks ``A`` / ``G[kind]``.
+    """
+    layers = list(getattr(records, "layers", records))
+    if not layers:
+        raise ShapeError("factor_heatmaps: the records have no layers.")
+    for rec in layers:
+        if rec.A is None or kind not in rec.G:
+            raise ShapeError(
+                f"factor_heatmaps: layer {rec.name!r} has no A/G[{kind!r}] (kinds present: "
+                f"{sorted(rec.G)}); extract with quantities=({kind!r},)."
+            )
+    labels = layer_labels(layers) if labels is None else list(labels)
+    L = len(layers)
+    with mpl.rc_context({**STYLE, "axes.grid": False}):
+        fig, axes = _figure(L, 2, (2.9, 2.6))
+        for col, (rec, label) in enumerate(zip(layers, labels)):
+            for row, (factor, name) in enumerate(((rec.A, "A"), (rec.G[kind], f"G ({kind})"))):
+                ax = axes[row, col]
+                F = _numpy(factor)
+                if log:
+                    with np.errstate(divide="ignore"):
+                        V = _pool(np.log10(np.abs(F)), max_pixels, np.nanmax)
+                    finite = V[np.isfinite(V)]
+                    vmax = float(finite.max()) if finite.size else 0.0
+                    V = np.where(np.isfinite(V), V, np.nan)
+                    opts = dict(vmin=vmax - decades, vmax=vmax, cmap="magma")
+                    cbar = r"$\log_{10}|F_{ij}|$"
+                else:
+                    V = _pool(F, max_pixels, np.nanmax)
+                    bound = float(np.nanmax(np.abs(V))) or 1.0
+                    opts = dict(vmin=-bound, vmax=bound, cmap="RdBu_r")
+                    cbar = r"$F_{ij}$"
+                sns.heatmap(V, ax=ax, square=True, xticklabels=False, yticklabels=False,
+                            rasterized=True, cbar_kws={"shrink": 0.8, "label": cbar},
+                            **opts)  # fmt: skip
+                for spine in ax.spines.values():
+                    spine.set_visible(True)
+                    spine.set_linewidth(0.6)
+                ax.set_title(f"{name}: {label}" if row == 0 else name, fontsize=8)
+                ax.set_xlabel(f"{F.shape[0]} x {F.shape[1]}", fontsize=7)
         return _finish(fig, path, formats, title)
 
 
@@ -548,6 +1239,7 @@ def metric_bars(
     block: str | None = "all",
     directions: Sequence[str] | None = None,
     colors: Mapping[str, str] | None = None,
+    block_labels: Mapping[str, str] | None = None,
     title: str | None = None,
     path=None,
     formats: Sequence[str] = ("png", "pdf"),
@@ -556,8 +1248,15 @@ def metric_bars(
 
     ``"directional"`` (curvature ratios :math:`v^\top A v / v^\top B v`) is drawn
     as groups per direction (top eigenvectors, gradient) on a log axis with the
-    ideal ratio 1 marked; other metrics as one bar per approximation (error bars
-    from ``stderr``), or groups per layer block when ``block=None``.
+    ideal ratio 1 marked (bars start at 1); other metrics (drawn with
+    :func:`seaborn.barplot`) as one bar per approximation, or groups per layer
+    block when ``block=None``, with error bars from ``stderr`` where it is
+    non-zero. The value axis is labelled by :func:`metric_label`.
+
+    Value labels: every bar carries its value when there are at most 40 bars;
+    beyond that, only bars too short to see (at most 2% of the axis; an exact
+    zero reads ``0``). An approximation whose values all equal an earlier one's
+    (``allclose``) gets hatched bars and a legend entry ``"name (= other)"``.
 
     Args:
         df: The comparison table (columns ``approx``, ``block``, ``metric``,
@@ -567,6 +1266,8 @@ def metric_bars(
         directions: For ``"directional"``: the directions to show, e.g.
             ``("eigvec_1", "eigvec_2", "gradient")`` (default: all).
         colors: Optional approximation -> colour (others get palette colours).
+        block_labels: Optional block name -> tick label (e.g. from
+            :func:`layer_labels`: ``{"0": "0 (Linear)"}``).
         title: Figure title.
         path: Where to save (see :func:`save`).
         formats: File formats when ``path`` is given.
@@ -588,42 +1289,89 @@ def metric_bars(
             f"metric_bars: no rows for metric={metric!r}, block={block!r}, directions={directions}."
         )
     group = "direction" if metric == "directional" else ("block" if block is None else None)
-    approxes = list(dict.fromkeys(rows["approx"]))
-    groups = list(dict.fromkeys(rows[group])) if group else [""]
-    width = 0.8 / len(approxes) if group else 0.7
+    rows = rows.assign(stderr=rows["stderr"] if "stderr" in rows else 0.0)
+    keys = [group, "approx"] if group else ["approx"]
+    agg = rows.groupby(keys, sort=False).agg(value=("value", "mean"), stderr=("stderr", "max"))
+    agg = agg.reset_index()
+    approxes = list(dict.fromkeys(agg["approx"]))
+    groups = list(dict.fromkeys(agg[group])) if group else [""]
+    table = agg.pivot(index="approx", columns=group, values="value") if group else None
+    if group:
+        values = {a: table.loc[a, groups].to_numpy(float) for a in approxes}
+    else:
+        values = {a: agg.loc[agg["approx"] == a, "value"].to_numpy(float) for a in approxes}
+    same = coinciding_series(values)
+    palette = _colors(approxes, colors)
+    names = {g: (block_labels or {}).get(g, _label(g)) for g in groups}
+    k = rows["k"].dropna().iloc[0] if "k" in rows and rows["k"].notna().any() else None
+    nbars = len(agg)
+    # slanted group labels when there are many or when long ones would collide
+    rotate = len(groups) > 4 or max(len(n) for n in names.values()) > 12
     with mpl.rc_context(STYLE):
-        bars = len(groups) * len(approxes) if group else len(approxes)
-        fig, axes = _figure(1, 1, (min(11.0, max(4.5, 1.5 + 0.17 * bars + 0.3 * len(groups))), 3.4))
+        width = min(11.0, max(4.5, 1.5 + 0.2 * nbars + 0.3 * len(groups)))
+        fig, axes = _figure(1, 1, (width, 3.6))
         ax = axes[0, 0]
-        palette = _colors(approxes, colors)
-        for i, name in enumerate(approxes):
-            color = palette[name]
-            sub = rows[rows["approx"] == name]
-            if group:
-                sub = sub.set_index(group).reindex(groups)
-                x = np.arange(len(groups)) + (i - (len(approxes) - 1) / 2) * width
-            else:
-                x = np.array([i])
-            y = sub["value"].to_numpy(float)
-            err = sub["stderr"].to_numpy(float) if "stderr" in sub else None
-            err = None if err is None or not np.nan_to_num(err).any() else err
-            base = 1.0 if metric == "directional" else 0.0
-            ax.bar(x, y - base, width, bottom=base, yerr=err, color=color,
-                   label=name if group else None, capsize=2)  # fmt: skip
-            if not group:
-                ax.annotate(f"{y[0]:.3g}", (x[0], y[0]), ha="center", va="bottom", fontsize=7,
-                            xytext=(0, 2), textcoords="offset points")  # fmt: skip
-        if group:
-            ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 4 else 0)
-            _legend(ax, outside=True)
-        else:
-            ax.set_xticks(range(len(approxes)), approxes, rotation=30, ha="right")
         if metric == "directional":
+            w = 0.8 / len(approxes)
+            for i, name in enumerate(approxes):
+                x = np.arange(len(groups)) + (i - (len(approxes) - 1) / 2) * w
+                ax.bar(x, values[name] - 1.0, w, bottom=1.0, color=palette[name],
+                       label=name, hatch="///" if name in same else None)  # fmt: skip
+            ax.set_xticks(range(len(groups)), [names[g] for g in groups])
+            if rotate:
+                for t in ax.get_xticklabels():
+                    t.set(rotation=30, ha="right", rotation_mode="anchor")
             ax.set_yscale("log")
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
-            ax.set_ylabel(r"$v^\top A v \,/\, v^\top B v$")
+            low, high = min(map(np.nanmin, values.values())), max(map(np.nanmax, values.values()))
+            if low > 0:  # room for the value labels beyond the bar ends
+                ax.set_ylim(min(low, 1.0) / 3.0, max(high, 1.0) * 3.0)
         else:
-            ax.set_ylabel(metric)
+            data = agg.assign(_x=agg[group].map(names) if group else agg["approx"])
+            sns.barplot(
+                data=data, x="_x", y="value", hue="approx", order=[names[g] for g in groups]
+                if group else approxes, hue_order=approxes, palette=palette, errorbar=None,
+                dodge=bool(group), legend=False, saturation=1.0, width=0.8, ax=ax,
+            )  # fmt: skip
+            for container, name in zip(list(ax.containers), approxes):
+                sub = agg[agg["approx"] == name]
+                err = sub["stderr"].to_numpy(float)
+                if name in same:
+                    for bar in container:
+                        bar.set_hatch("///")
+                if np.nan_to_num(err).any():
+                    x = [b.get_x() + b.get_width() / 2 for b in container]
+                    ax.errorbar(x, sub["value"].to_numpy(float), yerr=err, fmt="none",
+                                ecolor="k", elinewidth=0.8, capsize=2)  # fmt: skip
+            ax.set_xlabel("")
+            if not group or rotate:
+                for t in ax.get_xticklabels():
+                    t.set(rotation=30, ha="right", rotation_mode="anchor")
+        containers = [c for c in ax.containers if isinstance(c, BarContainer)]
+        lo, hi = ax.get_ylim()
+        log = ax.get_yscale() == "log"
+        span = math.log10(hi / lo) if log else hi - lo
+        for container in containers:
+            tops = [bar.get_y() + bar.get_height() for bar in container]
+            length = [abs(math.log10(v)) if log and v > 0 else abs(v) for v in tops]
+            labels = [
+                _fmt(v) if nbars <= 40 or d <= 0.02 * span else "" for v, d in zip(tops, length)
+            ]
+            ax.bar_label(container, labels=labels, fontsize=6, padding=1.5,
+                         rotation=90 if nbars > 12 else 0)  # fmt: skip
+        if group:
+            handles = [
+                Patch(facecolor=palette[a], hatch="///" if a in same else None,
+                      label=f"{a} (= {same[a]})" if a in same else a)
+                for a in approxes
+            ]  # fmt: skip
+            ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      borderaxespad=0.0)  # fmt: skip
+        elif same:
+            ticks = [f"{a} (= {same[a]})" if a in same else a for a in approxes]
+            ax.set_xticks(range(len(approxes)), ticks, rotation=30, ha="right",
+                          rotation_mode="anchor")  # fmt: skip
+        ax.set_ylabel(metric_label(metric, k if metric == "overlap" else None))
         ax.grid(axis="x", visible=False)
         return _finish(fig, path, formats, title)
 
@@ -659,7 +1407,7 @@ def preconditioning_quality(
         ShapeError: If the table has no preconditioning rows.
     """
     _check_columns(df, "preconditioning_quality", ("approx", "block", "metric", "value", "damping"))
-    names = {"precond_cosine": "cosine to exact step", "precond_reduction": "model reduction ratio"}
+    names = {m: metric_label(m) for m in ("precond_cosine", "precond_reduction")}
     rows = df[df["metric"].isin(list(names)) & (df["block"] == block)]
     if rows.empty:
         raise ShapeError("preconditioning_quality: no precond_* rows (compare needs a gradient).")
@@ -668,9 +1416,11 @@ def preconditioning_quality(
         fig, axes = _figure(2, 1, (4.2, 3.3))
         for ax, (metric, label) in zip(axes[0], names.items()):
             sub = rows[rows["metric"] == metric]
+            lines = {}
             for name, part in sub.groupby("approx", sort=False):
                 part = part.sort_values("damping")
-                ax.plot(part["damping"], part["value"], marker="o", color=palette[name], label=name)
+                lines[name] = (part["damping"].to_numpy(float), part["value"].to_numpy(float))
+            _plot_lines(ax, lines, palette, marker="o")
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
             ax.set_xscale("log")
             ax.set_xlabel(r"damping $\lambda$")
@@ -900,6 +1650,7 @@ def curvature_over_training(
                 ax.set_yscale("log")
             ax.set_title(q)
             ax.set_xlabel("step")
+            ax.set_ylabel(QUANTITY_LABELS.get(q, q))
             if keys and len(groups) <= 10:
                 ax.legend(loc="best", title=keys[-1])
         return _finish(fig, path, formats, title)

@@ -144,3 +144,17 @@ def test_tri_vs_block_direction_quick(tmp_path):
     curve = pd.read_csv(tmp_path / "curve.csv")
     np.testing.assert_allclose(curve["train_loss"], [r["train_loss"] for r in plain], rtol=1e-5)
     np.testing.assert_allclose(curve["damping"][1:], [r["damping"] for r in plain[1:]])
+
+
+def test_gallery_quick(tmp_path):
+    script = load("gallery")
+    res = script.main(["--quick", "--out", str(tmp_path)])
+    assert len(res["figures"]) == 13
+    for files in res["figures"].values():
+        assert [f.suffix for f in files] == [".png", ".pdf"]
+        assert all(f.is_file() and f.stat().st_size > 1000 for f in files)
+    # no conv cross factors: tri-diagonal KFLR is block-diagonal KFLR, and is marked so
+    frob = res["table"].query("metric == 'frobenius'").set_index(["approx", "block"])["value"]
+    for block in frob.loc["KFLR"].index:
+        assert abs(frob.loc[("tri-diag KFLR", block)] - frob.loc[("KFLR", block)]) < 1e-10
+    assert [r.name for r in res["records"].layers] == ["blocks.0.conv1", "blocks.1.conv2", "head"]

@@ -90,6 +90,10 @@ def test_heatmaps_shared_log_scale_and_files(tmp_path):
     assert sorted(float(y[0]) for y in horizontal) == [5.0, 12.0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["L0", "L1", "L2"]
     _assert_files(tmp_path / "h")
+    named = P.heatmaps({"a": M1}, blocks, labels=["x (Linear)", "y (Conv2d)", "z (Linear)"])
+    assert [t.get_text() for t in named.axes[0].get_yticklabels()][1] == "y (Conv2d)"
+    with pytest.raises(ShapeError, match="labels"):
+        P.heatmaps({"a": M1}, blocks, labels=["x"])
 
 
 def test_heatmaps_pools_large_matrices_by_block_maximum():
@@ -193,9 +197,22 @@ def test_spectral_densities_panels_by_kind(tmp_path):
     assert log_ax.get_xscale() == "log" and lin_ax.get_xscale() == "linear"
     assert log_ax.get_yscale() == "log"
     assert len(log_ax.lines) == 2 and len(lin_ax.lines) == 1
-    np.testing.assert_allclose(lin_ax.lines[0].get_ydata(), sds["linear"].density.numpy())
-    np.testing.assert_allclose(log_ax.lines[0].get_xdata(), sds["log"].grid.numpy())
+    # default: re-smoothed with Silverman's width; the legend states it
+    x, y, sigma = P.smooth_density(sds["linear"])
+    np.testing.assert_allclose(lin_ax.lines[0].get_ydata(), y)
+    assert f"σ = {sigma:.2g}" in lin_ax.lines[0].get_label() or any(
+        f"σ = {sigma:.2g}" in t.get_text() for t in fig.legends[0].get_texts()
+    )
     _assert_files(tmp_path / "sd")
+    raw = P.spectral_densities(sds, kernel_width=None)
+    np.testing.assert_allclose(raw.axes[1].lines[0].get_ydata(), sds["linear"].density.numpy())
+    np.testing.assert_allclose(raw.axes[0].lines[0].get_xdata(), sds["log"].grid.numpy())
+    mixed = P.spectral_densities(sds, kernel_width={"log": 0.1, "linear": None})  # log2: auto
+    np.testing.assert_allclose(
+        mixed.axes[0].lines[0].get_ydata(), P.smooth_density(sds["log"], 0.1)[1]
+    )
+    np.testing.assert_allclose(mixed.axes[0].lines[1].get_ydata(), P.smooth_density(sds["log2"])[1])
+    np.testing.assert_allclose(mixed.axes[1].lines[0].get_ydata(), sds["linear"].density.numpy())
     one = P.spectral_densities({"linear": sds["linear"]}, logy=False)
     assert len(one.axes) == 1 and one.axes[0].get_yscale() == "linear"
     with pytest.raises(ShapeError, match="at least one"):
@@ -394,3 +411,228 @@ def test_import_curvkit_does_not_load_matplotlib():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- style, labels, coinciding series, value labels --------------------------------------
+def _pdf_has_image(path) -> bool:
+    return b"/Subtype /Image" in path.read_bytes()
+
+
+def test_style_is_seaborn_colorblind_without_global_changes():
+    import seaborn as sns
+
+    assert list(P.PALETTE) == sns.color_palette("colorblind").as_hex()
+    assert P.STYLE["axes.prop_cycle"].by_key()["color"] == list(P.PALETTE)
+    fig = P.eigenvalue_ranks({"A": [3.0, 2.0, 1.0]})
+    assert fig.axes[0].lines[0].get_color() == P.PALETTE[0]
+
+
+def test_metric_labels_on_value_axis(table):
+    for metric in ("frobenius", "cosine", "spectral"):
+        fig = P.metric_bars(table, metric)
+        assert fig.axes[0].get_ylabel() == P.METRIC_LABELS[metric]
+    assert "relative Frobenius error" in P.metric_label("frobenius")
+    assert P.metric_bars(table, "overlap").axes[0].get_ylabel() == P.metric_label("overlap", 3)
+    assert "top-3" in P.metric_label("overlap", 3)
+    pq = P.preconditioning_quality(table)
+    assert [ax.get_ylabel() for ax in pq.axes[:2]] == [
+        P.METRIC_LABELS["precond_cosine"],
+        P.METRIC_LABELS["precond_reduction"],
+    ]
+
+
+def test_zero_bars_carry_value_labels(table):
+    # "same" equals the reference: zero Frobenius error everywhere, invisible without a label
+    fig = P.metric_bars(table, "frobenius", block=None)
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert len(texts) == len(ax.patches) == 9
+    zero = table[(table.metric == "frobenius") & (table.approx == "same")]["value"]
+    assert (zero == 0).all()
+    assert texts[:3] == ["0", "0", "0"]  # the first hue level is "same"
+    scaled = table[(table.metric == "frobenius") & (table.approx == "scaled")]["value"]
+    assert f"{scaled.iloc[0]:.3g}" in texts
+    one = P.metric_bars(table, "frobenius")  # one bar per approximation
+    assert [t.get_text() for t in one.axes[0].texts][0] == "0"
+
+
+def test_coinciding_series_detected_and_marked(table):
+    same = P.coinciding_series({"a": [1.0, 2.0], "b": [1.0, 2.0 + 1e-12], "c": [1.0, 2.5]})
+    assert same == {"b": "a"}
+    assert P.coinciding_series({"a": [1.0], "b": [1.0, 1.0]}) == {}
+    # a fourth approximation equal to "scaled": hatched bars and a legend note
+    twin = table[table.approx == "scaled"].assign(approx="twin")
+    df = pd.concat([table, twin], ignore_index=True)
+    fig = P.metric_bars(df, "frobenius", block=None)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["same", "blockdiag", "scaled", "twin (= scaled)"]
+    hatched = [p for p in fig.axes[0].patches if p.get_hatch()]
+    assert len(hatched) == 3
+    # lines: the twin is dashed on top and labelled
+    pq = P.preconditioning_quality(df)
+    labels = [line.get_label() for line in pq.axes[0].lines if not line.get_label().startswith("_")]
+    assert "twin (= scaled)" in labels
+    twin_line = next(ln for ln in pq.axes[0].lines if ln.get_label() == "twin (= scaled)")
+    assert twin_line.get_linestyle() == "--"
+    ranks = P.eigenvalue_ranks({"x": [3.0, 1.0], "y": [3.0, 1.0], "z": [2.0, 1.0]})
+    assert [ln.get_label() for ln in ranks.axes[0].lines] == ["x", "y (= x)", "z"]
+
+
+def test_layer_labels_from_model_and_records():
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), nn.Flatten(), nn.Linear(8, 3)
+    )
+    assert P.layer_labels(model) == ["0.0 (Conv2d)", "2 (Linear)"]
+    assert P.layer_labels(model, with_type=False) == ["0.0", "2"]
+    prob = ck.problems.get_problem("tiny_mlp", dtype=torch.float64)
+    recs = ck.extract(prob.model, prob.loss_func, *prob.train, quantities=("kflr",))
+    assert P.layer_labels(recs) == ["0 (Linear)", "2 (Linear)"] == P.layer_labels(prob.model)
+    with pytest.raises(ShapeError, match="layer_labels"):
+        P.layer_labels(3)
+
+
+# -- spectra: kernel width, histogram, per-layer spectra ---------------------------------
+def test_kernel_width_is_silverman_on_weighted_ritz_values():
+    gen = np.random.default_rng(0)
+    x = gen.normal(size=500)
+    q1, q3 = np.percentile(x, [25, 75])
+    silverman = 0.9 * min(x.std(), (q3 - q1) / 1.34) * 500 ** (-0.2)
+    assert P.kernel_width_for(x) == pytest.approx(silverman, rel=0.02)
+    # integer weights act as repeated values (same spread, Kish size of the weights)
+    w = np.where(np.arange(500) < 250, 2.0, 1.0)
+    rep = np.concatenate([x[:250], x])
+    q1, q3 = np.percentile(rep, [25, 75])
+    n_eff = w.sum() ** 2 / (w**2).sum()
+    expected = 0.9 * min(rep.std(), (q3 - q1) / 1.34) * n_eff ** (-0.2)
+    assert P.kernel_width_for(x, w) == pytest.approx(expected, rel=0.03)
+    # log: in decades of the clipped values; never below 1/200 of the span
+    assert P.kernel_width_for(10.0**x, log=True, cutoff=1e-10) == pytest.approx(silverman, rel=0.02)
+    # log: nodes at or below the cutoff (a point mass placed at it) do not set the width
+    low_rank = np.r_[np.full(2000, 1e-12), 10.0**x]
+    assert P.kernel_width_for(low_rank, log=True, cutoff=1e-6) == pytest.approx(
+        P.kernel_width_for(10.0**x, log=True, cutoff=1e-6), rel=1e-12
+    )
+    spike = np.r_[np.zeros(99), 1.0]
+    assert P.kernel_width_for(spike) == pytest.approx(max(0.9 * spike.std() * 100**-0.2, 1 / 200))
+    with pytest.raises(ShapeError, match="kernel_width_for"):
+        P.kernel_width_for([1.0, 2.0], [1.0])
+
+
+def _local_maxima(y):
+    return int(((y[1:-1] > y[:-2]) & (y[1:-1] > y[2:])).sum())
+
+
+def test_smooth_density_reproduces_slq_and_removes_ripple():
+    op = DenseOperator(torch.diag(torch.linspace(1.0, 2.0, 300, dtype=torch.float64)))
+    sd = ck.spectral_density(op, num_probes=4, lanczos_steps=30)
+    x, y, sigma = P.smooth_density(sd, sd.kernel_width)
+    np.testing.assert_allclose(x, sd.grid.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(y, sd.density.numpy(), rtol=1e-9, atol=1e-12)
+    x, y, sigma = P.smooth_density(sd)  # Silverman's width: a flat spectrum has one bump
+    assert sigma > 5 * sd.kernel_width
+    assert np.trapezoid(y, x) == pytest.approx(1.0, abs=1e-6)
+    assert _local_maxima(sd.density.numpy()) > 5 and _local_maxima(y) <= 2
+    logsd = ck.spectral_density(op, num_probes=4, lanczos_steps=30, log=True)
+    x, y, _ = P.smooth_density(logsd)
+    assert np.trapezoid(y, np.log10(x)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_eigenvalue_histogram_counts_both_signs(tmp_path):
+    eigs = np.r_[np.geomspace(1e-4, 10.0, 30), -np.geomspace(1e-3, 0.5, 7), 0.0, 1e-14]
+    fig = P.eigenvalue_histogram(eigs, bins=12, path=tmp_path / "hist")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    data = fig.curvkit_data
+    counts = data.groupby("sign")["count"].sum()
+    assert counts["positive"] == 30 and counts["negative"] == 7
+    cut = 1e-8 * 10.0
+    assert data["left"].min() == pytest.approx(cut)
+    assert "2 eigenvalues with |λ| < 1e-07 not shown" in [t.get_text() for t in ax.texts]
+    heights = [p.get_data().values for p in ax.patches]  # stairs: positive up, negative down
+    assert heights[0].sum() == 30 and heights[1].sum() == -7
+    assert r"\lambda > 0$ up" in ax.get_ylabel() and r"\lambda < 0$ down" in ax.get_ylabel()
+    _assert_files(tmp_path / "hist")
+    assert not _pdf_has_image(tmp_path / "hist.pdf")
+    two = P.eigenvalue_histogram({"H": eigs, "GGN": np.abs(eigs)})
+    assert two.curvkit_data.groupby(["name", "sign"])["count"].sum()[("GGN", "negative")] == 0
+    with pytest.raises(ShapeError, match="eigenvalue_histogram"):
+        P.eigenvalue_histogram([])
+
+
+def test_kronecker_eigenvalues_against_dense_kron():
+    G, A = _spd(3, 0), _spd(4, 1)
+    dense = torch.linalg.eigvalsh(torch.kron(G, A)).flip(0).numpy()
+    np.testing.assert_allclose(P.kronecker_eigenvalues(G, A), dense, rtol=1e-10)
+
+
+def test_layer_spectra_kflr_exact_on_last_linear_layer(tmp_path):
+    """MSE with a linear output layer: KFLR's last block equals the GGN's (M&G 2015 §3.1)."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X = torch.randn(20, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(20, 2, generator=gen, dtype=torch.float64)
+    loss_func = nn.MSELoss()
+    recs = ck.extract(model, loss_func, X, y, quantities=("kflr",))
+    op = ck.ggn(model, loss_func, (X, y))
+    exact = P.diagonal_blocks(op.to_dense(), op.block_slices(), P.layer_labels(model))
+    assert list(exact) == ["0 (Linear)", "2 (Linear)"]
+    spectra = P.kronecker_spectra(recs, "kflr")
+    np.testing.assert_allclose(
+        spectra["2 (Linear)"], np.linalg.eigvalsh(exact["2 (Linear)"])[::-1], rtol=1e-8,
+        atol=1e-12 * spectra["2 (Linear)"].max(),
+    )  # fmt: skip
+    fig = P.layer_spectra(recs, exact, approx_name="KFLR", exact_name="GGN",
+                          path=tmp_path / "ls")  # fmt: skip
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["0 (Linear)", "2 (Linear)"]
+    assert [ln.get_label() for ln in axes[0].lines] == ["GGN", "KFLR"]
+    assert [ln.get_label() for ln in axes[1].lines] == ["GGN", "KFLR (= GGN)"]
+    assert axes[1].lines[1].get_linestyle() == "--"
+    _assert_files(tmp_path / "ls")
+    assert not _pdf_has_image(tmp_path / "ls.pdf")
+    pairs = {r.name: (r.G["kflr"], r.A) for r in recs.layers}
+    again = P.layer_spectra(pairs)  # (G, A) pairs without exact blocks
+    np.testing.assert_allclose(again.axes[1].lines[0].get_ydata(), spectra["2 (Linear)"])
+    with pytest.raises(ShapeError, match="exact blocks"):
+        P.layer_spectra(recs, {"only": exact["0 (Linear)"]})
+    with pytest.raises(ShapeError, match="kinds present"):
+        P.kronecker_spectra(recs, "kfac")
+
+
+def test_factor_heatmaps_per_layer(tmp_path):
+    prob = ck.problems.get_problem("tiny_cnn", dtype=torch.float64)
+    recs = ck.extract(prob.model, prob.loss_func, *prob.train, quantities=("kflr",))
+    fig = P.factor_heatmaps(recs, "kflr", path=tmp_path / "fh")
+    heat = [ax for ax in fig.axes if ax.collections and ax.get_title()]
+    assert len(heat) == 2 * 3
+    titles = [ax.get_title() for ax in heat]
+    assert titles[:3] == ["A: 0 (Conv2d)", "A: 2 (Conv2d)", "A: 5 (Linear)"]
+    assert titles[3:] == ["G (kflr)"] * 3
+    mesh = heat[0].collections[0]
+    A = recs.layers[0].A.numpy()
+    np.testing.assert_allclose(np.ma.getdata(mesh.get_array()).reshape(A.shape),
+                               np.log10(np.abs(A)))  # fmt: skip
+    assert mesh.get_rasterized()
+    _assert_files(tmp_path / "fh")
+    pdf = (tmp_path / "fh.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and b"/Subtype /Image" in pdf  # cells raster, page vector
+    with pytest.raises(ShapeError, match="kinds present"):
+        P.factor_heatmaps(recs, "kfac")
+
+
+@pytest.mark.parametrize("plot", ["bars", "lines", "densities", "training"])
+def test_line_and_bar_pdfs_are_vector(tmp_path, table, plot):
+    base = tmp_path / plot
+    if plot == "bars":
+        P.metric_bars(table, "frobenius", block=None, path=base)
+    elif plot == "lines":
+        P.preconditioning_quality(table, path=base)
+    elif plot == "densities":
+        P.spectral_densities(_densities(), path=base)
+    else:
+        df = pd.DataFrame({"step": [0, 1, 2], "quantity": "loss", "value": [3.0, 2.0, 1.0]})
+        fig = P.curvature_over_training(df, path=base)
+        assert fig.axes[0].get_ylabel() == P.QUANTITY_LABELS["loss"]
+    _assert_files(base)
+    pdf = base.with_suffix(".pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and not _pdf_has_image(base.with_suffix(".pdf"))
