@@ -30,6 +30,8 @@ _EXPORTS = {
     "CurvkitError": "curvkit.errors",
     "UnsupportedModuleError": "curvkit.errors",
     "UnsupportedLossError": "curvkit.errors",
+    "ShapeError": "curvkit.errors",
+    "NonFiniteError": "curvkit.errors",
     # operators
     "CurvatureOperator": "curvkit.operators.base",
     "DenseOperator": "curvkit.operators.base",

@@ -153,6 +153,9 @@ def extract(
             used twice, a tensor input) whose modules it supports (or with
             ``unsupported="gradient"``), and always for ``"kfra"``/``"diag_hessian"``;
             the graph path otherwise. ``"sweep"`` or ``"graph"`` force one.
+            ``"backpack"`` computes the same records with BackPACK's extensions
+            (:func:`~curvkit.extraction.backpack_backend.extract_backpack`; its
+            ``use_converter=True`` takes models BackPACK's converter can rewrite).
 
     Returns:
         The per-layer records (see :mod:`curvkit.records` for normalisations).
@@ -176,6 +179,13 @@ def extract(
     """
     if backend not in BACKENDS:
         raise ShapeError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    if backend == "backpack":
+        from curvkit.extraction.backpack_backend import extract_backpack
+
+        return extract_backpack(
+            model, loss_func, X, y, quantities, mc_samples, separate_bias, kfac_approx,
+            generator, factor_dtype, unsupported,
+        )  # fmt: skip
     if backend == "auto":
         backend = choose_backend(model, X, quantities, unsupported)
     if backend == "graph":
@@ -191,7 +201,7 @@ def extract(
 
 
 #: Values of ``extract(..., backend=...)``.
-BACKENDS = ("auto", "sweep", "graph")
+BACKENDS = ("auto", "sweep", "graph", "backpack")
 
 
 def choose_backend(model: nn.Module, X, quantities, unsupported: str = "error") -> str:
