@@ -31,6 +31,7 @@ _EXPORTS = {
     "UnsupportedModuleError": "curvkit.errors",
     "UnsupportedLossError": "curvkit.errors",
     "ShapeError": "curvkit.errors",
+    "ConfigError": "curvkit.errors",
     "NonFiniteError": "curvkit.errors",
     # operators
     "CurvatureOperator": "curvkit.operators.base",

@@ -18,7 +18,17 @@ class UnsupportedLossError(CurvkitError, NotImplementedError):
 
 
 class ShapeError(CurvkitError, ValueError):
-    """An argument has a shape or form the call does not accept."""
+    """A tensor argument has a shape, size or layout the call does not accept."""
+
+
+class ConfigError(ShapeError):
+    """An argument has a value the call does not accept (a range, a name, a type).
+
+    Bad arguments that are not about tensor shapes raise this class. It subclasses
+    :class:`ShapeError` (and ``ValueError``) for one release, so code that catches
+    ``ShapeError`` for every bad argument keeps working; catch ``ConfigError`` (or
+    ``ValueError``) in new code.
+    """
 
 
 class NonFiniteError(CurvkitError, FloatingPointError):
