@@ -6,8 +6,10 @@ error naming the module (type, position, name) or argument and what is supported
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvkit.errors import ShapeError, UnsupportedModuleError
 from curvkit.extraction.layers import PARAMETRISED, conv_padding
@@ -189,6 +191,7 @@ def check_arguments(
         raise ShapeError(f"unsupported must be one of {UNSUPPORTED}, got {unsupported!r}.")
     if X.shape[0] != y.shape[0]:
         raise ShapeError(f"X and y have different batch sizes: {X.shape[0]} and {y.shape[0]}.")
+    check_input_dtype(model, X)
     if X.shape[0] == 0:
         raise ShapeError("The batch is empty.")
     check_loss(loss_func)
@@ -207,3 +210,32 @@ def factor_dtype_of(model: nn.Module, factor_dtype: torch.dtype | None) -> torch
         return factor_dtype
     dtype = next(model.parameters()).dtype
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def check_input_dtype(model: nn.Module, X) -> None:
+    """Floating-point inputs must have the dtype of the model's floating-point parameters.
+
+    ``X`` may be a tensor or a mapping/tuple/list of tensors (the graph path); integer
+    inputs (token ids) are not checked.
+
+    Raises:
+        ShapeError: Naming the input's and the parameters' dtypes.
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    if isinstance(X, Tensor):
+        items = [("X", X)]
+    elif isinstance(X, Mapping):
+        items = [(f"X[{k!r}]", v) for k, v in X.items()]
+    elif isinstance(X, (tuple, list)):
+        items = [(f"X[{i}]", v) for i, v in enumerate(X)]
+    else:
+        return
+    for name, t in items:
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype:
+            raise ShapeError(
+                f"{name} has dtype {t.dtype} but the model's parameters are {dtype}; cast the "
+                f"input (X.to({dtype})) or the model (model.to({t.dtype}))."
+            )

@@ -34,7 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.errors import ShapeError, UnsupportedModuleError
-from curvkit.extraction.checks import CROSS_KINDS, QUANTITIES, UNSUPPORTED, factor_dtype_of
+from curvkit.extraction.checks import (
+    CROSS_KINDS,
+    QUANTITIES,
+    UNSUPPORTED,
+    check_input_dtype,
+    factor_dtype_of,
+)
 from curvkit.extraction.gram import gram, homogeneous_cross, homogeneous_gram
 from curvkit.extraction.graph_layers import (
     GRAPH_LAYERS,
@@ -283,6 +289,7 @@ def extract_graph(
         ShapeError: For bad options or shapes.
     """
     q = check_graph_arguments(loss_func, y, quantities, mc_samples, kfac_approx, unsupported)
+    check_input_dtype(model, X)
     plan = _Plan(model, q, unsupported)
     if not plan.handlers:
         raise ShapeError("The model has no trainable parameters in factored modules.")
