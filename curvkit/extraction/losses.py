@@ -118,7 +118,7 @@ def positions_last(loss_func: nn.Module, output: Tensor) -> Tensor:
         )
     if isinstance(loss_func, nn.CrossEntropyLoss):
         output = output.movedim(1, -1)
-    return output.reshape(output.shape[0], -1, output.shape[-1])
+    return output.reshape(output.shape[0], math.prod(output.shape[1:-1]), output.shape[-1])
 
 
 def output_layout(loss_func: nn.Module, rows: Tensor, shape: torch.Size) -> Tensor:
