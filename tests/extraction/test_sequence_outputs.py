@@ -414,3 +414,24 @@ def test_sequence_output_errors():
         extract(model, lf, X, y[:2])
     with pytest.raises(Exception, match="targets"):
         extract(model, lf, X, y[:, :2])
+
+
+@pytest.mark.parametrize("loss", [nn.MSELoss, nn.BCEWithLogitsLoss])
+def test_sweep_conv1d_elementwise_losses(loss):
+    """``[N, C, L]`` outputs with MSE/BCE on the sweep (the last dimension holds the entries)."""
+    model = _conv_model()
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(N, 2, T, generator=gen, dtype=DT)
+    y = torch.rand(N, V, T, generator=gen, dtype=DT)
+    lf = loss()
+    q = ("batch_grad", "diag_ggn")
+    rec = extract(model, lf, X, y, q, backend="sweep")
+    _check_per_example(rec, model, lf, X, y, q)
+
+
+def test_backpack_backend_refuses_extra_dimensions():
+    model = _conv_model()
+    X = torch.randn(N, 2, T, dtype=DT)
+    y = torch.randint(0, V, (N, T))
+    with pytest.raises(ShapeError, match="BackPACK backend needs a model output"):
+        extract(model, nn.CrossEntropyLoss(), X, y, ("kflr",), backend="backpack")
