@@ -70,9 +70,10 @@ import torch
 from torch import nn
 
 from curvkit.errors import CurvkitError, ShapeError
+from curvkit.timing import Clock
 
 __all__ = [
-    "DEFAULT_PROBLEM", "MAX_DENSE", "OPERATORS", "add_arguments", "add_parser", "build_report",
+    "DEFAULT_PROBLEM", "MAX_DENSE", "OPERATORS", "add_arguments", "build_report",
     "digits_mlp_small", "report", "run",
 ]  # fmt: skip
 
@@ -189,24 +190,6 @@ def _check_out(out_dir: Path) -> None:
 
 
 # -- bookkeeping --------------------------------------------------------------------------
-class _Clock:
-    """Wall-clock seconds per phase (synchronising CUDA)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.phases = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *_: None)
-        sync(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            sync(self.device)
-            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
-
-
 def _versions() -> dict[str, str]:
     import curvkit
 
@@ -530,7 +513,7 @@ class _Run:
         from tqdm.auto import tqdm
 
         self.out_dir, self.progress = out_dir, progress
-        self.clock = _Clock(device)
+        self.clock = Clock(device)
         self.started = time.perf_counter()
         self.results: dict = {"failures": []}
         self.figures: dict = {}
@@ -1284,21 +1267,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--no-figures", action="store_true", help="tables only, no figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``report`` sub-command to an ``argparse`` sub-parser group.
-
-    Args:
-        subparsers: The object ``ArgumentParser.add_subparsers()`` returned.
-
-    Returns:
-        The new sub-parser (its ``func`` default is :func:`run`).
-    """
-    parser = subparsers.add_parser("report", help=HELP, description=HELP)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

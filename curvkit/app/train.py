@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from curvkit.errors import ShapeError
+from curvkit.timing import sync
 
 #: Stop a run whose training loss exceeds this multiple of its initial loss.
 DIVERGED = 1e3
@@ -151,11 +152,6 @@ def check_out_dir(path: Path, flag: str = "--out") -> Path:
     return path
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def full_loss(model: nn.Module, loss_func: nn.Module, X, y, chunk: int = 2000) -> float:
     """Loss on all of ``(X, y)`` (mean-reduced losses are averaged chunk by chunk)."""
@@ -236,10 +232,10 @@ def train_run(
                 def closure(X=X, y=y):
                     return loss_func(model(X), y)
 
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             loss = float(opt.step(closure).detach())
-            _sync(device)
+            sync(device)
             elapsed += time.perf_counter() - start
             step += 1
             evaluate = step % eval_every == 0 or step == steps
@@ -442,13 +438,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nproc", type=int, default=1, help="data-parallel processes (torchrun); split each batch"
     )
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``train`` to an ``add_subparsers()`` object and return its parser."""
-    parser = subparsers.add_parser("train", help=HELP, description=HELP)
-    add_arguments(parser)
-    return parser
 
 
 def _parse_lrs(text: str, names: Sequence[str]) -> dict[str, float]:
