@@ -27,7 +27,7 @@ from torch import nn
 
 from curvkit.errors import ShapeError
 
-STRUCTURES = ("full", "block_diagonal", "kronecker", "kronecker_cross", "diagonal")
+MEMORY_STRUCTURES = ("full", "block_diagonal", "kronecker", "kronecker_cross", "diagonal")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -60,7 +60,7 @@ def memory_report(model: nn.Module, dtype: torch.dtype = torch.float32) -> pd.Da
 
     Returns:
         A tidy DataFrame with columns ``layer``, ``type``, ``params``,
-        ``structure`` (one of :data:`STRUCTURES`), ``entries`` and ``bytes``;
+        ``structure`` (one of :data:`MEMORY_STRUCTURES`), ``entries`` and ``bytes``;
         the last rows (``layer == "total"``) sum over layers. Pivot for a wide
         view: ``df.pivot(index="layer", columns="structure", values="bytes")``.
 
@@ -140,8 +140,8 @@ def memory_report(model: nn.Module, dtype: torch.dtype = torch.float32) -> pd.Da
             "layer": "total",
             "type": "",
             "params": D,
-            "structure": list(STRUCTURES),
-            "entries": pd.array([totals.get(s, pd.NA) for s in STRUCTURES], dtype="Int64"),
+            "structure": list(MEMORY_STRUCTURES),
+            "entries": pd.array([totals.get(s, pd.NA) for s in MEMORY_STRUCTURES], dtype="Int64"),
         }
     )
     df = pd.concat([df, total_rows], ignore_index=True)
