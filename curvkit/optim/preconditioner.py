@@ -21,6 +21,7 @@ from curvkit.operators.ekfac import (
     record_eigenvalues,
 )
 from curvkit.operators.kronecker import (
+    STRUCTURES,
     BlockDiagonalKFAC,
     KronEigenOperator,
     KronLayer,
@@ -43,9 +44,6 @@ def all_finite(tensors) -> bool:
     if bool(torch.isfinite(sums).all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-STRUCTURES = ("block-diagonal", "tridiagonal")
 
 
 class KroneckerPreconditioner:
