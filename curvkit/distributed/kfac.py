@@ -638,7 +638,8 @@ def make_kfac(
         inverse_assignment: See :class:`DistributedCommunicator`.
         timeout: See :class:`DistributedCommunicator`.
         process_group: See :class:`DistributedCommunicator`.
-        **kwargs: Passed on to :class:`~curvkit.optim.KFAC`.
+        **kwargs: Passed on to :class:`~curvkit.optim.KFAC` (settings, or ``config=``
+            a :class:`~curvkit.optim.KFACConfig`; its ``seed`` is offset by the rank too).
 
     Returns:
         The optimiser.
@@ -663,6 +664,7 @@ def make_kfac(
                 "sum-reduced factors over processes does not give the global ones."
             )
         comm = DistributedCommunicator(process_group, inverse_assignment, timeout, model=model)
-        kwargs["seed"] = kwargs.get("seed", 0) + comm.rank
+        config = kwargs.get("config")
+        kwargs["seed"] = kwargs.get("seed", 0 if config is None else config.seed) + comm.rank
         kwargs["comm"] = comm
     return KFAC(model, loss_func, params, **kwargs)
