@@ -23,7 +23,7 @@ import torch
 
 from curvkit.app import report, train
 from curvkit.app.common import cell, format_table, parse_device, progress
-from curvkit.errors import CurvkitError, ShapeError
+from curvkit.errors import ConfigError, CurvkitError
 from curvkit.extraction import QUANTITIES
 from curvkit.timing import median_time
 
@@ -108,10 +108,10 @@ def _run_extract(args: argparse.Namespace) -> int:
 
     quantities = tuple(q.strip() for q in args.quantities.split(",") if q.strip())
     if not quantities:
-        raise ShapeError(f"--quantities: give at least one of {', '.join(QUANTITIES)}.")
+        raise ConfigError(f"--quantities: give at least one of {', '.join(QUANTITIES)}.")
     for flag, value in (("--batch-size", args.batch_size), ("--repeat", args.repeat)):
         if value < 1:
-            raise ShapeError(f"{flag} must be positive, got {value}.")
+            raise ConfigError(f"{flag} must be positive, got {value}.")
     device = parse_device(args.device)
     if args.out is not None:
         train.check_out_dir(args.out)  # before the computation, not after it

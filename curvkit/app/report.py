@@ -69,7 +69,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from curvkit.errors import CurvkitError, ShapeError
+from curvkit.errors import ConfigError, CurvkitError, ShapeError
 from curvkit.timing import Clock
 
 __all__ = [
@@ -123,17 +123,17 @@ def _load_model(spec: str):
     """``(name, description, model, loss_func, (X, y))`` from ``"path.py:function"``."""
     path, sep, fn = spec.rpartition(":")
     if not sep or not path.endswith(".py") or not fn.isidentifier():
-        raise ShapeError(f"--model {spec!r}: expected 'path/to/file.py:function'.")
+        raise ConfigError(f"--model {spec!r}: expected 'path/to/file.py:function'.")
     if not Path(path).is_file():
-        raise ShapeError(f"--model {spec!r}: no file {path!r}.")
+        raise ConfigError(f"--model {spec!r}: no file {path!r}.")
     module_spec = importlib.util.spec_from_file_location(f"_curvkit_model_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not callable(getattr(module, fn, None)):
-        raise ShapeError(f"--model {spec!r}: {path} defines no function {fn!r}.")
+        raise ConfigError(f"--model {spec!r}: {path} defines no function {fn!r}.")
     out = getattr(module, fn)()
     if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], nn.Module)):
-        raise ShapeError(f"--model {spec!r}: {fn}() must return (model, loss_func, (X, y)).")
+        raise ConfigError(f"--model {spec!r}: {fn}() must return (model, loss_func, (X, y)).")
     model, loss_func, (X, y) = out
     return Path(path).name + ":" + fn, f"{type(model).__name__} from {spec}", model, loss_func, X, y
 
@@ -157,7 +157,7 @@ def parse_operators(operators) -> list[str]:
         The report names in :data:`OPERATORS` order.
 
     Raises:
-        ShapeError: For an unknown name.
+        ConfigError: For an unknown name.
     """
     if operators is None:
         return list(OPERATORS.values())
@@ -168,7 +168,7 @@ def parse_operators(operators) -> list[str]:
     for item in operators:
         key = str(item).strip().lower()
         if key not in lookup:
-            raise ShapeError(
+            raise ConfigError(
                 f"report: operators: unknown operator {item!r}; supported: "
                 f"{', '.join(OPERATORS)} (the GGN, the reference, is always computed)."
             )
@@ -184,7 +184,7 @@ def _check_out(out_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ShapeError(
+        raise ConfigError(
             f"report: out_dir {str(out_dir)!r} is not a writable folder: {e}"
         ) from None
 
@@ -1022,14 +1022,14 @@ class _SafeTracker:
 
 def _check_common(n_samples, seed, train_steps, max_dense, dtype=None):
     if dtype is not None and dtype not in _DTYPES:
-        raise ShapeError(f"report: dtype={dtype!r} is not one of {tuple(_DTYPES)}.")
+        raise ConfigError(f"report: dtype={dtype!r} is not one of {tuple(_DTYPES)}.")
     for label, value, low in (("n_samples", n_samples, 2), ("train_steps", train_steps, 0),
                               ("max_dense", max_dense, 0)):  # fmt: skip
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < low):  # fmt: skip
-            raise ShapeError(f"report: {label} must be an int >= {low}, got {value!r}.")
+            raise ConfigError(f"report: {label} must be an int >= {low}, got {value!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ShapeError(f"report: seed must be an int, got {seed!r}.")
+        raise ConfigError(f"report: seed must be an int, got {seed!r}.")
 
 
 def build_report(
@@ -1072,7 +1072,7 @@ def build_report(
         The path of ``index.html``.
 
     Raises:
-        ShapeError: For an unknown problem or operator, a bad ``model_path``,
+        ConfigError: For an unknown problem or operator, a bad ``model_path``,
             ``n_samples < 2``, a negative ``max_dense`` or ``train_steps``, or an
             unwritable ``out_dir``. Failures after the setup are recorded in
             the report, not raised.
@@ -1085,7 +1085,7 @@ def build_report(
     try:
         device = torch.device(device)
     except RuntimeError as e:
-        raise ShapeError(f"report: device={device!r} is not a device: {e}") from None
+        raise ConfigError(f"report: device={device!r} is not a device: {e}") from None
     out_dir = Path(out_dir)
     if model_path is not None and not Path(model_path.rpartition(":")[0]).is_file():
         _load_model(model_path)  # raises the ShapeError naming the problem
@@ -1181,10 +1181,10 @@ def report(
         ['GGN', 'Hessian', 'KFLR']
     """
     if not isinstance(model, nn.Module):
-        raise ShapeError(f"report: model must be an nn.Module, got {type(model).__name__}.")
+        raise ConfigError(f"report: model must be an nn.Module, got {type(model).__name__}.")
     if not (isinstance(data, (tuple, list)) and len(data) == 2
             and all(isinstance(t, torch.Tensor) for t in data)):  # fmt: skip
-        raise ShapeError("report: data must be a pair (X, y) of tensors.")
+        raise ConfigError("report: data must be a pair (X, y) of tensors.")
     X, y = data
     if X.shape[0] != y.shape[0]:
         raise ShapeError(f"report: X has {X.shape[0]} examples, y {y.shape[0]}.")
@@ -1193,7 +1193,7 @@ def report(
     names = parse_operators(operators)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ShapeError("report: the model has no trainable parameter.")
+        raise ConfigError("report: the model has no trainable parameter.")
     out = Path(out)
     _check_out(out)
     dtype = str(params[0].dtype).removeprefix("torch.")

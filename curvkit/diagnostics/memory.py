@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 
 MEMORY_STRUCTURES = ("full", "block_diagonal", "kronecker", "kronecker_cross", "diagonal")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -91,9 +91,9 @@ def memory_report(model: nn.Module, dtype: torch.dtype = torch.float32) -> pd.Da
          'kronecker_cross': 0.46, 'diagonal': 0.24}
     """
     if not isinstance(model, nn.Module):
-        raise ShapeError(f"memory_report: model must be an nn.Module, got {type(model).__name__}.")
+        raise ConfigError(f"memory_report: model must be an nn.Module, got {type(model).__name__}.")
     if not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
-        raise ShapeError(
+        raise ConfigError(
             f"memory_report: dtype must be a floating-point torch.dtype (e.g. torch.float32), "
             f"got {dtype!r}."
         )

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from curvkit.errors import CurvkitError, ShapeError
+from curvkit.errors import ConfigError, CurvkitError, ShapeError
 from curvkit.operators import kron_math as km
 from curvkit.operators.kronecker import BlockDiagonalKFAC, KronEigenOperator
 from curvkit.operators.tridiag import TriDiagonalInverse, TriDiagonalKFAC
@@ -111,7 +111,7 @@ def flatten(obj) -> tuple[list[Tensor], object]:
         parts = [flatten(item) for item in obj]
         leaves = [t for sub, _ in parts for t in sub]
         return leaves, ("nest", type(obj), [layout for _, layout in parts])
-    raise ShapeError(f"flatten: cannot send an object of type {type(obj).__name__}.")
+    raise ConfigError(f"flatten: cannot send an object of type {type(obj).__name__}.")
 
 
 def unflatten(layout, leaves: list[Tensor]):
@@ -171,12 +171,12 @@ class DistributedCommunicator(Communicator):
         model: nn.Module | None = None,
     ):
         if not (dist.is_available() and dist.is_initialized()):
-            raise ShapeError(
+            raise ConfigError(
                 "DistributedCommunicator: torch.distributed is not initialised; call "
                 "torch.distributed.init_process_group() first (torchrun sets its environment)."
             )
         if inverse_assignment not in ASSIGNMENTS:
-            raise ShapeError(
+            raise ConfigError(
                 f"DistributedCommunicator: inverse_assignment={inverse_assignment!r} is not "
                 f"supported; use one of {ASSIGNMENTS}."
             )
@@ -244,7 +244,7 @@ class DistributedCommunicator(Communicator):
         for rank, other in enumerate(gathered[1:], start=1):
             problem = _replica_difference(ref, other)
             if problem is not None:
-                raise ShapeError(
+                raise ConfigError(
                     f"{where}: the model replicas differ: process {rank}'s {problem} "
                     "process 0's. Every process must start from the same weights: seed the "
                     "model's initialisation identically, or copy process 0's parameters "
@@ -308,7 +308,7 @@ class DistributedCommunicator(Communicator):
         statistics subset's (equal up to rounding).
         """
         if n is not None and (int(n) != n or n < 1):
-            raise ShapeError(f"set_batch_size: n must be a positive integer or None, got {n!r}.")
+            raise ConfigError(f"set_batch_size: n must be a positive integer or None, got {n!r}.")
         self.batch_size = None if n is None else int(n)
 
     def average_(self, tensors: list[Tensor], symmetric: int = 0) -> None:
@@ -654,11 +654,11 @@ def make_kfac(
     from curvkit.optim.kfac import KFAC
 
     if "comm" in kwargs:
-        raise ShapeError("make_kfac builds the communicator itself; call KFAC(comm=...) instead.")
+        raise ConfigError("make_kfac builds the communicator itself; call KFAC(comm=...) instead.")
     distributed = dist.is_available() and dist.is_initialized()
     if distributed and dist.get_world_size(process_group) > 1:
         if getattr(loss_func, "reduction", "mean") != "mean":
-            raise ShapeError(
+            raise ConfigError(
                 f"make_kfac: data-parallel K-FAC needs reduction='mean', got "
                 f"{type(loss_func).__name__}(reduction={loss_func.reduction!r}); averaging "
                 "sum-reduced factors over processes does not give the global ones."
