@@ -369,7 +369,7 @@ class KFAC(torch.optim.Optimizer):
                 return reject(loss, "non-finite loss or gradient")
             with self._timer("communication"):
                 loss = loss.clone()
-                self.comm.average_([*grads, *other_grads, loss])
+                self.comm.average_([*grads, *other_grads, loss], label="gradients")
             if stats:
                 try:
                     with self._timer("factors"):
@@ -505,7 +505,7 @@ class KFAC(torch.optim.Optimizer):
     def _refresh(self, gamma: float | None = None) -> None:
         with self._timer("inverses"):
             gamma = self.state["kfac"]["gamma"] if gamma is None else gamma
-            self.comm.refresh(self.preconditioner, gamma**2)
+            self.preconditioner.refresh(gamma**2, comm=self.comm)
             if self.preconditioner.fallback_pairs and not getattr(self, "_warned_pairs", False):
                 warnings.warn(
                     "KFAC(structure='tridiagonal'): no cross factors between "
@@ -561,7 +561,7 @@ class KFAC(torch.optim.Optimizer):
             warnings.filterwarnings("ignore", message=".*is in training mode.*")
             G = ggn(self.net, self.loss_func, (X, y), params=params)
             Q = G.quadratic_form(torch.stack(vecs, 1))
-        self.comm.average_([Q])
+        self.comm.average_([Q], label="ggn_products")
         return Q
 
     def _automatic_update(self, X, y, params, flat_g, proposal, Q=None):
