@@ -9,7 +9,6 @@ Works for any differentiable model.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from curvkit.errors import ConfigError
 from curvkit.optim.capture import capture_batch, preserved_buffers
+from curvkit.optim.config import check_number
 from curvkit.optim.preconditioner import all_finite
 
 SOLVERS = ("cg", "dense")
@@ -83,15 +83,9 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ConfigError(
                 f"NaturalGradient: curvature={curvature!r} is not supported; use {CURVATURES}."
             )
-        for name, value, low in [("lr", lr, 0.0), ("damping", damping, 0.0)]:
-            if not (isinstance(value, (int, float)) and low < value < math.inf):
-                raise ConfigError(
-                    f"NaturalGradient: {name} must be a finite positive number, got {value!r}."
-                )
-        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < math.inf):
-            raise ConfigError(
-                f"NaturalGradient: momentum must be a finite non-negative number, got {momentum!r}."
-            )
+        check_number("NaturalGradient", "lr", lr)
+        check_number("NaturalGradient", "damping", damping)
+        check_number("NaturalGradient", "momentum", momentum, positive=False)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         params = list(params)
