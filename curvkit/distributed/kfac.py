@@ -48,7 +48,6 @@ Example (run with ``torchrun --nproc_per_node 2 script.py``; see ``docs/distribu
 from __future__ import annotations
 
 import functools
-import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -276,19 +275,17 @@ class DistributedCommunicator(Communicator):
     # -- collectives ---------------------------------------------------------------------
     def _run(self, phase: str, what: str, fn: Callable[[], object]):
         """Run a collective timed under ``phase``; a failure becomes :class:`DistributedError`."""
-        start = time.perf_counter()
-        try:
-            return fn()
-        except RuntimeError as err:
-            limit = "the process group's timeout" if self.timeout is None else self.timeout
-            raise DistributedError(
-                f"Process {self.rank} of {self.world_size}: {what} failed ({self.backend}). "
-                "Another process probably raised an exception, died, or did not reach this "
-                f"collective within {limit}; see its log. Original error: {err}"
-            ) from err
-        finally:
-            self.timers[phase] += time.perf_counter() - start
-            self.counts[phase] += 1
+        self.counts[phase] += 1
+        with self.timed(phase):
+            try:
+                return fn()
+            except RuntimeError as err:
+                limit = "the process group's timeout" if self.timeout is None else self.timeout
+                raise DistributedError(
+                    f"Process {self.rank} of {self.world_size}: {what} failed ({self.backend}). "
+                    "Another process probably raised an exception, died, or did not reach "
+                    f"this collective within {limit}; see its log. Original error: {err}"
+                ) from err
 
     def _all_reduce(self, phase: str, tensor: Tensor, op=dist.ReduceOp.SUM) -> None:
         self._run(phase, f"all-reduce ({phase})", lambda: dist.all_reduce(tensor, op, self.group))
@@ -446,14 +443,14 @@ class DistributedCommunicator(Communicator):
             owners = assign_layers(costs, self.world_size)
         else:
             owners = layout[0]
-        start, local, error = time.perf_counter(), {}, None
-        try:
-            for i, owner in enumerate(owners):
-                if owner == self.rank:
-                    local[i] = compute(i)
-        except Exception as err:  # re-raised after the agreement below
-            error = err
-        self.timers["inverse/compute"] += time.perf_counter() - start
+        local, error = {}, None
+        with self.timed("inverse/compute"):
+            try:
+                for i, owner in enumerate(owners):
+                    if owner == self.rank:
+                        local[i] = compute(i)
+            except Exception as err:  # re-raised after the agreement below
+                error = err
         if self._any(error is not None, "inverse/agree"):
             if error is not None:
                 raise error
