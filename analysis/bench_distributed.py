@@ -102,7 +102,7 @@ def _worker(rank, world, port, args, structure, out):
         for _ in range(args.repeats):
             dist.barrier()
             t0 = time.perf_counter()
-            comm.refresh(opt.preconditioner, damping)
+            opt.preconditioner.refresh(damping, comm=comm)
             runs.append(_slowest(time.perf_counter() - t0))
         inverse[assignment] = statistics.median(runs)
     if rank == 0:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
 from curvkit.extraction import extract
+from curvkit.timing import interleaved_times
 
 
 def autoencoder() -> nn.Sequential:
@@ -112,21 +111,8 @@ def methods(model, loss_func, X, y):
 
 
 def bench(fns: dict, reps: int, device) -> dict[str, float]:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """Median seconds per function, interleaved (:func:`curvkit.timing.interleaved_times`)."""
+    return interleaved_times(fns, reps, device)
 
 
 def main():

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -31,40 +29,7 @@ from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
 import curvkit as ck
 from curvkit.operators.kronecker import BlockDiagonalKFAC, extract_batches
 from curvkit.operators.tridiag import TriDiagonalKFAC
-
-
-def median_time(fn, repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved_times(operators: dict, v, repeats: int, device) -> dict:
-    """Median time of ``op @ v`` per operator, one product of each per repetition in turn.
-
-    Interleaving makes a slow spell of a shared machine hit every row alike.
-    """
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {label: [] for label in operators}
-    for op in operators.values():
-        op @ v  # warm-up
-    for _ in range(repeats):
-        for label, op in operators.items():
-            sync()
-            start = time.perf_counter()
-            op @ v
-            sync()
-            times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(t) for label, t in times.items()}
+from curvkit.timing import interleaved_times, median_time
 
 
 def bench_problem(name: str, batch_size: int, damping: float, repeats: int, device) -> list[dict]:
@@ -84,7 +49,7 @@ def bench_problem(name: str, batch_size: int, damping: float, repeats: int, devi
         model.zero_grad()
         loss_func(model(X), y).backward()
 
-    grad_t = median_time(gradient, repeats, device)
+    grad_t, _ = median_time(gradient, repeats, device)
     row("gradient (forward + backward)", grad_t, grad_t)
 
     kind = "kfac"
@@ -94,7 +59,7 @@ def bench_problem(name: str, batch_size: int, damping: float, repeats: int, devi
     }
     records = {}
     for structure, quantities in extract.items():
-        t = median_time(
+        t, _ = median_time(
             lambda q=quantities: records.__setitem__(
                 q, extract_batches(model, loss_func, (X, y), q)
             ),
@@ -123,7 +88,11 @@ def bench_problem(name: str, batch_size: int, damping: float, repeats: int, devi
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for label, build in builds.items():
-            t = median_time(lambda b=build, k=label: inverses.__setitem__(k, b()), repeats, device)
+
+            def build_into(b=build, k=label):
+                inverses[k] = b()
+
+            t, _ = median_time(build_into, repeats, device)
             row(f"inverse build, curvkit {label}", t, grad_t)
     applies = {f"curvkit {label}": inv for label, inv in inverses.items()}
     ref = KFACLinearOperator(
@@ -138,7 +107,8 @@ def bench_problem(name: str, batch_size: int, damping: float, repeats: int, devi
         inv = KFACInverseLinearOperator(ref, damping=damping, **opts)
         inv @ v  # computes and caches the factor inverses
         applies[f"curvlinops {label} (cached)"] = inv
-    for label, t in interleaved_times(applies, v, repeats, device).items():
+    products = {label: (lambda op=op: op @ v) for label, op in applies.items()}
+    for label, t in interleaved_times(products, repeats, device).items():
         row(f"inverse apply, {label}", t, grad_t)
     return rows
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import curvkit as ck
+from curvkit.timing import sync
 
 
 @dataclass
@@ -144,11 +145,6 @@ ROWS = [
 ]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench(problem: Problem, rows, reps: int):
     device = problem.X.device
     fns = [(label, make(problem), cols) for label, make, cols in rows]
@@ -158,15 +154,15 @@ def bench(problem: Problem, rows, reps: int):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         fn()
-        _sync(device)
+        sync(device)
         if device.type == "cuda":
             peak[label] = torch.cuda.max_memory_allocated(device) / 2**20
     for _ in range(reps):
         for label, fn, _ in fns:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times[label].append(time.perf_counter() - start)
     unit = statistics.median(times[fns[0][0]])
     out = []

@@ -50,8 +50,8 @@ def instrument(opt, follow: str, every: int, train_data, rows: list) -> None:
     tri_refresh = pre.refresh
     held = {}
 
-    def refresh(damping):
-        tri_refresh(damping)
+    def refresh(damping, comm=None):
+        tri_refresh(damping, comm)
         held["tri"] = pre.inverse
         block = BlockDiagonalKFAC(pre.layers, pre.A, pre.G, pre.bias_scale)
         held["block"] = block.inverse(damping=damping, damping_mode="factored")

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from torch import Tensor
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError, ShapeError
 
 
 def as_batches(data) -> list[tuple[Tensor, Tensor]]:
@@ -33,18 +33,18 @@ def as_batches(data) -> list[tuple[Tensor, Tensor]]:
         _check_batch(0, data[0], data[1])
         return [(data[0], data[1])]
     if not isinstance(data, Iterable):
-        raise ShapeError(
+        raise ConfigError(
             "data must be an (X, y) tuple or an iterable of (X, y) batches, "
             f"got {type(data).__name__}."
         )
     batches = []
     for i, batch in enumerate(data):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ShapeError(f"data batch {i} is not an (X, y) pair: {type(batch).__name__}.")
+            raise ConfigError(f"data batch {i} is not an (X, y) pair: {type(batch).__name__}.")
         _check_batch(i, batch[0], batch[1])
         batches.append((batch[0], batch[1]))
     if not batches:
-        raise ShapeError("data holds no batch.")
+        raise ConfigError("data holds no batch.")
     return batches
 
 
@@ -52,7 +52,7 @@ def _check_batch(i: int, X, y) -> None:
     """A batch is two tensors, each with a leading dimension of at least one example."""
     for name, t in (("X", X), ("y", y)):
         if not isinstance(t, Tensor):
-            raise ShapeError(f"data batch {i}: {name} is a {type(t).__name__}, not a tensor.")
+            raise ConfigError(f"data batch {i}: {name} is a {type(t).__name__}, not a tensor.")
     if X.ndim == 0 or X.shape[0] == 0:
         raise ShapeError(
             f"data batch {i} holds no example: X has shape {tuple(X.shape)} "

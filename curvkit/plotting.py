@@ -55,7 +55,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from curvkit.data import as_batches
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError, ShapeError
 
 __all__ = [
     "METRIC_LABELS",
@@ -254,7 +254,7 @@ def _slices(block_slices, n: int) -> list[tuple[str, slice]]:
         elif isinstance(b, (int, np.integer)):
             name, s = str(i), slice(start, start + int(b))
         else:
-            raise ShapeError(
+            raise ConfigError(
                 f"plotting: block_slices entries must be (name, slice) pairs, slices or sizes; "
                 f"got {type(b).__name__}."
             )
@@ -323,7 +323,7 @@ def layer_labels(source, with_type: bool = True) -> list[str]:
         try:
             pairs = [(str(r.name), r.module) for r in layers]
         except (AttributeError, TypeError):
-            raise ShapeError(
+            raise ConfigError(
                 "layer_labels: give an nn.Module, a Records or a list of LayerRecord; "
                 f"got {type(source).__name__}."
             ) from None
@@ -449,7 +449,7 @@ def heatmaps(
         ShapeError: If ``mats`` is empty, a matrix is not 2-D, or ``block_slices`` do not fit.
     """
     if not mats:
-        raise ShapeError("heatmaps: give at least one matrix.")
+        raise ConfigError("heatmaps: give at least one matrix.")
     arrays = {}
     for name, M in mats.items():
         A = _numpy(M)
@@ -495,7 +495,7 @@ def heatmaps(
             slices = _slices(block_slices, n)
             if labels is not None:
                 if len(labels) != len(slices):
-                    raise ShapeError(f"heatmaps: {len(labels)} labels for {len(slices)} blocks.")
+                    raise ConfigError(f"heatmaps: {len(labels)} labels for {len(slices)} blocks.")
                 slices = [(str(label), sl) for label, (_, sl) in zip(labels, slices)]
             _draw_blocks(ax, slices, n, "#4d4d4d" if log else "k")
             ax.set_title(name)
@@ -527,7 +527,7 @@ def block_norms(mat, block_slices, reference=None) -> np.ndarray:
         raise ShapeError(f"block_norms: shapes {M.shape} and {R.shape} differ.")
     slices = [s for _, s in _slices(block_slices, M.shape[0])]
     if not slices:
-        raise ShapeError("block_norms: give the blocks (block_slices).")
+        raise ConfigError("block_norms: give the blocks (block_slices).")
     out = np.empty((len(slices), len(slices)))
     for i, si in enumerate(slices):
         for j, sj in enumerate(slices):
@@ -765,7 +765,7 @@ def spectral_densities(
         ShapeError: If ``densities`` is empty.
     """
     if not densities:
-        raise ShapeError("spectral_densities: give at least one density.")
+        raise ConfigError("spectral_densities: give at least one density.")
     kinds = sorted({bool(getattr(sd, "log", False)) for sd in densities.values()}, reverse=True)
     palette = _colors(densities, colors)
     with mpl.rc_context(STYLE):
@@ -845,9 +845,9 @@ def eigenvalue_ranks(
         ShapeError: If ``eigs`` is empty or ``scale`` unknown.
     """
     if not eigs:
-        raise ShapeError("eigenvalue_ranks: give at least one spectrum.")
+        raise ConfigError("eigenvalue_ranks: give at least one spectrum.")
     if scale not in ("auto", "log", "symlog", "linear"):
-        raise ShapeError(f"eigenvalue_ranks: scale={scale!r} is not auto, log, symlog or linear.")
+        raise ConfigError(f"eigenvalue_ranks: scale={scale!r} is not auto, log, symlog or linear.")
     values = {k: np.sort(_numpy(v).ravel())[::-1][:top] for k, v in eigs.items()}
     allv = np.concatenate(list(values.values()))
     if scale == "auto":
@@ -914,9 +914,11 @@ def eigenvalue_histogram(
     spectra = dict(eigs) if isinstance(eigs, Mapping) else {"eigenvalues": eigs}
     values = {k: _numpy(v).ravel() for k, v in spectra.items()}
     if not values or any(v.size == 0 for v in values.values()):
-        raise ShapeError("eigenvalue_histogram: give at least one non-empty set of eigenvalues.")
+        raise ConfigError("eigenvalue_histogram: give at least one non-empty set of eigenvalues.")
     if bins < 1 or (cutoff is not None and not cutoff > 0):
-        raise ShapeError(f"eigenvalue_histogram: bins={bins} and cutoff={cutoff} must be positive.")
+        raise ConfigError(
+            f"eigenvalue_histogram: bins={bins} and cutoff={cutoff} must be positive."
+        )
     largest = max(float(np.abs(v).max()) for v in values.values())
     cut = (1e-8 * largest if largest > 0 else 1e-8) if cutoff is None else float(cutoff)
     edges = _log_bins(np.concatenate([np.abs(v) for v in values.values()]), cut, bins)
@@ -1005,7 +1007,7 @@ def kronecker_spectra(records, kind: str = "kflr", labels: Sequence[str] | None 
     out = {}
     for label, rec in zip(labels, layers):
         if rec.A is None or kind not in rec.G:
-            raise ShapeError(
+            raise ConfigError(
                 f"kronecker_spectra: layer {rec.name!r} has no A/G[{kind!r}] (kinds present: "
                 f"{sorted(rec.G)}); extract with quantities=({kind!r},)."
             )
@@ -1034,7 +1036,7 @@ def diagonal_blocks(matrix, block_slices, labels: Sequence[str] | None = None) -
     M = _numpy(matrix)
     slices = _slices(block_slices, M.shape[0])
     if labels is not None and len(labels) != len(slices):
-        raise ShapeError(f"diagonal_blocks: {len(labels)} labels for {len(slices)} blocks.")
+        raise ConfigError(f"diagonal_blocks: {len(labels)} labels for {len(slices)} blocks.")
     names = [n for n, _ in slices] if labels is None else list(labels)
     return {name: M[s, s] for name, (_, s) in zip(names, slices)}
 
@@ -1105,14 +1107,14 @@ def layer_spectra(
     elif isinstance(approx_blocks, Mapping):
         approx = {k: _spectrum(v, "layer_spectra") for k, v in approx_blocks.items()}
     else:
-        raise ShapeError("layer_spectra: give Records or a mapping layer -> block.")
+        raise ConfigError("layer_spectra: give Records or a mapping layer -> block.")
     if not approx:
-        raise ShapeError("layer_spectra: give at least one layer.")
+        raise ConfigError("layer_spectra: give at least one layer.")
     exact = None
     if exact_blocks is not None:
         exact = [_spectrum(v, "layer_spectra") for v in dict(exact_blocks).values()]
         if len(exact) != len(approx):
-            raise ShapeError(
+            raise ConfigError(
                 f"layer_spectra: {len(approx)} approximate and {len(exact)} exact blocks."
             )
     titles = list(approx) if labels is None else list(labels)
@@ -1187,10 +1189,10 @@ def factor_heatmaps(
     """
     layers = list(getattr(records, "layers", records))
     if not layers:
-        raise ShapeError("factor_heatmaps: the records have no layers.")
+        raise ConfigError("factor_heatmaps: the records have no layers.")
     for rec in layers:
         if rec.A is None or kind not in rec.G:
-            raise ShapeError(
+            raise ConfigError(
                 f"factor_heatmaps: layer {rec.name!r} has no A/G[{kind!r}] (kinds present: "
                 f"{sorted(rec.G)}); extract with quantities=({kind!r},)."
             )
@@ -1230,7 +1232,7 @@ def factor_heatmaps(
 def _check_columns(df: pd.DataFrame, where: str, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ShapeError(f"{where}: the table lacks columns {missing} (use curvkit.compare's).")
+        raise ConfigError(f"{where}: the table lacks columns {missing} (use curvkit.compare's).")
 
 
 def metric_bars(
@@ -1285,7 +1287,7 @@ def metric_bars(
     if directions is not None and "direction" in rows:
         rows = rows[rows["direction"].isin(list(directions))]
     if rows.empty:
-        raise ShapeError(
+        raise ConfigError(
             f"metric_bars: no rows for metric={metric!r}, block={block!r}, directions={directions}."
         )
     group = "direction" if metric == "directional" else ("block" if block is None else None)
@@ -1410,7 +1412,7 @@ def preconditioning_quality(
     names = {m: metric_label(m) for m in ("precond_cosine", "precond_reduction")}
     rows = df[df["metric"].isin(list(names)) & (df["block"] == block)]
     if rows.empty:
-        raise ShapeError("preconditioning_quality: no precond_* rows (compare needs a gradient).")
+        raise ConfigError("preconditioning_quality: no precond_* rows (compare needs a gradient).")
     palette = _colors(rows["approx"], colors)
     with mpl.rc_context(STYLE):
         fig, axes = _figure(2, 1, (4.2, 3.3))
@@ -1625,7 +1627,7 @@ def curvature_over_training(
     quantities = present if quantities is None else list(quantities)
     missing = [q for q in quantities if q not in present]
     if missing or not quantities:
-        raise ShapeError(f"curvature_over_training: no rows for {missing}; present: {present}.")
+        raise ConfigError(f"curvature_over_training: no rows for {missing}; present: {present}.")
     ncols = min(3, len(quantities))
     nrows = math.ceil(len(quantities) / ncols)
     with mpl.rc_context(STYLE):

@@ -1,6 +1,5 @@
 """End-to-end tests of ``curvkit report`` on tiny problems, checked against float64 references."""
 
-import argparse
 import base64
 import json
 import re
@@ -10,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from curvkit.app import report
+from curvkit.app import cli, report
 from curvkit.diagnostics.metrics import COLUMNS
 from curvkit.errors import ShapeError
 from curvkit.problems import get_problem
@@ -71,12 +70,9 @@ def build():
 def linear_report(tmp_path_factory):
     """``curvkit report`` on the deep linear network, through the sub-command's parser."""
     out = tmp_path_factory.mktemp("deep_linear")
-    parser = argparse.ArgumentParser(prog="curvkit")
-    report.add_parser(parser.add_subparsers(dest="command"))
     argv = ["report", "--problem", "deep_linear", "--out", str(out), "--n-samples", str(N),
             "--train-steps", "0", "--quiet"]  # fmt: skip
-    args = parser.parse_args(argv)
-    assert args.func(args) == 0
+    assert cli.main(argv) == 0
     html = (out / "index.html").read_text()
     results = json.loads((out / "results.json").read_text())
     return out, html, results, pd.read_csv(out / "metrics.csv")
@@ -217,9 +213,9 @@ def test_bad_arguments_raise_shape_errors(tmp_path, kwargs, match):
 
 
 def test_run_returns_one_on_curvkit_error(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    report.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["report", "--model", "nothing.py:fn", "--out", str(tmp_path)])
+    args = cli.build_parser().parse_args(
+        ["report", "--model", "nothing.py:fn", "--out", str(tmp_path)]
+    )
     assert report.run(args) == 1
     assert "curvkit report: error:" in capsys.readouterr().err
 
@@ -238,13 +234,10 @@ def _load(folder, source):
 def test_norm_layers_at_the_end_through_the_command_line(tmp_path):
     """BatchNorm and LayerNorm last: the page, results and memory table are written."""
     path, module = _load(tmp_path, NORM_MODEL)
-    parser = argparse.ArgumentParser(prog="curvkit")
-    report.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
+    assert cli.main(
         ["report", "--model", f"{path}:build", "--out", str(tmp_path / "out"), "--n-samples",
          "16", "--train-steps", "4", "--operators", "ggn,ef,kflr", "--quiet"]
-    )  # fmt: skip
-    assert args.func(args) == 0
+    ) == 0  # fmt: skip
     html = (tmp_path / "out" / "index.html").read_text()
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["failures"] == []

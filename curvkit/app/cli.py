@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +23,9 @@ import torch
 
 from curvkit.app import report, train
 from curvkit.app.common import cell, format_table, parse_device, progress
-from curvkit.errors import CurvkitError, ShapeError
+from curvkit.errors import ConfigError, CurvkitError
 from curvkit.extraction import QUANTITIES
+from curvkit.timing import median_time
 
 _DIAGONALS = ("diag_ggn", "diag_ggn_mc", "diag_hessian")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -88,22 +87,6 @@ def _add_extract(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _median_time(fn: Callable, repeat: int, device: torch.device, bar) -> tuple[float, object]:
-    """Median wall-clock seconds of ``fn()`` over ``repeat`` runs after one warm-up run."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
-    result = fn()
-    bar.update()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-        bar.update()
-    return statistics.median(times), result
-
-
 def _layer_rows(records) -> list[dict]:
     """``Records.summary()`` plus per-example gradients, diagonals and missing cross factors."""
     rows = records.summary()
@@ -125,10 +108,10 @@ def _run_extract(args: argparse.Namespace) -> int:
 
     quantities = tuple(q.strip() for q in args.quantities.split(",") if q.strip())
     if not quantities:
-        raise ShapeError(f"--quantities: give at least one of {', '.join(QUANTITIES)}.")
+        raise ConfigError(f"--quantities: give at least one of {', '.join(QUANTITIES)}.")
     for flag, value in (("--batch-size", args.batch_size), ("--repeat", args.repeat)):
         if value < 1:
-            raise ShapeError(f"{flag} must be positive, got {value}.")
+            raise ConfigError(f"{flag} must be positive, got {value}.")
     device = parse_device(args.device)
     if args.out is not None:
         train.check_out_dir(args.out)  # before the computation, not after it
@@ -150,8 +133,8 @@ def _run_extract(args: argparse.Namespace) -> int:
         )  # fmt: skip
 
     with progress(None, args, total=2 * (args.repeat + 1), desc="timing") as bar:
-        t_plain, _ = _median_time(plain, args.repeat, device, bar)
-        t_extract, records = _median_time(extract, args.repeat, device, bar)
+        t_plain, _ = median_time(plain, args.repeat, device, bar.update)
+        t_extract, records = median_time(extract, args.repeat, device, bar.update)
     rows = _layer_rows(records)
     ratio = t_extract / t_plain
     print(f"problem  {problem.name}: {problem.description}")

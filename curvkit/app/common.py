@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 
 
 def progress(iterable, args, **kwargs):
@@ -46,7 +46,7 @@ def parse_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ShapeError(f"--device {name!r} is not a device: {e}") from None
+        raise ConfigError(f"--device {name!r} is not a device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ShapeError(f"--device {name!r}: CUDA is not available on this machine.")
+        raise ConfigError(f"--device {name!r}: CUDA is not available on this machine.")
     return device

@@ -69,10 +69,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from curvkit.errors import CurvkitError, ShapeError
+from curvkit.errors import ConfigError, CurvkitError, ShapeError
+from curvkit.timing import Clock
 
 __all__ = [
-    "DEFAULT_PROBLEM", "MAX_DENSE", "OPERATORS", "add_arguments", "add_parser", "build_report",
+    "DEFAULT_PROBLEM", "MAX_DENSE", "OPERATORS", "add_arguments", "build_report",
     "digits_mlp_small", "report", "run",
 ]  # fmt: skip
 
@@ -122,17 +123,17 @@ def _load_model(spec: str):
     """``(name, description, model, loss_func, (X, y))`` from ``"path.py:function"``."""
     path, sep, fn = spec.rpartition(":")
     if not sep or not path.endswith(".py") or not fn.isidentifier():
-        raise ShapeError(f"--model {spec!r}: expected 'path/to/file.py:function'.")
+        raise ConfigError(f"--model {spec!r}: expected 'path/to/file.py:function'.")
     if not Path(path).is_file():
-        raise ShapeError(f"--model {spec!r}: no file {path!r}.")
+        raise ConfigError(f"--model {spec!r}: no file {path!r}.")
     module_spec = importlib.util.spec_from_file_location(f"_curvkit_model_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not callable(getattr(module, fn, None)):
-        raise ShapeError(f"--model {spec!r}: {path} defines no function {fn!r}.")
+        raise ConfigError(f"--model {spec!r}: {path} defines no function {fn!r}.")
     out = getattr(module, fn)()
     if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], nn.Module)):
-        raise ShapeError(f"--model {spec!r}: {fn}() must return (model, loss_func, (X, y)).")
+        raise ConfigError(f"--model {spec!r}: {fn}() must return (model, loss_func, (X, y)).")
     model, loss_func, (X, y) = out
     return Path(path).name + ":" + fn, f"{type(model).__name__} from {spec}", model, loss_func, X, y
 
@@ -156,7 +157,7 @@ def parse_operators(operators) -> list[str]:
         The report names in :data:`OPERATORS` order.
 
     Raises:
-        ShapeError: For an unknown name.
+        ConfigError: For an unknown name.
     """
     if operators is None:
         return list(OPERATORS.values())
@@ -167,7 +168,7 @@ def parse_operators(operators) -> list[str]:
     for item in operators:
         key = str(item).strip().lower()
         if key not in lookup:
-            raise ShapeError(
+            raise ConfigError(
                 f"report: operators: unknown operator {item!r}; supported: "
                 f"{', '.join(OPERATORS)} (the GGN, the reference, is always computed)."
             )
@@ -183,30 +184,12 @@ def _check_out(out_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ShapeError(
+        raise ConfigError(
             f"report: out_dir {str(out_dir)!r} is not a writable folder: {e}"
         ) from None
 
 
 # -- bookkeeping --------------------------------------------------------------------------
-class _Clock:
-    """Wall-clock seconds per phase (synchronising CUDA)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.phases = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *_: None)
-        sync(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            sync(self.device)
-            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
-
-
 def _versions() -> dict[str, str]:
     import curvkit
 
@@ -530,7 +513,7 @@ class _Run:
         from tqdm.auto import tqdm
 
         self.out_dir, self.progress = out_dir, progress
-        self.clock = _Clock(device)
+        self.clock = Clock(device)
         self.started = time.perf_counter()
         self.results: dict = {"failures": []}
         self.figures: dict = {}
@@ -1039,14 +1022,14 @@ class _SafeTracker:
 
 def _check_common(n_samples, seed, train_steps, max_dense, dtype=None):
     if dtype is not None and dtype not in _DTYPES:
-        raise ShapeError(f"report: dtype={dtype!r} is not one of {tuple(_DTYPES)}.")
+        raise ConfigError(f"report: dtype={dtype!r} is not one of {tuple(_DTYPES)}.")
     for label, value, low in (("n_samples", n_samples, 2), ("train_steps", train_steps, 0),
                               ("max_dense", max_dense, 0)):  # fmt: skip
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < low):  # fmt: skip
-            raise ShapeError(f"report: {label} must be an int >= {low}, got {value!r}.")
+            raise ConfigError(f"report: {label} must be an int >= {low}, got {value!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ShapeError(f"report: seed must be an int, got {seed!r}.")
+        raise ConfigError(f"report: seed must be an int, got {seed!r}.")
 
 
 def build_report(
@@ -1089,7 +1072,7 @@ def build_report(
         The path of ``index.html``.
 
     Raises:
-        ShapeError: For an unknown problem or operator, a bad ``model_path``,
+        ConfigError: For an unknown problem or operator, a bad ``model_path``,
             ``n_samples < 2``, a negative ``max_dense`` or ``train_steps``, or an
             unwritable ``out_dir``. Failures after the setup are recorded in
             the report, not raised.
@@ -1102,7 +1085,7 @@ def build_report(
     try:
         device = torch.device(device)
     except RuntimeError as e:
-        raise ShapeError(f"report: device={device!r} is not a device: {e}") from None
+        raise ConfigError(f"report: device={device!r} is not a device: {e}") from None
     out_dir = Path(out_dir)
     if model_path is not None and not Path(model_path.rpartition(":")[0]).is_file():
         _load_model(model_path)  # raises the ShapeError naming the problem
@@ -1198,10 +1181,10 @@ def report(
         ['GGN', 'Hessian', 'KFLR']
     """
     if not isinstance(model, nn.Module):
-        raise ShapeError(f"report: model must be an nn.Module, got {type(model).__name__}.")
+        raise ConfigError(f"report: model must be an nn.Module, got {type(model).__name__}.")
     if not (isinstance(data, (tuple, list)) and len(data) == 2
             and all(isinstance(t, torch.Tensor) for t in data)):  # fmt: skip
-        raise ShapeError("report: data must be a pair (X, y) of tensors.")
+        raise ConfigError("report: data must be a pair (X, y) of tensors.")
     X, y = data
     if X.shape[0] != y.shape[0]:
         raise ShapeError(f"report: X has {X.shape[0]} examples, y {y.shape[0]}.")
@@ -1210,7 +1193,7 @@ def report(
     names = parse_operators(operators)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ShapeError("report: the model has no trainable parameter.")
+        raise ConfigError("report: the model has no trainable parameter.")
     out = Path(out)
     _check_out(out)
     dtype = str(params[0].dtype).removeprefix("torch.")
@@ -1284,21 +1267,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--no-figures", action="store_true", help="tables only, no figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``report`` sub-command to an ``argparse`` sub-parser group.
-
-    Args:
-        subparsers: The object ``ArgumentParser.add_subparsers()`` returned.
-
-    Returns:
-        The new sub-parser (its ``func`` default is :func:`run`).
-    """
-    parser = subparsers.add_parser("report", help=HELP, description=HELP)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

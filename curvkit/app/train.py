@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
+from curvkit.timing import sync
 
 #: Stop a run whose training loss exceeds this multiple of its initial loss.
 DIVERGED = 1e3
@@ -138,7 +139,7 @@ def check_out_dir(path: Path, flag: str = "--out") -> Path:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ShapeError: If the folder cannot be created or written to.
+        ConfigError: If the folder cannot be created or written to.
     """
     path = Path(path)
     try:
@@ -147,13 +148,8 @@ def check_out_dir(path: Path, flag: str = "--out") -> Path:
             pass
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise ShapeError(f"{flag} {str(path)!r} is not a writable folder: {reason}.") from None
+        raise ConfigError(f"{flag} {str(path)!r} is not a writable folder: {reason}.") from None
     return path
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -210,7 +206,7 @@ def train_run(
     if world > 1 and method.first_order:  # DDP averages the gradients in backward
         model = nn.parallel.DistributedDataParallel(net)
     elif world > 1 and name in SINGLE_PROCESS:
-        raise ShapeError(f"--nproc: {name!r} runs on one process only.")
+        raise ConfigError(f"--nproc: {name!r} runs on one process only.")
     opt = method.build(model, loss_func, lr)
     X_train, y_train = problem.train
     base = dict(optimizer=name, seed=seed, lr=math.nan if lr is None else lr)
@@ -236,10 +232,10 @@ def train_run(
                 def closure(X=X, y=y):
                     return loss_func(model(X), y)
 
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             loss = float(opt.step(closure).detach())
-            _sync(device)
+            sync(device)
             elapsed += time.perf_counter() - start
             step += 1
             evaluate = step % eval_every == 0 or step == steps
@@ -444,25 +440,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``train`` to an ``add_subparsers()`` object and return its parser."""
-    parser = subparsers.add_parser("train", help=HELP, description=HELP)
-    add_arguments(parser)
-    return parser
-
-
 def _parse_lrs(text: str, names: Sequence[str]) -> dict[str, float]:
     lrs = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, value = item.partition("=")
         if not sep or name not in names:
-            raise ShapeError(f"--lr: expected NAME=VALUE with NAME in {list(names)}, got {item!r}.")
+            raise ConfigError(
+                f"--lr: expected NAME=VALUE with NAME in {list(names)}, got {item!r}."
+            )
         try:
             lrs[name] = float(value)
         except ValueError:
-            raise ShapeError(f"--lr: {value!r} is not a number (in {item!r}).") from None
+            raise ConfigError(f"--lr: {value!r} is not a number (in {item!r}).") from None
         if not (math.isfinite(lrs[name]) and lrs[name] > 0):
-            raise ShapeError(f"--lr: {name}={value} must be a finite number > 0.")
+            raise ConfigError(f"--lr: {name}={value} must be a finite number > 0.")
     return lrs
 
 
@@ -471,7 +462,7 @@ def _settings(args: argparse.Namespace) -> dict:
     names = [s.strip() for s in args.optimizers.split(",") if s.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
-        raise ShapeError(f"--optimizers: unknown {unknown}; choose from {', '.join(METHODS)}.")
+        raise ConfigError(f"--optimizers: unknown {unknown}; choose from {', '.join(METHODS)}.")
     steps, seeds, batch = (5, 1, 100) if args.quick else (args.steps, args.seeds, args.batch_size)
     first = 3 * steps if args.first_order_steps is None or args.quick else args.first_order_steps
     tune_steps = None if args.quick else args.tune_steps
@@ -479,19 +470,19 @@ def _settings(args: argparse.Namespace) -> dict:
     checks += [("--batch-size", batch), ("--tune-steps", 1 if tune_steps is None else tune_steps)]
     for flag, value in checks:
         if value < 1:
-            raise ShapeError(f"{flag} must be positive, got {value}.")
+            raise ConfigError(f"{flag} must be positive, got {value}.")
     nproc = getattr(args, "nproc", 1)
     if nproc < 1 or batch % nproc:
-        raise ShapeError(f"--nproc={nproc}: must be positive and divide --batch-size={batch}.")
+        raise ConfigError(f"--nproc={nproc}: must be positive and divide --batch-size={batch}.")
     single = [n for n in names if n in SINGLE_PROCESS]
     if nproc > 1 and single:
-        raise ShapeError(
+        raise ConfigError(
             f"--nproc={nproc}: {', '.join(single)} runs on one process only; "
             "leave it out or use --nproc 1."
         )
     eval_every = args.eval_every or max(1, steps // 20)
     if eval_every < 1:
-        raise ShapeError(f"--eval-every must be positive, got {eval_every}.")
+        raise ConfigError(f"--eval-every must be positive, got {eval_every}.")
     return dict(
         names=names,
         steps={n: first if METHODS[n].first_order else steps for n in names},
@@ -518,9 +509,11 @@ def run(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     rank, world = init_from_env(device)
     if cfg["batch_size"] % world:
-        raise ShapeError(f"--batch-size={cfg['batch_size']} is not divisible by {world} processes.")
+        raise ConfigError(
+            f"--batch-size={cfg['batch_size']} is not divisible by {world} processes."
+        )
     if args.problem not in PROBLEMS:
-        raise ShapeError(
+        raise ConfigError(
             f"--problem {args.problem!r}: built-in problems are {', '.join(PROBLEMS)}."
         )
     options = {"device": device}
@@ -528,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
         options["init"] = args.init
     problems = [get_problem(args.problem, seed=s, **options) for s in range(cfg["seeds"])]
     if problems[0].loss_func.reduction not in ("mean", "sum"):
-        raise ShapeError(f"problem {args.problem!r}: its loss must be mean- or sum-reduced.")
+        raise ConfigError(f"problem {args.problem!r}: its loss must be mean- or sum-reduced.")
     lrs = {n: cfg["lrs"].get(n, METHODS[n].lr) for n in cfg["names"]}
     tuned = [n for n in cfg["names"] if args.tune and METHODS[n].lr_grid and n not in cfg["lrs"]]
     tune_steps = {n: cfg["tune_steps"] or cfg["steps"][n] for n in tuned}

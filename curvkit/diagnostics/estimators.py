@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from curvkit.diagnostics.krylov import make_generator, rademacher
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 from curvkit.operators.base import CurvatureOperator
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "exact")
@@ -56,9 +56,11 @@ class Estimate:
 
 def _check(op, where: str, method: str, methods: tuple[str, ...]) -> None:
     if not isinstance(op, CurvatureOperator):
-        raise ShapeError(f"{where}: expected a curvkit CurvatureOperator, got {type(op).__name__}.")
+        raise ConfigError(
+            f"{where}: expected a curvkit CurvatureOperator, got {type(op).__name__}."
+        )
     if method not in methods:
-        raise ShapeError(f"{where}: method={method!r} is not one of {methods}.")
+        raise ConfigError(f"{where}: method={method!r} is not one of {methods}.")
 
 
 def probe_samples(op: CurvatureOperator, num: int, generator: torch.Generator, fn) -> Tensor:
@@ -121,7 +123,7 @@ def trace(
         An :class:`Estimate` with float ``value`` and ``stderr``.
 
     Raises:
-        ShapeError: If ``method`` is unknown or ``num_matvecs`` too small
+        ConfigError: If ``method`` is unknown or ``num_matvecs`` too small
             (hutchinson: 2, hutch++: 6, xtrace: 4 and ``num_matvecs/2 < D``).
 
     Example:
@@ -137,7 +139,7 @@ def trace(
     gen = make_generator(seed, op.device)
     minimum = TRACE_MIN_MATVECS[method]
     if n < minimum:
-        raise ShapeError(f"trace: method={method!r} needs num_matvecs >= {minimum}, got {n}.")
+        raise ConfigError(f"trace: method={method!r} needs num_matvecs >= {minimum}, got {n}.")
     if method == "exact":
         own = getattr(op, "trace", None)
         value = float(own()) if callable(own) else float(exact_diagonal(op).sum())
@@ -170,7 +172,7 @@ def _hutchpp(op: CurvatureOperator, n: int, gen: torch.Generator) -> tuple[float
 def _xtrace(op: CurvatureOperator, n: int, gen: torch.Generator) -> tuple[float, float]:
     m = n // 2
     if m >= op.dim:
-        raise ShapeError(f"trace: xtrace needs num_matvecs/2 < D={op.dim}; use method='exact'.")
+        raise ConfigError(f"trace: xtrace needs num_matvecs/2 < D={op.dim}; use method='exact'.")
     W = rademacher(op.dim, m, gen, op.dtype, op.device)
     AW = op.matmat(W)
     Q, R = torch.linalg.qr(AW)
@@ -211,7 +213,7 @@ def diagonal(
         An :class:`Estimate` with ``[D]`` tensors as ``value`` and ``stderr``.
 
     Raises:
-        ShapeError: If ``method`` is unknown or ``num_matvecs < 2``.
+        ConfigError: If ``method`` is unknown or ``num_matvecs < 2``.
     """
     _check(op, "diagonal", method, DIAGONAL_METHODS)
     start = op.matvecs
@@ -221,7 +223,7 @@ def diagonal(
         value = value.to(device=op.device, dtype=op.dtype).reshape(-1)
         return Estimate(value, torch.zeros_like(value), op.matvecs - start, method)
     if num_matvecs < 2:
-        raise ShapeError(f"diagonal: num_matvecs must be >= 2, got {num_matvecs}.")
+        raise ConfigError(f"diagonal: num_matvecs must be >= 2, got {num_matvecs}.")
     samples = probe_samples(
         op, int(num_matvecs), make_generator(seed, op.device), lambda Z, AZ: (Z * AZ).T
     )

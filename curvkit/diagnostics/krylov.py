@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 from curvkit.operators.base import CurvatureOperator
 
 #: Orderings of Ritz values understood by :func:`krylov_schur`.
@@ -144,14 +144,14 @@ def krylov_schur(
         ordered by ``which``.
 
     Raises:
-        ShapeError: If ``which`` is unknown or ``k``/``ncv`` do not fit ``D``.
+        ConfigError: If ``which`` is unknown or ``k``/``ncv`` do not fit ``D``.
     """
     if which not in WHICH:
-        raise ShapeError(f"krylov_schur: which={which!r} is not one of {WHICH}.")
+        raise ConfigError(f"krylov_schur: which={which!r} is not one of {WHICH}.")
     D = op.dim
     m = min(max(2 * k + 1, 20), D - 1) if ncv is None else int(ncv)
     if not 0 < k < m < D:
-        raise ShapeError(f"krylov_schur: need 0 < k < ncv < D, got k={k}, ncv={m}, D={D}.")
+        raise ConfigError(f"krylov_schur: need 0 < k < ncv < D, got k={k}, ncv={m}, D={D}.")
     eps = torch.finfo(op.dtype).eps
     tol = eps**0.5 if tol is None else float(tol)
     dev, dt = op.device, op.dtype

@@ -25,9 +25,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 
-STRUCTURES = ("full", "block_diagonal", "kronecker", "kronecker_cross", "diagonal")
+MEMORY_STRUCTURES = ("full", "block_diagonal", "kronecker", "kronecker_cross", "diagonal")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -60,7 +60,7 @@ def memory_report(model: nn.Module, dtype: torch.dtype = torch.float32) -> pd.Da
 
     Returns:
         A tidy DataFrame with columns ``layer``, ``type``, ``params``,
-        ``structure`` (one of :data:`STRUCTURES`), ``entries`` and ``bytes``;
+        ``structure`` (one of :data:`MEMORY_STRUCTURES`), ``entries`` and ``bytes``;
         the last rows (``layer == "total"``) sum over layers. Pivot for a wide
         view: ``df.pivot(index="layer", columns="structure", values="bytes")``.
 
@@ -91,9 +91,9 @@ def memory_report(model: nn.Module, dtype: torch.dtype = torch.float32) -> pd.Da
          'kronecker_cross': 0.46, 'diagonal': 0.24}
     """
     if not isinstance(model, nn.Module):
-        raise ShapeError(f"memory_report: model must be an nn.Module, got {type(model).__name__}.")
+        raise ConfigError(f"memory_report: model must be an nn.Module, got {type(model).__name__}.")
     if not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
-        raise ShapeError(
+        raise ConfigError(
             f"memory_report: dtype must be a floating-point torch.dtype (e.g. torch.float32), "
             f"got {dtype!r}."
         )
@@ -140,8 +140,8 @@ def memory_report(model: nn.Module, dtype: torch.dtype = torch.float32) -> pd.Da
             "layer": "total",
             "type": "",
             "params": D,
-            "structure": list(STRUCTURES),
-            "entries": pd.array([totals.get(s, pd.NA) for s in STRUCTURES], dtype="Int64"),
+            "structure": list(MEMORY_STRUCTURES),
+            "entries": pd.array([totals.get(s, pd.NA) for s in MEMORY_STRUCTURES], dtype="Int64"),
         }
     )
     df = pd.concat([df, total_rows], ignore_index=True)

@@ -41,7 +41,7 @@ from torch import Tensor
 from curvkit.diagnostics.estimators import probe_samples
 from curvkit.diagnostics.krylov import make_generator
 from curvkit.diagnostics.spectral import eigenvalues, eigenvectors
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError, ShapeError
 from curvkit.operators.base import CurvatureOperator
 from curvkit.operators.cg import CGInverse
 
@@ -229,7 +229,7 @@ def _flat_gradient(gradient, D: int, like: CurvatureOperator) -> Tensor | None:
 
 def _check_count(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ShapeError(f"compare: {name}={value!r} must be an integer >= {minimum}.")
+        raise ConfigError(f"compare: {name}={value!r} must be an integer >= {minimum}.")
 
 
 def compare(
@@ -313,25 +313,27 @@ def compare(
     """
     approxes = dict(approx) if isinstance(approx, Mapping) else {type(approx).__name__: approx}
     if not approxes:
-        raise ShapeError("compare: approx is an empty mapping; give at least one operator.")
+        raise ConfigError("compare: approx is an empty mapping; give at least one operator.")
     for name, A in {**approxes, reference_name: reference}.items():
         if not isinstance(A, CurvatureOperator):
-            raise ShapeError(f"compare: {name!r} is a {type(A).__name__}, not a CurvatureOperator.")
+            raise ConfigError(
+                f"compare: {name!r} is a {type(A).__name__}, not a CurvatureOperator."
+            )
         if A.shape != reference.shape:
             raise ShapeError(
                 f"compare: {name!r} has shape {A.shape}, the reference {reference.shape}."
             )
     if approx_inverse not in ("exact", "own"):
-        raise ShapeError(f"compare: approx_inverse={approx_inverse!r} is not 'exact' or 'own'.")
+        raise ConfigError(f"compare: approx_inverse={approx_inverse!r} is not 'exact' or 'own'.")
     unknown = set(metrics) - set(METRICS)
     if unknown:
-        raise ShapeError(f"compare: unknown metrics {sorted(unknown)}; supported: {METRICS}.")
+        raise ConfigError(f"compare: unknown metrics {sorted(unknown)}; supported: {METRICS}.")
     _check_count("k", k, 1)
     _check_count("num_probes", num_probes, 1)
     _check_count("exact_threshold", exact_threshold, 0)
     grid = [float(lam) for lam in damping_grid]
     if not all(math.isfinite(lam) and lam >= 0 for lam in grid):
-        raise ShapeError(
+        raise ConfigError(
             f"compare: damping_grid={list(damping_grid)} must hold finite values >= 0."
         )
     D = reference.dim

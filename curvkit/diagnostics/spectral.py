@@ -35,7 +35,7 @@ from curvkit.diagnostics.krylov import (
     rademacher,
     tridiagonal,
 )
-from curvkit.errors import CurvkitError, NonFiniteError, ShapeError
+from curvkit.errors import ConfigError, CurvkitError, NonFiniteError, ShapeError
 from curvkit.operators.base import CurvatureOperator
 
 __all__ = [
@@ -85,7 +85,9 @@ class EigenInfo:
 
 def _check_operator(op, where: str) -> None:
     if not isinstance(op, CurvatureOperator):
-        raise ShapeError(f"{where}: expected a curvkit CurvatureOperator, got {type(op).__name__}.")
+        raise ConfigError(
+            f"{where}: expected a curvkit CurvatureOperator, got {type(op).__name__}."
+        )
 
 
 def _dense_symmetric(op: CurvatureOperator) -> Tensor:
@@ -134,7 +136,7 @@ def eigenvectors(
         columns and an :class:`EigenInfo`.
 
     Raises:
-        ShapeError: If ``op`` is not an operator, or ``k``, ``which`` or
+        ConfigError: If ``op`` is not an operator, or ``k``, ``which`` or
             ``method`` is not supported.
         NonFiniteError: If Lanczos fails on an operator whose products hold NaN or
             Inf (the dense method returns NaN eigenvalues instead).
@@ -148,12 +150,12 @@ def eigenvectors(
     """
     _check_operator(op, "eigenvectors")
     if which not in WHICH:
-        raise ShapeError(f"eigenvectors: which={which!r} is not one of {WHICH}.")
+        raise ConfigError(f"eigenvectors: which={which!r} is not one of {WHICH}.")
     if method not in _METHODS:
-        raise ShapeError(f"eigenvectors: method={method!r} is not one of {_METHODS}.")
+        raise ConfigError(f"eigenvectors: method={method!r} is not one of {_METHODS}.")
     D = op.dim
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= D:
-        raise ShapeError(f"eigenvectors: k={k!r} must be an integer in [1, D={D}].")
+        raise ConfigError(f"eigenvectors: k={k!r} must be an integer in [1, D={D}].")
     k = int(k)
     wanted = max(2 * k + 1, 20) if ncv is None else int(ncv)
     m = min(wanted, D - 1)
@@ -273,12 +275,12 @@ def condition_number(op: CurvatureOperator, damping: float = 0.0, **kwargs) -> f
         operator with NaN products).
 
     Raises:
-        ShapeError: If ``op`` is not an operator or ``damping`` is negative or
+        ConfigError: If ``op`` is not an operator or ``damping`` is negative or
             not finite.
     """
     _check_operator(op, "condition_number")
     if not (math.isfinite(float(damping)) and float(damping) >= 0):
-        raise ShapeError(f"condition_number: damping={damping} must be a finite number >= 0.")
+        raise ConfigError(f"condition_number: damping={damping} must be a finite number >= 0.")
     lo = lambda_min(op, **kwargs) + damping
     hi = lambda_max(op, **kwargs) + damping
     if math.isnan(lo) or math.isnan(hi):
@@ -311,7 +313,7 @@ def effective_rank(op: CurvatureOperator, method: str = "entropy", **kwargs) -> 
         The effective rank (between 1 and ``D`` for a non-zero operator).
 
     Raises:
-        ShapeError: If ``method`` is unknown.
+        ConfigError: If ``method`` is unknown.
     """
     _check_operator(op, "effective_rank")
     if method == "entropy":
@@ -320,7 +322,7 @@ def effective_rank(op: CurvatureOperator, method: str = "entropy", **kwargs) -> 
         return float(torch.exp(-torch.special.xlogy(p, p).sum()))
     if method == "intrinsic":
         return float(trace(op, method="exact").value) / lambda_max(op, **kwargs)
-    raise ShapeError(f"effective_rank: method={method!r} is not one of ('entropy', 'intrinsic').")
+    raise ConfigError(f"effective_rank: method={method!r} is not one of ('entropy', 'intrinsic').")
 
 
 @dataclass
@@ -436,14 +438,14 @@ def spectral_density(
     """
     _check_operator(op, "spectral_density")
     if num_probes < 1 or lanczos_steps < 1:
-        raise ShapeError(
+        raise ConfigError(
             f"spectral_density: num_probes={num_probes} and lanczos_steps={lanczos_steps} "
             "must be positive."
         )
     if kernel_width is not None and not (
         math.isfinite(float(kernel_width)) and float(kernel_width) > 0
     ):
-        raise ShapeError(
+        raise ConfigError(
             f"spectral_density: kernel_width={kernel_width} must be a finite number > 0 "
             "(or None for 1/200 of the node span)."
         )
@@ -454,18 +456,18 @@ def spectral_density(
                 f"got shape {tuple(grid.shape)}."
             )
         if log and bool((grid <= 0).any()):
-            raise ShapeError("spectral_density: grid points must be positive for log=True.")
+            raise ConfigError("spectral_density: grid points must be positive for log=True.")
     elif isinstance(grid, bool) or int(grid) < 2:
         raise ShapeError(f"spectral_density: grid={grid!r} must be at least 2 points.")
     if log and cutoff is not None and not float(cutoff) > 0:
-        raise ShapeError(f"spectral_density: cutoff must be positive for log=True, got {cutoff}.")
+        raise ConfigError(f"spectral_density: cutoff must be positive for log=True, got {cutoff}.")
     start = op.matvecs
     nodes, weights = _probe_quadrature(op, num_probes, lanczos_steps, seed)
     u, mass_below = nodes, 0.0
     if log:
         cut = 1e-6 * float(nodes.abs().max()) if cutoff is None else float(cutoff)
         if not cut > 0:
-            raise ShapeError(f"spectral_density: cutoff must be positive for log=True, got {cut}.")
+            raise ConfigError(f"spectral_density: cutoff must be positive for log=True, got {cut}.")
         below = nodes <= cut
         mass_below = float((weights * below).sum() / num_probes)
         u = torch.log10(nodes.clamp_min(cut))
@@ -527,20 +529,20 @@ def logdet(
         An :class:`~curvkit.diagnostics.estimators.Estimate` (standard error 0 unless SLQ).
 
     Raises:
-        ShapeError: If ``method`` is unknown or unavailable for ``op``.
+        ConfigError: If ``method`` is unknown or unavailable for ``op``.
         CurvkitError: If :math:`A + \delta I` is not positive definite.
     """
     _check_operator(op, "logdet")
     methods = ("auto", "structured", "exact", "slq")
     if method not in methods:
-        raise ShapeError(f"logdet: method={method!r} is not one of {methods}.")
+        raise ConfigError(f"logdet: method={method!r} is not one of {methods}.")
     has_own = callable(getattr(op, "logdet", None))
     if method == "auto":
         method = "structured" if has_own else "exact" if op.dim <= DENSE_MAX_DIM else "slq"
     start = op.matvecs
     if method == "structured":
         if not has_own:
-            raise ShapeError(
+            raise ConfigError(
                 f"logdet: {type(op).__name__} has no structured logdet; use 'exact' or 'slq'."
             )
         return Estimate(float(op.logdet(damping)), 0.0, op.matvecs - start, "structured")

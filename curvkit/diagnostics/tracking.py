@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from curvkit.data import as_batches
 from curvkit.diagnostics.estimators import TRACE_METHODS, TRACE_MIN_MATVECS
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError, ShapeError
 
 QUANTITIES = ("top_eigenvalues", "trace", "grad_overlap", "approx_error")
 CURVATURES = ("ggn", "hessian")
@@ -67,7 +67,7 @@ class CurvatureTracker:
         seed: Seed of the random probes and start vectors.
 
     Raises:
-        ShapeError: For an unknown quantity, curvature or ``trace_method``, ``every``
+        ConfigError: For an unknown quantity, curvature or ``trace_method``, ``every``
             or ``k`` not an integer >= 1, ``num_matvecs`` below the trace method's
             minimum, ``approx_error`` without ``approx``, or a loss that is not
             mean- or sum-reduced.
@@ -95,32 +95,32 @@ class CurvatureTracker:
             quantities = QUANTITIES if approx is not None else QUANTITIES[:3]
         unknown = set(quantities) - set(QUANTITIES)
         if unknown:
-            raise ShapeError(
+            raise ConfigError(
                 f"CurvatureTracker: unknown quantities {sorted(unknown)}; supported: {QUANTITIES}."
             )
         if "approx_error" in quantities and approx is None:
-            raise ShapeError(
+            raise ConfigError(
                 "CurvatureTracker: 'approx_error' needs approx=callable(model, loss_func, data)."
             )
         if curvature not in CURVATURES:
-            raise ShapeError(
+            raise ConfigError(
                 f"CurvatureTracker: curvature={curvature!r} is not one of {CURVATURES}."
             )
         for name, value in (("every", every), ("k", k), ("num_matvecs", num_matvecs)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ShapeError(f"CurvatureTracker: {name}={value!r} must be an integer >= 1.")
+                raise ConfigError(f"CurvatureTracker: {name}={value!r} must be an integer >= 1.")
         if trace_method not in TRACE_METHODS:
-            raise ShapeError(
+            raise ConfigError(
                 f"CurvatureTracker: trace_method={trace_method!r} is not one of {TRACE_METHODS}."
             )
         if num_matvecs < TRACE_MIN_MATVECS[trace_method]:
-            raise ShapeError(
+            raise ConfigError(
                 f"CurvatureTracker: trace_method={trace_method!r} needs num_matvecs >= "
                 f"{TRACE_MIN_MATVECS[trace_method]}, got {num_matvecs}."
             )
         reduction = getattr(loss_func, "reduction", None)
         if reduction not in ("mean", "sum"):
-            raise ShapeError(
+            raise ConfigError(
                 f"CurvatureTracker: {type(loss_func).__name__}(reduction={reduction!r}) is not "
                 "supported; use reduction='mean' or 'sum'."
             )

@@ -13,8 +13,14 @@ over processes of each local quantity is the quantity of the whole batch:
 - a non-finite loss, gradient or update on any process rejects the step on all
   of them (an all-reduce of a flag);
 - the damped inverse is rebuilt KAISA-style (Pauloski et al. 2021,
-  arXiv:2107.01739): each layer's eigendecompositions are computed on one process,
-  chosen greedily by cost :math:`d_A^3 + d_G^3`, and broadcast to the others.
+  arXiv:2107.01739): the preconditioner hands each layer's piece of work to
+  :meth:`DistributedCommunicator.distribute`, which computes it on one process,
+  chosen greedily by cost (:math:`d_A^3 + d_G^3` for the eigendecompositions),
+  broadcasts it to the others, and returns all pieces, which the preconditioner
+  assembles (:meth:`~curvkit.optim.preconditioner.KroneckerPreconditioner.refresh`).
+
+The communicator holds collectives only: it knows nothing of Kronecker factors or
+inverses, and every average carries an explicit label (its timer key).
 
 Processes with batches of different sizes give :meth:`DistributedCommunicator.set_batch_size`
 their local size, which weights every average by :math:`N_r/N`. ``reduction="sum"``
@@ -42,8 +48,6 @@ Example (run with ``torchrun --nproc_per_node 2 script.py``; see ``docs/distribu
 from __future__ import annotations
 
 import functools
-import sys
-import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -53,20 +57,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from curvkit.errors import CurvkitError, ShapeError
-from curvkit.operators import kron_math as km
-from curvkit.operators.kronecker import BlockDiagonalKFAC, KronEigenOperator
-from curvkit.operators.tridiag import TriDiagonalInverse, TriDiagonalKFAC
+from curvkit.errors import ConfigError, CurvkitError, ShapeError
 from curvkit.optim.comm import Communicator
+from curvkit.timing import Clock
 
 ASSIGNMENTS = ("distributed", "everywhere")
-#: Who calls ``average_`` (the caller's function name) → timer label.
-_CALLERS = {
-    "step": "gradients",
-    "update": "factors",
-    "update_scales": "ekfac_scales",
-    "_automatic_update": "ggn_products",
-}
 
 
 class DistributedError(CurvkitError, RuntimeError):
@@ -111,7 +106,7 @@ def flatten(obj) -> tuple[list[Tensor], object]:
         parts = [flatten(item) for item in obj]
         leaves = [t for sub, _ in parts for t in sub]
         return leaves, ("nest", type(obj), [layout for _, layout in parts])
-    raise ShapeError(f"flatten: cannot send an object of type {type(obj).__name__}.")
+    raise ConfigError(f"flatten: cannot send an object of type {type(obj).__name__}.")
 
 
 def unflatten(layout, leaves: list[Tensor]):
@@ -171,12 +166,12 @@ class DistributedCommunicator(Communicator):
         model: nn.Module | None = None,
     ):
         if not (dist.is_available() and dist.is_initialized()):
-            raise ShapeError(
+            raise ConfigError(
                 "DistributedCommunicator: torch.distributed is not initialised; call "
                 "torch.distributed.init_process_group() first (torchrun sets its environment)."
             )
         if inverse_assignment not in ASSIGNMENTS:
-            raise ShapeError(
+            raise ConfigError(
                 f"DistributedCommunicator: inverse_assignment={inverse_assignment!r} is not "
                 f"supported; use one of {ASSIGNMENTS}."
             )
@@ -244,7 +239,7 @@ class DistributedCommunicator(Communicator):
         for rank, other in enumerate(gathered[1:], start=1):
             problem = _replica_difference(ref, other)
             if problem is not None:
-                raise ShapeError(
+                raise ConfigError(
                     f"{where}: the model replicas differ: process {rank}'s {problem} "
                     "process 0's. Every process must start from the same weights: seed the "
                     "model's initialisation identically, or copy process 0's parameters "
@@ -280,19 +275,17 @@ class DistributedCommunicator(Communicator):
     # -- collectives ---------------------------------------------------------------------
     def _run(self, phase: str, what: str, fn: Callable[[], object]):
         """Run a collective timed under ``phase``; a failure becomes :class:`DistributedError`."""
-        start = time.perf_counter()
-        try:
-            return fn()
-        except RuntimeError as err:
-            limit = "the process group's timeout" if self.timeout is None else self.timeout
-            raise DistributedError(
-                f"Process {self.rank} of {self.world_size}: {what} failed ({self.backend}). "
-                "Another process probably raised an exception, died, or did not reach this "
-                f"collective within {limit}; see its log. Original error: {err}"
-            ) from err
-        finally:
-            self.timers[phase] += time.perf_counter() - start
-            self.counts[phase] += 1
+        self.counts[phase] += 1
+        with self.timed(phase):
+            try:
+                return fn()
+            except RuntimeError as err:
+                limit = "the process group's timeout" if self.timeout is None else self.timeout
+                raise DistributedError(
+                    f"Process {self.rank} of {self.world_size}: {what} failed ({self.backend}). "
+                    "Another process probably raised an exception, died, or did not reach "
+                    f"this collective within {limit}; see its log. Original error: {err}"
+                ) from err
 
     def _all_reduce(self, phase: str, tensor: Tensor, op=dist.ReduceOp.SUM) -> None:
         self._run(phase, f"all-reduce ({phase})", lambda: dist.all_reduce(tensor, op, self.group))
@@ -308,14 +301,15 @@ class DistributedCommunicator(Communicator):
         statistics subset's (equal up to rounding).
         """
         if n is not None and (int(n) != n or n < 1):
-            raise ShapeError(f"set_batch_size: n must be a positive integer or None, got {n!r}.")
+            raise ConfigError(f"set_batch_size: n must be a positive integer or None, got {n!r}.")
         self.batch_size = None if n is None else int(n)
 
-    def average_(self, tensors: list[Tensor], symmetric: int = 0) -> None:
+    def average_(self, tensors: list[Tensor], symmetric: int = 0, label: str = "other") -> None:
         """Average ``tensors`` over processes in place: one all-reduce of their concatenation.
 
         Of the first ``symmetric`` tensors (symmetric matrices) only the upper
-        triangles are sent; the averages are mirrored back.
+        triangles are sent; the averages are mirrored back. The all-reduce is timed
+        and counted under ``"average/<label>"``.
         """
         sym = [t for t in tensors[:symmetric] if t is not None]
         rest = [t for t in tensors[symmetric:] if t is not None]
@@ -336,7 +330,6 @@ class DistributedCommunicator(Communicator):
         )
         if self.batch_size is not None:
             flat = torch.cat([flat.mul_(self.batch_size), flat.new_full((1,), self.batch_size)])
-        label = _CALLERS.get(sys._getframe(1).f_code.co_name, "other")
         self._all_reduce(f"average/{label}", flat)
         flat = flat[:-1] / flat[-1] if self.batch_size is not None else flat.div_(self.world_size)
         offset = 0
@@ -398,84 +391,66 @@ class DistributedCommunicator(Communicator):
         self._all_reduce(phase, buf, dist.ReduceOp.MAX)
         return bool(buf.item() > 0)
 
-    # -- inverse -------------------------------------------------------------------------
-    def refresh(self, preconditioner, damping: float) -> None:
-        r"""Rebuild the preconditioner's inverse with damping :math:`\gamma^2`.
+    # -- shared work -----------------------------------------------------------------------
+    @property
+    def shares_work(self) -> bool:
+        """Whether :meth:`distribute` divides work (several processes, ``"distributed"``)."""
+        return self.world_size > 1 and self.inverse_assignment == "distributed"
 
-        With ``inverse_assignment="distributed"`` each layer's inverse is computed by
-        its owner (:func:`assign_layers`) and broadcast; the result equals
-        :meth:`~curvkit.optim.preconditioner.KroneckerPreconditioner.refresh` on one
-        process. EKFAC's inverse (reciprocals of the scales) is cheap and computed
-        everywhere; its eigenbasis is refreshed by the optimiser on every process.
+    def timed(self, phase: str):
+        """Time local work under ``phase`` in :attr:`timers` (e.g. ``"inverse/compute"``)."""
+        return Clock(phases=self.timers)(phase)
+
+    def distribute(
+        self,
+        label: str,
+        costs: Sequence[float],
+        compute: Callable[[int], object],
+        key=None,
+        *,
+        like: Tensor | None = None,
+    ) -> list:
+        """``compute(i)`` for every item ``i``, each on its owner, broadcast to all.
+
+        Owners come from :func:`assign_layers` with ``costs``, the first time a
+        ``(label, key)`` is seen; the plan (owners and the results' layouts, one
+        gather) is kept for that pair. An error on the owning process is re-raised
+        there and reported as :class:`DistributedError` on the others, so all
+        processes fail together. Timers: ``"inverse/compute"`` (this process's
+        items), ``"inverse/agree"`` and ``"inverse/broadcast"``.
+
+        Args:
+            label: The stage (e.g. ``"blocks"``, ``"chain"``), for the cache and errors.
+            costs: One cost per item.
+            compute: Item ``i``'s result, a nest of lists, tuples and tensors
+                (:func:`flatten`).
+            key: Changes exactly when the results' sizes may change.
+            like: A tensor of the dtype and device of the broadcast buffers (needed).
+
+        Returns:
+            The results in item order, equal on every process.
 
         Raises:
-            DistributedError: If the computation failed on another process (the
-                process where it failed re-raises its own error).
+            ConfigError: Without ``like``.
+            DistributedError: If the computation failed on another process.
         """
-        pre = preconditioner
-        if self.world_size == 1 or self.inverse_assignment == "everywhere" or pre.ekfac:
-            start = time.perf_counter()
-            pre.refresh(damping)
-            self.timers["inverse/compute"] += time.perf_counter() - start
-            return
-        if not pre.layers:
-            raise RuntimeError("refresh() before any statistics update.")
-        if pre.structure == "block-diagonal":
-            blocks = self._distribute(pre, "blocks", lambda i: _kron_block(pre, i, damping))
-            pre.inverse = KronEigenOperator(pre.layers, blocks)
-        else:
-            pre.inverse, pre.fallback_pairs = self._tridiagonal(pre, damping)
-        pre.inverse_damping = damping
-
-    def _tridiagonal(self, pre, damping: float):
-        r"""Tri-diagonal inverse (M&G §4.3) from chain pieces computed by their owners.
-
-        Undamped, the pieces share eigendecompositions of the factors, computed first
-        (also distributed); damped, each piece factorises its own shifted factors.
-        """
-        eig = None
-        if damping == 0:
-            eig = self._distribute(
-                pre, "eig", lambda i: [km.eigh_psd(pre.G[i]), km.eigh_psd(pre.A[i])]
-            )
-        pieces = self._distribute(
-            pre, "chain", lambda i: _chain_piece(pre, eig, i, damping), _chain_costs(pre)
-        )
-        L = len(pre.layers)
-        fallback = [
-            (pre.layers[i].name, pre.layers[i + 1].name, "no cross factor")
-            for i in range(L - 1)
-            if not _linked(pre, i)
-        ]
-        psi = [pieces[i][0] for i in range(L - 1)]
-        return TriDiagonalInverse(pre.layers, psi, [p[1] for p in pieces]), fallback
-
-    def _distribute(self, pre, stage: str, compute: Callable[[int], object], costs=None) -> list:
-        """``compute(i)`` for every layer ``i``, each on its owner, broadcast to all.
-
-        Owners come from :func:`assign_layers` with ``costs`` (default: :func:`_costs`).
-        """
-        key = (
-            stage,
-            pre.structure,
-            pre.damping_mode,
-            pre.factor_dtype,
-            tuple(pre.layers),
-            tuple(_linked(pre, i) for i in range(len(pre.layers) - 1)),
-        )
+        if like is None:
+            raise ConfigError("DistributedCommunicator.distribute: give like= (a tensor).")
+        stage = label
+        key = (label, key)
         layout = self._layouts.get(key)
         if layout is None:
-            owners = assign_layers(_costs(pre) if costs is None else costs, self.world_size)
+            owners = assign_layers(costs, self.world_size)
         else:
             owners = layout[0]
-        start, local, error = time.perf_counter(), {}, None
-        try:
-            for i, owner in enumerate(owners):
-                if owner == self.rank:
-                    local[i] = compute(i)
-        except Exception as err:  # re-raised after the agreement below
-            error = err
-        self.timers["inverse/compute"] += time.perf_counter() - start
+        local, error = {}, None
+        with self.timed("inverse/compute"):
+            try:
+                for i, owner in enumerate(owners):
+                    if owner == self.rank:
+                        local[i] = compute(i)
+            except Exception as err:  # re-raised after the agreement below
+                error = err
         if self._any(error is not None, "inverse/agree"):
             if error is not None:
                 raise error
@@ -493,7 +468,7 @@ class DistributedCommunicator(Communicator):
             )
             layout = (owners, {i: s for part in gathered for i, s in part.items()})
             self._layouts[key] = layout
-        return self._broadcast(owners, layout[1], local, pre.A[0])
+        return self._broadcast(owners, layout[1], local, like)
 
     def _broadcast(self, owners, specs, local: dict, like: Tensor) -> list:
         """One broadcast per owning process of its layers' tensors in a flat buffer."""
@@ -560,60 +535,6 @@ def _upper_indices(t: Tensor) -> tuple[Tensor, Tensor]:
     return _triu(t.shape[0], t.device)
 
 
-def _costs(pre) -> list[float]:
-    r"""Per layer :math:`d_A^3 + d_G^3`: the cost of its two eigendecompositions."""
-    return [float(a.shape[0] ** 3 + g.shape[0] ** 3) for a, g in zip(pre.A, pre.G)]
-
-
-def _chain_costs(pre) -> list[float]:
-    r"""Cost of layer :math:`i`'s chain piece, in units of :func:`_costs` :math:`c_i`.
-
-    Linked to the next layer: :math:`2c_i + c_{i+1}` (two generalised eigenproblems of
-    layer :math:`i`'s sizes, products with layer :math:`i+1`'s inverses); otherwise
-    :math:`c_i/4` (two factor inverses). Fitted to timings
-    of the half-width autoencoder; only the balance between processes depends on it.
-    """
-    c = _costs(pre)
-    return [
-        2 * c[i] + c[i + 1] if i + 1 < len(c) and _linked(pre, i) else c[i] / 4
-        for i in range(len(c))
-    ]
-
-
-def _linked(pre, i: int) -> bool:
-    """Whether layers ``i`` and ``i + 1`` have cross factors (tri-diagonal structure)."""
-    if pre.structure != "tridiagonal":
-        return False
-    return pre.cross_A[i] is not None and pre.cross_G[i] is not None
-
-
-def _kron_block(pre, i: int, damping: float) -> list:
-    """Layer ``i``'s pairs of the block-diagonal inverse, as the preconditioner computes them."""
-    op = BlockDiagonalKFAC([pre.layers[i]], [pre.A[i]], [pre.G[i]], [pre.bias_scale[i]])
-    return op.inverse(damping=damping, damping_mode=pre.damping_mode).blocks[0]
-
-
-def _chain_piece(pre, eig: list, i: int, damping: float) -> list:
-    r"""Layer ``i``'s :math:`(\Psi^G_i, \Psi^A_i)` (or ``None``) and :math:`\Sigma_{i|i+1}^{-1}`.
-
-    A two-layer :class:`~curvkit.operators.tridiag.TriDiagonalKFAC` over layers ``i``,
-    ``i + 1`` (one layer where the chain breaks), given the shared eigendecompositions
-    ``eig`` when undamped, computes exactly the pieces the whole chain's operator would.
-    """
-    idx = [i, i + 1] if i + 1 < len(pre.layers) and _linked(pre, i) else [i]
-    cross = [pre.cross_A[i]], [pre.cross_G[i]]
-    op = TriDiagonalKFAC(
-        [pre.layers[j] for j in idx],
-        [pre.A[j] for j in idx],
-        [pre.G[j] for j in idx],
-        *(cross if len(idx) == 2 else ([], [])),
-    )
-    if eig is not None:
-        op._eig = [tuple(tuple(e) for e in eig[j]) for j in idx]
-    inv = op.inverse(damping)
-    return [inv.psi[0] if len(idx) == 2 else None, inv.sigma_inv[0]]
-
-
 def make_kfac(
     model: nn.Module,
     loss_func: nn.Module,
@@ -638,7 +559,8 @@ def make_kfac(
         inverse_assignment: See :class:`DistributedCommunicator`.
         timeout: See :class:`DistributedCommunicator`.
         process_group: See :class:`DistributedCommunicator`.
-        **kwargs: Passed on to :class:`~curvkit.optim.KFAC`.
+        **kwargs: Passed on to :class:`~curvkit.optim.KFAC` (settings, or ``config=``
+            a :class:`~curvkit.optim.KFACConfig`; its ``seed`` is offset by the rank too).
 
     Returns:
         The optimiser.
@@ -653,16 +575,17 @@ def make_kfac(
     from curvkit.optim.kfac import KFAC
 
     if "comm" in kwargs:
-        raise ShapeError("make_kfac builds the communicator itself; call KFAC(comm=...) instead.")
+        raise ConfigError("make_kfac builds the communicator itself; call KFAC(comm=...) instead.")
     distributed = dist.is_available() and dist.is_initialized()
     if distributed and dist.get_world_size(process_group) > 1:
         if getattr(loss_func, "reduction", "mean") != "mean":
-            raise ShapeError(
+            raise ConfigError(
                 f"make_kfac: data-parallel K-FAC needs reduction='mean', got "
                 f"{type(loss_func).__name__}(reduction={loss_func.reduction!r}); averaging "
                 "sum-reduced factors over processes does not give the global ones."
             )
         comm = DistributedCommunicator(process_group, inverse_assignment, timeout, model=model)
-        kwargs["seed"] = kwargs.get("seed", 0) + comm.rank
+        config = kwargs.get("config")
+        kwargs["seed"] = kwargs.get("seed", 0 if config is None else config.seed) + comm.rank
         kwargs["comm"] = comm
     return KFAC(model, loss_func, params, **kwargs)

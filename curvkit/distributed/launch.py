@@ -22,7 +22,7 @@ from datetime import timedelta
 
 import torch
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 
 #: Environment variables ``torchrun`` sets in the processes it starts.
 LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -45,10 +45,10 @@ def torchrun_command(nproc: int, argv: Sequence[str], module: str = "curvkit") -
         The command as a list (``torch.distributed.run`` is ``torchrun``'s module).
 
     Raises:
-        ShapeError: If ``nproc`` is not a positive integer.
+        ConfigError: If ``nproc`` is not a positive integer.
     """
     if isinstance(nproc, bool) or int(nproc) != nproc or nproc < 1:
-        raise ShapeError(f"launch: nproc must be a positive integer, got {nproc!r}.")
+        raise ConfigError(f"launch: nproc must be a positive integer, got {nproc!r}.")
     return [
         sys.executable,
         "-m",
@@ -91,12 +91,12 @@ def launch(
         stops the others).
 
     Raises:
-        ShapeError: If ``nproc`` is not a positive integer, or when called from a
+        ConfigError: If ``nproc`` is not a positive integer, or when called from a
             process that ``torchrun`` started (which would launch recursively).
         subprocess.TimeoutExpired: After ``timeout`` (the processes are stopped).
     """
     if launched():
-        raise ShapeError(
+        raise ConfigError(
             "launch: this process was already started by torchrun; run the command "
             "directly instead of launching it again."
         )

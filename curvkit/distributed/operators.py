@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from curvkit.data import as_batches
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError, ShapeError
 from curvkit.operators import exact
 from curvkit.operators.base import CurvatureOperator
 from curvkit.operators.cg import CGInverse
@@ -84,7 +84,7 @@ class DistributedOperator(CurvatureOperator):
         check_inputs: bool = False,
     ):
         if not isinstance(op, CurvatureOperator):
-            raise ShapeError(
+            raise ConfigError(
                 "DistributedOperator: expected a curvkit CurvatureOperator, "
                 f"got {type(op).__name__}."
             )
@@ -92,7 +92,7 @@ class DistributedOperator(CurvatureOperator):
         if reduction is None and hasattr(op, "loss_func"):
             reduction = getattr(op.loss_func, "reduction", None)
         if num_data is None or reduction not in REDUCTIONS:
-            raise ShapeError(
+            raise ConfigError(
                 f"DistributedOperator: cannot tell how {type(op).__name__} is normalised; pass "
                 f"num_data= (examples on this process) and reduction= (one of {REDUCTIONS}). "
                 "Note that summing Kronecker approximations over shards does not give the "
@@ -143,7 +143,7 @@ class DistributedOperator(CurvatureOperator):
         both = torch.cat([summary, -summary])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         if not torch.equal(both[:3], -both[3:]):
-            raise ShapeError(
+            raise ConfigError(
                 "DistributedOperator: the processes multiply different matrices; give every "
                 "process the same vectors (estimators: the same seed)."
             )
@@ -163,7 +163,7 @@ def _wrap(op: CurvatureOperator, process_group, kwargs) -> CurvatureOperator:
 
 def _check_initialised(where: str) -> None:
     if not _initialised():
-        raise ShapeError(
+        raise ConfigError(
             f"{where}: torch.distributed is not initialised; call "
             "torch.distributed.init_process_group() first (torchrun sets its environment)."
         )
@@ -266,7 +266,7 @@ def distributed_loss_and_gradient(
         return loss, grad
     reduction = getattr(loss_func, "reduction", None)
     if reduction not in REDUCTIONS:
-        raise ShapeError(
+        raise ConfigError(
             f"distributed_loss_and_gradient: reduction={reduction!r} is not one of {REDUCTIONS}."
         )
     weight = float(n) if reduction == "mean" else 1.0

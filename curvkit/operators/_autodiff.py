@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -329,8 +329,3 @@ def join_columns(parts: Sequence[Tensor]) -> Tensor:
     """One ``[k, *shape]`` tensor per parameter to ``[D, k]``."""
     k = parts[0].shape[0]
     return torch.cat([p.reshape(k, -1) for p in parts], dim=1).T
-
-
-def loss_on_batch(model: nn.Module, loss_func: Callable, X, y, scale: float) -> Tensor:
-    """``scale * loss_func(model(X), y)``: the batch's share of the data-set loss."""
-    return scale * loss_func(model(X), y)

@@ -9,24 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
-
-def ema_decay(step: int, max_decay: float) -> float:
-    r"""Decay :math:`\varepsilon_k = \min(1 - 1/k, \varepsilon_{\max})` of the factor averages.
-
-    M&G §5: the first statistics replace the zero initialisation (``k = 1`` gives
-    decay 0), later ones are averaged with weight :math:`1 - \varepsilon_k`.
-
-    Args:
-        step: Number of statistics updates so far, including this one (``k ≥ 1``).
-        max_decay: :math:`\varepsilon_{\max}` (M&G use 0.95).
-    """
-    if step < 1:
-        raise ValueError(f"ema_decay: step must be >= 1, got {step}.")
-    return min(1.0 - 1.0 / step, max_decay)
-
 
 def lm_omega(T1: int, base: float = 19.0 / 20.0) -> float:
     r"""Levenberg–Marquardt factor :math:`\omega_1 = (19/20)^{T_1}` (M&G §6.5)."""
@@ -67,20 +49,6 @@ def reduction_ratio(loss_new: float, loss_old: float, model_change: float) -> fl
     if model_change == 0.0 or not math.isfinite(model_change):
         return float("nan")
     return (loss_new - loss_old) / model_change
-
-
-def factored_pi(A: Tensor, G: Tensor) -> float:
-    r"""Factored-Tikhonov ratio :math:`\pi` of M&G §6.3.
-
-    :math:`\pi = \sqrt{(\operatorname{tr} A / \dim A) / (\operatorname{tr} G / \dim G)}`.
-
-    Falls back to 1 where a trace is not positive.
-    """
-    ta = float(torch.trace(A)) / A.shape[0]
-    tg = float(torch.trace(G)) / G.shape[0]
-    if not (ta > 0 and tg > 0 and math.isfinite(ta) and math.isfinite(tg)):
-        return 1.0
-    return math.sqrt(ta / tg)
 
 
 @dataclass

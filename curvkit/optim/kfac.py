@@ -27,8 +27,6 @@ any state changes, so a call that raises changes nothing.
 from __future__ import annotations
 
 import math
-import numbers
-import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -36,15 +34,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError, ShapeError
 from curvkit.operators.kronecker import check_untied
 from curvkit.optim import damping as dm
 from curvkit.optim.capture import capture_forward, preserved_buffers
 from curvkit.optim.comm import Communicator
+from curvkit.optim.config import KINDS, KFACConfig, check_number
+from curvkit.optim.fallback import FALLBACKS, FirstOrderFallback
 from curvkit.optim.preconditioner import KroneckerPreconditioner, all_finite
+from curvkit.timing import Clock
 
-KINDS = ("kfac", "kflr", "empirical")
-FALLBACKS = ("adam", "sgd", None)
+__all__ = ["FALLBACKS", "KFAC", "KINDS", "KFACConfig"]
 
 
 class _NonFiniteBatch(Exception):
@@ -53,30 +53,6 @@ class _NonFiniteBatch(Exception):
     def __init__(self, loss):
         super().__init__("non-finite model output or loss")
         self.loss = loss
-
-
-def _check_number(
-    name: str, value, *, positive: bool = True, none: bool = False, infinite: bool = False
-) -> None:
-    """Raise :class:`ShapeError` unless ``value`` is a real number ``> 0`` (or ``>= 0``).
-
-    Args:
-        name: The argument, for the message.
-        value: Its value.
-        positive: ``> 0`` if true, ``>= 0`` otherwise.
-        none: Whether ``None`` is allowed.
-        infinite: Whether ``+inf`` is allowed.
-    """
-    if value is None and none:
-        return
-    bound = ("" if infinite else "finite ") + ("positive" if positive else "non-negative")
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = (v > 0 if positive else v >= 0) and (math.isfinite(v) or (infinite and v > 0))
-    if not ok:
-        extra = " or None" if none else ""
-        raise ShapeError(f"KFAC: {name} must be a {bound} number{extra}, got {value!r}.")
 
 
 class KFAC(torch.optim.Optimizer):
@@ -89,6 +65,9 @@ class KFAC(torch.optim.Optimizer):
             parameters). A layer's weight and bias must sit in the same group. A
             parameter listed twice raises; so does a weight tied between two modules
             (Kronecker factors are per module).
+        config: A :class:`~curvkit.optim.config.KFACConfig` holding the settings below;
+            keyword arguments given as well replace its fields. Without it, the
+            settings are the keyword arguments (defaults as listed).
         structure: ``"block-diagonal"`` or ``"tridiagonal"``.
         kind: Statistics: ``"kfac"`` (sampled labels; M&G), ``"kflr"`` (exact
             GGN square root), ``"empirical"`` (true labels).
@@ -149,10 +128,16 @@ class KFAC(torch.optim.Optimizer):
             Default: one process. A ``DistributedDataParallel`` model needs one:
             build the optimiser with :func:`curvkit.distributed.make_kfac`.
 
+    All settings are checked (:meth:`KFACConfig.validate
+    <curvkit.optim.config.KFACConfig.validate>`) before anything is built; the
+    optimiser keeps them in :attr:`config`.
+
     Raises:
-        ShapeError: For an argument out of its range (NaN, infinite, negative where a
-            positive number is due), a parameter listed twice, or parameter groups
-            mixing ``lr=None`` with a fixed ``lr``.
+        ConfigError: For an argument out of its range (NaN, infinite, negative where a
+            positive number is due), an unknown name (structure, kind, ...), a
+            parameter listed twice, or parameter groups mixing ``lr=None`` with a
+            fixed ``lr``; for an unknown keyword argument the error is also a
+            ``TypeError``.
         UnsupportedModuleError: For a weight tied between two modules.
 
     Example:
@@ -175,117 +160,68 @@ class KFAC(torch.optim.Optimizer):
         loss_func: nn.Module,
         params=None,
         *,
-        structure: str = "block-diagonal",
-        kind: str = "kfac",
-        lr: float | None = None,
-        momentum: float = 0.0,
-        damping: float = 1e-2,
-        damping_mode: str = "factored",
-        adapt_damping: bool | None = None,
-        T_cov: int = 1,
-        T_inv: int = 20,
-        T1: int = 5,
-        T2: int | None = None,
-        ema_max: float = 0.95,
-        mc_samples: int = 1,
-        stats_fraction: float = 1.0,
-        l2: float = 0.0,
-        weight_decay: float = 0.0,
-        kl_clip: float | None = None,
-        min_damping: float | None = None,
-        max_damping: float = 1e6,
-        factor_dtype: torch.dtype | None = None,
-        ekfac: bool = False,
-        ekfac_correction: str = "empirical",
-        seed: int = 0,
-        fallback: str | None = "adam",
-        fallback_lr: float = 1e-3,
+        config: KFACConfig | None = None,
         comm: Communicator | None = None,
+        **kwargs,
     ):
-        if kind not in KINDS:
-            raise ShapeError(f"KFAC: kind={kind!r} is not supported; use one of {KINDS}.")
-        for name, value in [
-            ("T_cov", T_cov),
-            ("T_inv", T_inv),
-            ("T1", T1),
-            ("mc_samples", mc_samples),
-        ]:
-            if int(value) != value or value < 1:
-                raise ShapeError(f"KFAC: {name} must be a positive integer, got {value!r}.")
-        if T2 is not None and (int(T2) != T2 or T2 < 1):
-            raise ShapeError(f"KFAC: T2 must be a positive integer or None, got {T2!r}.")
-        if ekfac and ekfac_correction == "kind":
-            convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
-            if convs:
-                raise ShapeError(
-                    f"KFAC: ekfac_correction='kind' supports Linear layers only; the model has "
-                    f"conv layers {convs}. Use ekfac_correction='empirical'."
-                )
-        if not 0.0 < stats_fraction <= 1.0:
-            raise ShapeError(f"KFAC: stats_fraction must lie in (0, 1], got {stats_fraction}.")
-        _check_number("damping", damping)
-        _check_number("lr", lr, none=True)
-        _check_number("momentum", momentum, positive=False)
-        _check_number("l2", l2, positive=False)
-        _check_number("weight_decay", weight_decay, positive=False)
-        _check_number("kl_clip", kl_clip, none=True)
-        _check_number("min_damping", min_damping, positive=False, none=True)
-        _check_number("max_damping", max_damping, infinite=True)
-        _check_number("fallback_lr", fallback_lr)
-        if min_damping is not None and min_damping > max_damping:
-            raise ShapeError(f"KFAC: min_damping={min_damping} exceeds max_damping={max_damping}.")
-        if not 0.0 <= ema_max < 1.0:
-            raise ShapeError(f"KFAC: ema_max must lie in [0, 1), got {ema_max!r}.")
-        if fallback not in FALLBACKS:
-            raise ShapeError(
-                f"KFAC: fallback={fallback!r} is not supported; use one of {FALLBACKS}."
-            )
-        if factor_dtype not in (None, torch.float32, torch.float64):
-            raise ShapeError(f"KFAC: factor_dtype must be float32 or float64, got {factor_dtype}.")
+        cfg = KFACConfig.from_kwargs(config, **kwargs)  # every value checked here
+        cfg.check_model(model)
         net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         check_untied(net, "KFAC")
-        self._automatic = lr is None  # the step mode; param groups may not change it
+        if comm is None and net is not model:
+            raise ConfigError(
+                "KFAC got a DistributedDataParallel model without a communicator; build it "
+                "with curvkit.distributed.make_kfac(model, loss_func, ...), which adds the "
+                "communicator and a per-process sampling seed."
+            )
+        self._automatic = cfg.lr is None  # the step mode; param groups may not change it
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip)
+        defaults = dict(
+            lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, kl_clip=cfg.kl_clip
+        )
         super().__init__(params, defaults)
+        factor_dtype = cfg.factor_dtype
         if factor_dtype is None:
             dtype = self.param_groups[0]["params"][0].dtype
             factor_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        #: The settings this optimiser was built with (``None`` fields as given).
+        self.config = cfg
         self.model = model
         # a DistributedDataParallel wrapper is called by the closure; the curvature
         # passes run on the module inside it (their gradients are averaged by `comm`)
         self.net = net
         self.loss_func = loss_func
-        self.kind = kind
-        self.structure = structure
-        self.damping_mode = damping_mode
-        self.mc_samples = mc_samples
-        self.stats_fraction = stats_fraction
-        self.T_cov, self.T_inv, self.T1, self.T2 = T_cov, T_inv, T1, T2
-        self.l2 = l2
+        self.kind = cfg.kind
+        self.structure = cfg.structure
+        self.damping_mode = cfg.damping_mode
+        self.mc_samples = cfg.mc_samples
+        self.stats_fraction = cfg.stats_fraction
+        self.T_cov, self.T_inv, self.T1, self.T2 = cfg.T_cov, cfg.T_inv, cfg.T1, cfg.T2
+        self.l2 = cfg.l2
+        min_damping = cfg.min_damping
         if min_damping is None:
             low_precision = factor_dtype != torch.float64
-            min_damping = 1e-6 if structure == "tridiagonal" and low_precision else 1e-8
-        self.min_damping, self.max_damping = min_damping, max_damping
-        self.adapt_damping = (lr is None) if adapt_damping is None else adapt_damping
+            min_damping = 1e-6 if cfg.structure == "tridiagonal" and low_precision else 1e-8
+        self.min_damping, self.max_damping = min_damping, cfg.max_damping
+        self.adapt_damping = (cfg.lr is None) if cfg.adapt_damping is None else cfg.adapt_damping
         self.preconditioner = KroneckerPreconditioner(
-            structure, kind, damping_mode, ema_max, factor_dtype, ekfac, ekfac_correction
+            cfg.structure,
+            cfg.kind,
+            cfg.damping_mode,
+            cfg.ema_max,
+            factor_dtype,
+            cfg.ekfac,
+            cfg.ekfac_correction,
         )
-        self.fallback, self.fallback_lr = fallback, fallback_lr
-        self._announced = False
-        if comm is None and self.net is not model:
-            raise ShapeError(
-                "KFAC got a DistributedDataParallel model without a communicator; build it "
-                "with curvkit.distributed.make_kfac(model, loss_func, ...), which adds the "
-                "communicator and a per-process sampling seed."
-            )
+        self.fallback, self.fallback_lr = cfg.fallback, cfg.fallback_lr
+        self.first_order = FirstOrderFallback(cfg.fallback, cfg.fallback_lr)
         self.comm = comm if comm is not None else Communicator()
-        self.generator = torch.Generator(device=_device_of(model)).manual_seed(seed)
+        self.generator = torch.Generator(device=_device_of(model)).manual_seed(cfg.seed)
         self.state["kfac"] = {
             "step": 0,
-            "damping": float(damping),
-            "gamma": math.sqrt(damping + l2),
+            "damping": float(cfg.damping),
+            "gamma": math.sqrt(cfg.damping + cfg.l2),
             "last_rho": float("nan"),
         }
         self.events: list[dict] = []
@@ -306,7 +242,7 @@ class KFAC(torch.optim.Optimizer):
         """Add a parameter group after validating it (see :class:`KFAC`'s arguments).
 
         Raises:
-            ShapeError: For a parameter listed twice, a value out of range, or an
+            ConfigError: For a parameter listed twice, a value out of range, or an
                 ``lr`` whose mode (``None`` or a number) differs from the other groups'.
         """
         params = param_group["params"]
@@ -318,7 +254,7 @@ class KFAC(torch.optim.Optimizer):
         seen: dict[int, int] = {}
         for i, p in enumerate(params):
             if id(p) in seen:
-                raise ShapeError(
+                raise ConfigError(
                     f"KFAC: params[{i}] is params[{seen[id(p)]}] (shape {tuple(p.shape)}); "
                     "list each parameter once (a tied weight is one parameter)."
                 )
@@ -326,7 +262,7 @@ class KFAC(torch.optim.Optimizer):
         self._check_group({**self.defaults, **param_group})
         lr = param_group.get("lr", self.defaults["lr"])
         if (lr is None) != self._automatic:
-            raise ShapeError(
+            raise ConfigError(
                 f"KFAC: a parameter group has lr={lr!r}, but the optimiser uses "
                 f"{'the automatic step (lr=None)' if self._automatic else 'a fixed lr'}; the "
                 "automatic step sets one step for all parameters, so give every parameter "
@@ -336,10 +272,10 @@ class KFAC(torch.optim.Optimizer):
 
     @staticmethod
     def _check_group(group: dict) -> None:
-        _check_number("lr", group["lr"], positive=False, none=True)  # 0 freezes a group
-        _check_number("momentum", group["momentum"], positive=False)
-        _check_number("weight_decay", group["weight_decay"], positive=False)
-        _check_number("kl_clip", group["kl_clip"], none=True)
+        check_number("KFAC", "lr", group["lr"], positive=False, none=True)  # 0 freezes a group
+        check_number("KFAC", "momentum", group["momentum"], positive=False)
+        check_number("KFAC", "weight_decay", group["weight_decay"], positive=False)
+        check_number("KFAC", "kl_clip", group["kl_clip"], none=True)
 
     def _check_groups(self, groups: list[dict]) -> None:
         """Validate parameter groups (which a user or a scheduler may have changed)."""
@@ -347,25 +283,25 @@ class KFAC(torch.optim.Optimizer):
             self._check_group(group)
         modes = {group["lr"] is None for group in groups}
         if len(modes) > 1:
-            raise ShapeError(
+            raise ConfigError(
                 "KFAC: parameter groups mix lr=None (automatic step) with a fixed lr; give "
                 "every group lr=None or every group a fixed lr."
             )
         for i, group in enumerate(groups):
             if (group["lr"] is None) != self._automatic:
                 if self._automatic:
-                    raise ShapeError(
+                    raise ConfigError(
                         f"KFAC: constructed with lr=None (the automatic step of M&G §7, which "
                         f"chooses the step size itself), but param group {i} now has "
                         f"lr={group['lr']!r} (set by an LR scheduler or by hand). Construct "
                         "KFAC with a fixed lr to schedule it."
                     )
-                raise ShapeError(
+                raise ConfigError(
                     f"KFAC: constructed with a fixed lr, but param group {i} now has lr=None; "
                     "construct KFAC with lr=None for the automatic step."
                 )
         if self._automatic and any("initial_lr" in group for group in groups):
-            raise ShapeError(
+            raise ConfigError(
                 "KFAC: an LR scheduler is attached, but with lr=None the automatic step "
                 "(M&G §7) chooses the step size from the quadratic model and has no learning "
                 "rate to schedule. Construct KFAC with a fixed lr to use a scheduler."
@@ -384,14 +320,16 @@ class KFAC(torch.optim.Optimizer):
             The loss before the step.
 
         Raises:
-            ShapeError: For a closure that calls ``backward()`` or does not call the
-                model and the loss once each, an empty batch, or parameter groups
+            ConfigError: For a closure that is not callable, or parameter groups
                 changed into an invalid state (e.g. ``lr`` NaN, a scheduler on the
-                automatic step). Nothing changes then: parameters, optimiser state
-                and the model's buffers are as before the call.
+                automatic step).
+            ShapeError: For a closure that calls ``backward()`` or does not call the
+                model and the loss once each, or an empty batch. Nothing changes
+                then: parameters, optimiser state and the model's buffers are as
+                before the call.
         """
         if not callable(closure):
-            raise ShapeError(
+            raise ConfigError(
                 "KFAC.step needs a closure that runs the forward pass and returns the loss, "
                 "e.g. `opt.step(lambda: loss_func(model(X), y))`."
             )
@@ -424,14 +362,14 @@ class KFAC(torch.optim.Optimizer):
             loss = records.loss
             params = records.params
             others = [p for _, _, ps in records.unfactored for p in ps]
-            self._announce(records)
+            self.first_order.announce(records.unfactored, stacklevel=3)
             grads = [p.grad for p in params]
             other_grads = [p.grad for p in others]
             if self.comm.any(not all_finite([loss, *grads, *other_grads])):
                 return reject(loss, "non-finite loss or gradient")
             with self._timer("communication"):
                 loss = loss.clone()
-                self.comm.average_([*grads, *other_grads, loss])
+                self.comm.average_([*grads, *other_grads, loss], label="gradients")
             if stats:
                 try:
                     with self._timer("factors"):
@@ -547,59 +485,27 @@ class KFAC(torch.optim.Optimizer):
             scale = (full.reduction_factor * N) / (sub.reduction_factor * n_stats)
             return full, sub, scale, X, y
 
-    def _announce(self, records) -> None:
-        if records.unfactored and not self._announced:
-            names = ", ".join(f"{type(m).__name__} {n!r}" for n, m, _ in records.unfactored)
-            warnings.warn(
-                f"KFAC: no Kronecker factors for {names}; their parameters are updated by "
-                f"{self.fallback} (lr={self.fallback_lr}) outside the K-FAC step.",
-                stacklevel=3,
-            )
-            self._announced = True
-
     def _fallback_update(self, params, grads, pending: list) -> Tensor:
         """First-order updates (flat) of the parameters without Kronecker factors.
 
         The new buffers go to ``pending`` as ``(state, key, value)``; the step stores
-        them only if it is accepted.
+        them only if it is accepted (see :class:`~curvkit.optim.fallback.FirstOrderFallback`).
         """
-        if not params:
-            return torch.zeros(0, device=self._flat_device(), dtype=self._flat_dtype())
         group_of = {p: g for g in self.param_groups for p in g["params"]}
-        out = []
-        for p, g in zip(params, grads):
-            state = self.state[p]
-            if self.fallback == "sgd":
-                mom = group_of[p]["momentum"] if p in group_of else 0.0
-                buf = state.get("momentum_buffer")
-                buf = g.clone() if buf is None else buf.mul(mom).add_(g)
-                pending.append((state, "momentum_buffer", buf))
-                d = -self.fallback_lr * buf
-            else:  # Adam (Kingma & Ba 2015), betas (0.9, 0.999), eps 1e-8
-                t = state.get("adam_step", 0) + 1
-                m = state.get("exp_avg", torch.zeros_like(g)).mul(0.9)
-                v = state.get("exp_avg_sq", torch.zeros_like(g)).mul(0.999)
-                m.add_(g, alpha=0.1)
-                v.addcmul_(g, g, value=0.001)
-                pending += [
-                    (state, "adam_step", t),
-                    (state, "exp_avg", m),
-                    (state, "exp_avg_sq", v),
-                ]
-                d = -self.fallback_lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
-            out.append(d.reshape(-1))
-        return torch.cat(out)
-
-    def _flat_device(self):
-        return self.param_groups[0]["params"][0].device
-
-    def _flat_dtype(self):
-        return self.param_groups[0]["params"][0].dtype
+        like = self.param_groups[0]["params"][0]
+        return self.first_order.update(
+            params,
+            grads,
+            state_of=lambda p: self.state[p],
+            momentum_of=lambda p: group_of[p]["momentum"] if p in group_of else 0.0,
+            pending=pending,
+            like=like,
+        )
 
     def _refresh(self, gamma: float | None = None) -> None:
         with self._timer("inverses"):
             gamma = self.state["kfac"]["gamma"] if gamma is None else gamma
-            self.comm.refresh(self.preconditioner, gamma**2)
+            self.preconditioner.refresh(gamma**2, comm=self.comm)
             if self.preconditioner.fallback_pairs and not getattr(self, "_warned_pairs", False):
                 warnings.warn(
                     "KFAC(structure='tridiagonal'): no cross factors between "
@@ -655,7 +561,7 @@ class KFAC(torch.optim.Optimizer):
             warnings.filterwarnings("ignore", message=".*is in training mode.*")
             G = ggn(self.net, self.loss_func, (X, y), params=params)
             Q = G.quadratic_form(torch.stack(vecs, 1))
-        self.comm.average_([Q])
+        self.comm.average_([Q], label="ggn_products")
         return Q
 
     def _automatic_update(self, X, y, params, flat_g, proposal, Q=None):
@@ -728,14 +634,19 @@ class KFAC(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _timer(self, phase: str):
-        return _Timer(self.timers, phase)
+        return Clock(phases=self.timers)(phase)
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Parameter state, step counters, damping, factors, inverses and the sampler's RNG."""
+        """Parameter state, counters, damping, factors, inverses, RNG and configuration.
+
+        The configuration is :meth:`KFACConfig.to_dict` (plain strings and numbers), so
+        ``torch.load(..., weights_only=True)`` reads the whole state.
+        """
         sd = super().state_dict()
         sd["preconditioner"] = self.preconditioner.state_dict()
         sd["generator"] = self.generator.get_state()
+        sd["config"] = self.config.to_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -745,10 +656,16 @@ class KFAC(torch.optim.Optimizer):
         ``torch.optim.Optimizer.load_state_dict``): a state that does not fit leaves
         this optimiser as it was.
 
+        The saved configuration's structural fields (:data:`~curvkit.optim.config.STRUCTURAL`:
+        structure, kind, damping mode, EKFAC setting and correction, fallback rule) must
+        equal this optimiser's; the others (damping, intervals, ...) may differ. A state
+        saved without a configuration is checked through its factors only.
+
         Raises:
-            ShapeError: If the state comes from an optimiser of another structure,
-                kind, damping mode, EKFAC setting or step mode, its factors do not fit,
-                its parameter groups are invalid, or it lacks entries.
+            ConfigError: If the state comes from an optimiser of another structure,
+                kind, damping mode, EKFAC setting, fallback or step mode, its
+                parameter groups are invalid, or it lacks entries.
+            ShapeError: If its factors do not fit.
             ValueError: From ``torch.optim``, if the parameter groups do not match.
         """
         from copy import copy
@@ -756,47 +673,39 @@ class KFAC(torch.optim.Optimizer):
         missing = [k for k in ("state", "param_groups", "preconditioner", "generator")]
         missing = [k for k in missing if k not in state_dict]
         if missing:
-            raise ShapeError(f"KFAC.load_state_dict: the state lacks {missing}.")
+            raise ConfigError(f"KFAC.load_state_dict: the state lacks {missing}.")
         state_dict = dict(state_dict)
         pre_state = state_dict.pop("preconditioner")
         gen_state = state_dict.pop("generator")
+        saved_config = state_dict.pop("config", None)
+        if saved_config is not None:
+            self.config.check_compatible(saved_config)
         counters = state_dict["state"].get("kfac")
         need = ("step", "damping", "gamma", "last_rho")
         if not isinstance(counters, dict) or any(k not in counters for k in need):
-            raise ShapeError(f"KFAC.load_state_dict: the state lacks the K-FAC counters {need}.")
+            raise ConfigError(f"KFAC.load_state_dict: the state lacks the K-FAC counters {need}.")
         groups = state_dict["param_groups"]
         automatic = self._automatic
         if groups and (groups[0].get("lr") is None) != automatic:
             mode = "automatic (lr=None)" if groups[0].get("lr") is None else "fixed-lr"
-            raise ShapeError(
+            raise ConfigError(
                 f"KFAC.load_state_dict: the state is from a {mode} optimiser; construct KFAC "
                 f"with {'lr=None' if mode.startswith('auto') else 'a fixed lr'} to load it."
             )
         try:
             self._check_groups([{**self.defaults, **g} for g in groups])
-        except ShapeError as err:
-            raise ShapeError(f"KFAC.load_state_dict: {err}") from None
+        except ConfigError as err:
+            raise ConfigError(f"KFAC.load_state_dict: {err}") from None
         fresh = copy(self.preconditioner)  # configuration; the loaded state replaces the rest
         fresh.load_state_dict(pre_state)  # raises on a mismatch; self is untouched
         generator = torch.Generator(device=self.generator.device)
         try:
             generator.set_state(gen_state)
         except (TypeError, RuntimeError, ValueError) as err:
-            raise ShapeError("KFAC.load_state_dict: the sampler state is malformed.") from err
+            raise ConfigError("KFAC.load_state_dict: the sampler state is malformed.") from err
         super().load_state_dict(state_dict)  # validates the groups before changing anything
         self.preconditioner = fresh
         self.generator.set_state(gen_state)
-
-
-class _Timer:
-    def __init__(self, timers, phase):
-        self.timers, self.phase = timers, phase
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timers[self.phase] += time.perf_counter() - self.t0
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -9,15 +9,15 @@ Works for any differentiable model.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 from curvkit.optim.capture import capture_batch, preserved_buffers
+from curvkit.optim.config import check_number
 from curvkit.optim.preconditioner import all_finite
 
 SOLVERS = ("cg", "dense")
@@ -43,7 +43,7 @@ class NaturalGradient(torch.optim.Optimizer):
         last_info: Solver information of the last step (CG iterations and residuals).
 
     Raises:
-        ShapeError: For an unknown solver or curvature, a ``lr``, ``damping`` or
+        ConfigError: For an unknown solver or curvature, a ``lr``, ``damping`` or
             ``momentum`` out of range (NaN, infinite, negative), a parameter listed
             twice, or more than one parameter group.
 
@@ -76,31 +76,27 @@ class NaturalGradient(torch.optim.Optimizer):
         cg_maxiter: int = 250,
     ):
         if solver not in SOLVERS:
-            raise ShapeError(f"NaturalGradient: solver={solver!r} is not supported; use {SOLVERS}.")
+            raise ConfigError(
+                f"NaturalGradient: solver={solver!r} is not supported; use {SOLVERS}."
+            )
         if curvature not in CURVATURES:
-            raise ShapeError(
+            raise ConfigError(
                 f"NaturalGradient: curvature={curvature!r} is not supported; use {CURVATURES}."
             )
-        for name, value, low in [("lr", lr, 0.0), ("damping", damping, 0.0)]:
-            if not (isinstance(value, (int, float)) and low < value < math.inf):
-                raise ShapeError(
-                    f"NaturalGradient: {name} must be a finite positive number, got {value!r}."
-                )
-        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < math.inf):
-            raise ShapeError(
-                f"NaturalGradient: momentum must be a finite non-negative number, got {momentum!r}."
-            )
+        check_number("NaturalGradient", "lr", lr)
+        check_number("NaturalGradient", "damping", damping)
+        check_number("NaturalGradient", "momentum", momentum, positive=False)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         params = list(params)
         if len({id(p) for p in params}) != len(params):
-            raise ShapeError(
+            raise ConfigError(
                 "NaturalGradient: a parameter is listed twice; list each parameter once (a "
                 "weight tied between modules is one parameter)."
             )
         super().__init__(params, dict(lr=lr, damping=damping, momentum=momentum))
         if len(self.param_groups) != 1:
-            raise ShapeError("NaturalGradient: one parameter group (the Fisher couples them all).")
+            raise ConfigError("NaturalGradient: one parameter group (the Fisher couples them all).")
         self.model, self.loss_func = model, loss_func
         self.solver, self.curvature = solver, curvature
         self.cg_tol, self.cg_maxiter = cg_tol, cg_maxiter

@@ -9,6 +9,8 @@ tensors and numbers, so ``torch.save`` with ``weights_only=True`` can store it.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,7 @@ from curvkit.operators.ekfac import (
     record_eigenvalues,
 )
 from curvkit.operators.kronecker import (
+    STRUCTURES,
     BlockDiagonalKFAC,
     KronEigenOperator,
     KronLayer,
@@ -43,9 +46,6 @@ def all_finite(tensors) -> bool:
     if bool(torch.isfinite(sums).all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-STRUCTURES = ("block-diagonal", "tridiagonal")
 
 
 class KroneckerPreconditioner:
@@ -145,7 +145,7 @@ class KroneckerPreconditioner:
                 new_cG.append(r.cross_G[self.kind].to(self.factor_dtype) if ok else None)
         tensors = new_A + new_G + [t for t in new_cA + new_cG if t is not None]
         if comm is not None:  # A and G are symmetric: their upper triangles suffice
-            comm.average_(tensors, symmetric=len(new_A) + len(new_G))
+            comm.average_(tensors, symmetric=len(new_A) + len(new_G), label="factors")
         if not all_finite(tensors):
             raise FloatingPointError("Non-finite Kronecker factors in this batch.")
         self.updates += 1
@@ -175,7 +175,7 @@ class KroneckerPreconditioner:
         weight = 1.0 / records.reduction_factor
         new = record_eigenvalues(self.layers, self.bases, records, weight, self.ekfac_source)
         if comm is not None:
-            comm.average_([t for layer in new for t in layer])
+            comm.average_([t for layer in new for t in layer], label="ekfac_scales")
         if not all_finite([t for layer in new for t in layer]):
             raise FloatingPointError("Non-finite EKFAC scales in this batch.")
         self.scale_updates += 1
@@ -187,14 +187,29 @@ class KroneckerPreconditioner:
             _ema(old_layer, new_layer, decay)
 
     # -- inverse -------------------------------------------------------------------------
-    def refresh(self, damping: float) -> None:
+    def refresh(self, damping: float, comm=None) -> None:
         r"""Rebuild the inverse from the current averages with damping :math:`\gamma^2`.
 
         Args:
             damping: The damping the inverse applies (M&G's :math:`\gamma^2`).
+            comm: A :class:`~curvkit.optim.comm.Communicator`. If it shares work
+                between processes (``comm.shares_work``), each layer's piece of the
+                inverse (:meth:`inverse_work`) is computed by one process and sent to
+                the others (``comm.distribute``), and the pieces are assembled here;
+                the result equals the one-process inverse. EKFAC's inverse
+                (reciprocals of the scales) is cheap and always computed on every
+                process.
         """
         if not self.layers:
             raise RuntimeError("refresh() before any statistics update.")
+        if comm is not None and comm.shares_work and not self.ekfac:
+            self._refresh_shared(damping, comm)
+        else:
+            with nullcontext() if comm is None else comm.timed("inverse/compute"):
+                self._refresh_local(damping)
+        self.inverse_damping = damping
+
+    def _refresh_local(self, damping: float) -> None:
         if self.ekfac:
             if self.bases is None or self.S is None:
                 raise RuntimeError("EKFAC refresh() needs refresh_basis() and update_scales().")
@@ -217,7 +232,115 @@ class KroneckerPreconditioner:
             )
             self.inverse = op.inverse(damping=damping)
             self.fallback_pairs = list(getattr(op, "fallback_pairs", []))
-        self.inverse_damping = damping
+
+    # -- inverse work shared between processes -------------------------------------------
+    def inverse_work(self, stage: str, damping: float, eig: list | None = None):
+        """The per-layer work of one stage of the inverse: ``(costs, compute, key)``.
+
+        Stages: ``"blocks"`` (block-diagonal: each layer's eigen-pairs); for the
+        tri-diagonal structure ``"eig"`` (undamped only: the factors'
+        eigendecompositions, shared by the next stage) and ``"chain"`` (each layer's
+        chain piece, given ``eig`` when undamped).
+
+        Returns:
+            ``costs`` (one number per layer, for balancing), ``compute(i)`` (layer
+            ``i``'s piece: a nest of tensors) and ``key``, which changes exactly when
+            the pieces' sizes may change (layers, structure, links, dtype).
+        """
+        key = (
+            stage,
+            self.structure,
+            self.damping_mode,
+            self.factor_dtype,
+            tuple(self.layers),
+            tuple(self._linked(i) for i in range(len(self.layers) - 1)),
+        )
+        if stage == "blocks":
+            return self._costs(), lambda i: self._block_piece(i, damping), key
+        if stage == "eig":
+            return (
+                self._costs(),
+                lambda i: [km.eigh_psd(self.G[i]), km.eigh_psd(self.A[i])],
+                key,
+            )
+        if stage == "chain":
+            return self._chain_costs(), lambda i: self._chain_piece(eig, i, damping), key
+        raise ValueError(f"inverse_work: unknown stage {stage!r}.")
+
+    def _refresh_shared(self, damping: float, comm) -> None:
+        """The inverse from pieces that ``comm`` shares out (see :meth:`refresh`)."""
+        like = self.A[0]
+        if self.structure == "block-diagonal":
+            blocks = comm.distribute("blocks", *self.inverse_work("blocks", damping), like=like)
+            self.inverse = KronEigenOperator(self.layers, blocks)
+            return
+        from curvkit.operators.tridiag import TriDiagonalInverse
+
+        eig = None
+        if damping == 0:  # undamped: the pieces share the factors' eigendecompositions
+            eig = comm.distribute("eig", *self.inverse_work("eig", damping), like=like)
+        pieces = comm.distribute("chain", *self.inverse_work("chain", damping, eig), like=like)
+        L = len(self.layers)
+        self.fallback_pairs = [
+            (self.layers[i].name, self.layers[i + 1].name, "no cross factor")
+            for i in range(L - 1)
+            if not self._linked(i)
+        ]
+        psi = [pieces[i][0] for i in range(L - 1)]
+        self.inverse = TriDiagonalInverse(self.layers, psi, [p[1] for p in pieces])
+
+    def _costs(self) -> list[float]:
+        r"""Per layer :math:`d_A^3 + d_G^3`: the cost of its two eigendecompositions."""
+        return [float(a.shape[0] ** 3 + g.shape[0] ** 3) for a, g in zip(self.A, self.G)]
+
+    def _chain_costs(self) -> list[float]:
+        r"""Cost of layer :math:`i`'s chain piece, in units of :meth:`_costs` :math:`c_i`.
+
+        Linked to the next layer: :math:`2c_i + c_{i+1}` (two generalised eigenproblems of
+        layer :math:`i`'s sizes, products with layer :math:`i+1`'s inverses); otherwise
+        :math:`c_i/4` (two factor inverses). Fitted to timings of the half-width
+        autoencoder; only the balance between processes depends on it.
+        """
+        c = self._costs()
+        return [
+            2 * c[i] + c[i + 1] if i + 1 < len(c) and self._linked(i) else c[i] / 4
+            for i in range(len(c))
+        ]
+
+    def _linked(self, i: int) -> bool:
+        """Whether layers ``i`` and ``i + 1`` have cross factors (tri-diagonal structure)."""
+        if self.structure != "tridiagonal":
+            return False
+        return self.cross_A[i] is not None and self.cross_G[i] is not None
+
+    def _block_piece(self, i: int, damping: float) -> list:
+        """Layer ``i``'s pairs of the block-diagonal inverse, as :meth:`refresh` computes them."""
+        op = BlockDiagonalKFAC([self.layers[i]], [self.A[i]], [self.G[i]], [self.bias_scale[i]])
+        return op.inverse(damping=damping, damping_mode=self.damping_mode).blocks[0]
+
+    def _chain_piece(self, eig: list | None, i: int, damping: float) -> list:
+        r"""Layer ``i``'s chain piece :math:`(\Psi^G_i, \Psi^A_i)` and :math:`\Sigma_{i|i+1}^{-1}`.
+
+        :math:`\Psi` is ``None`` where the chain breaks after layer ``i``.
+
+        A two-layer :class:`~curvkit.operators.tridiag.TriDiagonalKFAC` over layers ``i``,
+        ``i + 1`` (one layer where the chain breaks), given the shared eigendecompositions
+        ``eig`` when undamped, computes exactly the pieces the whole chain's operator would.
+        """
+        from curvkit.operators.tridiag import TriDiagonalKFAC
+
+        idx = [i, i + 1] if i + 1 < len(self.layers) and self._linked(i) else [i]
+        cross = [self.cross_A[i]], [self.cross_G[i]]
+        op = TriDiagonalKFAC(
+            [self.layers[j] for j in idx],
+            [self.A[j] for j in idx],
+            [self.G[j] for j in idx],
+            *(cross if len(idx) == 2 else ([], [])),
+        )
+        if eig is not None:
+            op._eig = [tuple(tuple(e) for e in eig[j]) for j in idx]
+        inv = op.inverse(damping)
+        return [inv.psi[0] if len(idx) == 2 else None, inv.sigma_inv[0]]
 
     def apply(self, grad: Tensor) -> Tensor:
         """``F̂⁻¹ g`` for a flat gradient of the covered parameters, in the gradient's dtype."""

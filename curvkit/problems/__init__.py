@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 from curvkit.problems.architectures import char_transformer, digits_resnet, mnist_resnet
 from curvkit.problems.problem import BatchLoader, Problem
 from curvkit.problems.real import (
@@ -100,14 +100,14 @@ def get_problem(name: str, seed: int = 0, **kwargs) -> Problem:
         The :class:`Problem`.
 
     Raises:
-        ShapeError: If the name is unknown, or an option is unknown or invalid;
+        ConfigError: If the name is unknown, or an option is unknown or invalid;
             the message lists what is available.
     """
     if name not in PROBLEMS:
-        raise ShapeError(f"Unknown problem {name!r}; built-in problems: {', '.join(PROBLEMS)}.")
+        raise ConfigError(f"Unknown problem {name!r}; built-in problems: {', '.join(PROBLEMS)}.")
     build = PROBLEMS[name]
     options = [p for p in inspect.signature(build).parameters if p != "seed"]
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
-        raise ShapeError(f"Problem {name!r} has no option {unknown}; its options: {options}.")
+        raise ConfigError(f"Problem {name!r} has no option {unknown}; its options: {options}.")
     return build(seed=seed, **kwargs)

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 
 
 def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -64,9 +64,9 @@ def check_sizes(n_train: int, n_test: int, n_total: int | None = None) -> None:
     """Raise :class:`ShapeError` unless the split sizes are positive and fit ``n_total``."""
     for arg, value in (("n_train", n_train), ("n_test", n_test)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ShapeError(f"{arg} must be a positive int, got {value!r}.")
+            raise ConfigError(f"{arg} must be a positive int, got {value!r}.")
     if n_total is not None and n_train + n_test > n_total:
-        raise ShapeError(f"n_train + n_test = {n_train + n_test} exceeds the {n_total} examples.")
+        raise ConfigError(f"n_train + n_test = {n_train + n_test} exceeds the {n_total} examples.")
 
 
 def split_indices(n_total: int, n_train: int, n_test: int, seed: int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 from curvkit.problems.problem import Problem
 
 _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
@@ -14,7 +14,7 @@ _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 def activation_module(name: str) -> type[nn.Module]:
     """The activation class called ``name``; :class:`ShapeError` for an unknown one."""
     if name not in _ACTIVATIONS:
-        raise ShapeError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}.")
+        raise ConfigError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}.")
     return _ACTIVATIONS[name]
 
 

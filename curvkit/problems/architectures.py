@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 from curvkit.problems._data import digits_arrays, mnist_arrays, split_indices, to_tensors
 from curvkit.problems.problem import Problem
 
@@ -78,7 +78,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
         if d_model % n_heads:
-            raise ShapeError(f"d_model={d_model} is not divisible by n_heads={n_heads}.")
+            raise ConfigError(f"d_model={d_model} is not divisible by n_heads={n_heads}.")
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
@@ -144,7 +144,7 @@ def _seeded(seed: int, build, dtype, device) -> nn.Module:
 
 def _resnet_problem(name, X, y, shape, width, seed, n_train, n_test, dtype, device, what):
     if not isinstance(width, int) or width < 1:
-        raise ShapeError(f"{name}: width must be a positive int, got {width!r}.")
+        raise ConfigError(f"{name}: width must be a positive int, got {width!r}.")
     train_idx, test_idx = split_indices(X.shape[0], n_train, n_test, seed)
     X = X.reshape(-1, *shape)
     return Problem(
@@ -253,7 +253,7 @@ def char_transformer(
     """
     for arg, value in (("context", context), ("n_train", n_train), ("n_test", n_test)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ShapeError(f"char_transformer: {arg} must be a positive int, got {value!r}.")
+            raise ConfigError(f"char_transformer: {arg} must be a positive int, got {value!r}.")
     ids, alphabet = character_corpus()
     cut = int(0.9 * len(ids))
     rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 
 _SPLITS = ("train", "test")
 
@@ -54,7 +54,7 @@ class Problem:
 
     def _split(self, split: str) -> tuple[Tensor, Tensor]:
         if split not in _SPLITS:
-            raise ShapeError(f"split must be one of {_SPLITS}, got {split!r}.")
+            raise ConfigError(f"split must be one of {_SPLITS}, got {split!r}.")
         return self.train if split == "train" else self.test
 
     def loader(
@@ -78,7 +78,7 @@ class Problem:
             A re-iterable :class:`BatchLoader` of ``(X, y)`` batches.
 
         Raises:
-            ShapeError: If ``split`` or ``batch_size`` is not valid.
+            ConfigError: If ``split`` or ``batch_size`` is not valid.
         """
         X, y = self._split(split)
         return BatchLoader(
@@ -106,7 +106,7 @@ class Problem:
             A list of ``(X, y)`` batches.
 
         Raises:
-            ShapeError: If an argument is not valid.
+            ConfigError: If an argument is not valid.
         """
         out = list(self.loader(batch_size, shuffle, seed, split))
         return out if num_batches is None else out[:num_batches]
@@ -118,7 +118,7 @@ class Problem:
         batch that is the same at every call.
 
         Raises:
-            ShapeError: If ``split`` is not valid or ``batch_size`` is not positive.
+            ConfigError: If ``split`` is not valid or ``batch_size`` is not positive.
         """
         X, y = self._split(split)
         if batch_size is None:
@@ -160,4 +160,4 @@ class BatchLoader:
 def check_batch_size(batch_size) -> None:
     """Raise :class:`ShapeError` unless ``batch_size`` is a positive int."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ShapeError(f"batch_size must be a positive int, got {batch_size!r}.")
+        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}.")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 from curvkit.problems._data import (
     digits_arrays,
     mnist1d_arrays,
@@ -24,10 +24,10 @@ _MNIST_AUTOENCODER_WIDTHS = (784, 1000, 500, 250, 30)
 def _autoencoder(name, widths, seed, activation, loss, init, n_train, n_test, dtype, device):
     losses = {"mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}
     if loss not in losses:
-        raise ShapeError(f"{name}: loss must be one of {sorted(losses)}, got {loss!r}.")
+        raise ConfigError(f"{name}: loss must be one of {sorted(losses)}, got {loss!r}.")
     inits = {"default": None, "sparse": sparse_init_}
     if init not in inits:
-        raise ShapeError(f"{name}: init must be one of {sorted(inits)}, got {init!r}.")
+        raise ConfigError(f"{name}: init must be one of {sorted(inits)}, got {init!r}.")
     activation_module(activation)
     X, _ = mnist_arrays()
     train_idx, test_idx = split_indices(X.shape[0], n_train, n_test, seed)
@@ -92,7 +92,7 @@ def mnist_autoencoder(
         The problem.
 
     Raises:
-        ShapeError: If an option is not one of those listed.
+        ConfigError: If an option is not one of those listed.
     """
     return _autoencoder(
         "mnist_autoencoder", _MNIST_AUTOENCODER_WIDTHS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError
 from curvkit.problems._data import check_sizes
 from curvkit.problems._models import make_problem, mlp
 from curvkit.problems.problem import Problem
@@ -44,7 +44,7 @@ def tiny_mlp(
     """
     tasks = {"classification": nn.CrossEntropyLoss, "regression": nn.MSELoss}
     if task not in tasks:
-        raise ShapeError(f"tiny_mlp: task must be one of {sorted(tasks)}, got {task!r}.")
+        raise ConfigError(f"tiny_mlp: task must be one of {sorted(tasks)}, got {task!r}.")
     gen = _generator(seed, n_train, n_test)
     X = _randn(gen, n_train + n_test, 4)
     logits = X @ _randn(gen, 4, 3)

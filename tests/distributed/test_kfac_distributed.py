@@ -152,7 +152,7 @@ def _undamped_refresh_worker(rank, world):
     train(opt, model, loss_func, lambda k: shard(*batch("mlp", "ce", k), rank, 2), steps=2)
     pre = opt.preconditioner
     v = torch.linspace(-1, 1, pre.inverse.shape[0], dtype=DT)
-    comm.refresh(pre, 0.0)  # undamped: shared eigendecompositions, then the chain pieces
+    pre.refresh(0.0, comm=comm)  # undamped: shared eigendecompositions, then the chain pieces
     distributed = pre.inverse @ v
     pre.refresh(0.0)  # the same on this process alone
     return {"distributed": distributed, "local": pre.inverse @ v, "counts": comm.counts}

@@ -1,21 +1,17 @@
-"""Case tables shared by the extraction tests."""
+"""Views of the case table (:mod:`tests.cases`) for the extraction tests."""
 
 import pytest
+import torch
 
-from tests.reference import DEVICES, LOSSES, MODELS, REDUCTIONS
+from tests.cases import DEVICES, EXTRACTION_MODELS, LOSSES, REDUCTIONS, grid
 
-MODEL_NAMES = list(MODELS)
+MODEL_NAMES = list(EXTRACTION_MODELS)
 LINEAR_MODELS = ["mlp", "deep_mlp", "deep_linear"]
 CONV_MODELS = ["cnn", "cnn1d"]
 
-#: models x losses x reductions x devices, with readable ids.
-FULL = [
-    pytest.param(m, loss, red, dev, id=f"{m}-{loss}-{red}-{dev}")
-    for m in MODEL_NAMES
-    for loss in LOSSES
-    for red in REDUCTIONS
-    for dev in DEVICES
-]
+#: models x losses x reductions x this machine's devices, with readable ids; unmarked,
+#: so tests may derive rows from them (``p.values``) without losing a skip mark.
+FULL = grid(EXTRACTION_MODELS, devices=DEVICES)
 LINEAR = [p for p in FULL if p.values[0] in LINEAR_MODELS]
 CONV = [p for p in FULL if p.values[0] in CONV_MODELS]
 LOSS_CASES = [
@@ -28,6 +24,4 @@ LOSS_CASES = [
 
 def flat(tensors):
     """Concatenate flattened tensors."""
-    import torch
-
     return torch.cat([t.flatten() for t in tensors])

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from curvkit.extraction import extract
-from tests.extraction.cases import FULL
 from tests.reference import (
     assert_allclose_report,
     dense_grad,
@@ -16,9 +15,9 @@ from tests.reference import (
 )
 
 
-@pytest.mark.parametrize("model,loss,reduction,device", FULL)
-def test_grad_and_batch_grad(model, loss, reduction, device):
-    net, loss_func, X, y = make_problem(model, loss, reduction, device)
+def test_grad_and_batch_grad(extraction_case):
+    """Every extraction case of the table (model x loss x reduction x device)."""
+    net, loss_func, X, y = extraction_case
     expected_grad = dense_grad(net, loss_func, X, y)
     expected_batch = per_example_grads(net, loss_func, X, y)
 
@@ -34,10 +33,9 @@ def test_grad_and_batch_grad(model, loss, reduction, device):
         assert_allclose_report(bg.sum(0), p.grad, 1e-10, 1e-13, "sum of batch_grad")
 
 
-@pytest.mark.parametrize("model,loss,reduction,device", FULL)
-def test_batch_grad_factors(model, loss, reduction, device):
+def test_batch_grad_factors(extraction_case):
     """Linear layers: outer products of the factors; other layers: batch_grad itself."""
-    net, loss_func, X, y = make_problem(model, loss, reduction, device)
+    net, loss_func, X, y = extraction_case
     expected = iter(per_example_grads(net, loss_func, X, y))
     rec = extract(net, loss_func, X, y, quantities=("batch_grad_factors",))
     for r in rec:

@@ -9,7 +9,6 @@ and curvlinops' operators.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import warnings
 
@@ -28,12 +27,7 @@ from torch.func import functional_call
 import curvkit as ck
 from curvkit.errors import ShapeError, UnsupportedLossError
 from curvkit.operators.exact import loss_and_gradient
-
-MODELS = ("mlp", "cnn", "norm_res")
-LOSSES = ("mse", "ce", "bce")
-REDUCTIONS = ("mean", "sum")
-GRID = list(itertools.product(MODELS, LOSSES, REDUCTIONS))
-GRID_IDS = ["-".join(c) for c in GRID]
+from tests.cases import LOSSES, REDUCTIONS  # noqa: E402  (the shared case table)
 
 
 def assert_close(actual, expected, rtol=1e-10):
@@ -145,13 +139,10 @@ def curvlinops_dense(cls, case, **kwargs):
 # -- dense comparisons ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_name,loss_name,reduction", GRID, ids=GRID_IDS)
-def test_hessian_matches_functorch_and_curvlinops(
-    model_name, loss_name, reduction, device, make_case
-):
-    case = make_case(model_name, loss_name, reduction, device)
+def test_hessian_matches_functorch_and_curvlinops(case):
+    """Every case of the table (``case`` fixture: model x loss x reduction x device)."""
     H = ck.hessian(case.model, case.loss_func, case.batches).to_dense()
-    if model_name in FUNC_HESSIAN_BROKEN:
+    if case.model_name in FUNC_HESSIAN_BROKEN:
         assert_close(H, ref_hessian_autograd(case))
     else:
         assert_close(H, ref_hessian(case))
@@ -165,28 +156,20 @@ def test_hessian_with_layer_norm_matches_finite_differences(loss_name, make_case
     assert_close(H, ref_hessian_finite_differences(case), rtol=1e-6)
 
 
-@pytest.mark.parametrize("model_name,loss_name,reduction", GRID, ids=GRID_IDS)
-def test_ggn_and_type2_fisher_match_jacobian_reference(
-    model_name, loss_name, reduction, device, make_case
-):
-    case = make_case(model_name, loss_name, reduction, device)
+def test_ggn_and_type2_fisher_match_jacobian_reference(case):
     ref = ref_ggn(case)
     assert_close(ck.ggn(case.model, case.loss_func, case.batches).to_dense(), ref)
     assert_close(ck.fisher(case.model, case.loss_func, case.batches).to_dense(), ref)
     assert_close(curvlinops_dense(GGNLinearOperator, case), ref)
 
 
-@pytest.mark.parametrize("model_name,loss_name,reduction", GRID, ids=GRID_IDS)
-def test_empirical_fisher_matches_per_example_loop_and_curvlinops(
-    model_name, loss_name, reduction, device, make_case
-):
-    case = make_case(model_name, loss_name, reduction, device)
+def test_empirical_fisher_matches_per_example_loop_and_curvlinops(case):
     E = ck.empirical_fisher(case.model, case.loss_func, case.batches).to_dense()
     # MATH.md: R sum_n grad l_n grad l_n^T, l_n the user's loss on example n alone
-    R = 1.0 / case.X.shape[0] if reduction == "mean" else 1.0
+    R = 1.0 / case.X.shape[0] if case.reduction == "mean" else 1.0
     assert_close(E, R * per_example_outer(case, [case.y], case.loss_func))
     # curvlinops sums the likelihood over outputs and keeps the mean's 1/C as a scale
-    C = case.y.shape[1] if loss_name != "ce" and reduction == "mean" else 1
+    C = case.y.shape[1] if case.loss_name != "ce" and case.reduction == "mean" else 1
     assert_close(C * E, curvlinops_dense(EFLinearOperator, case))
 
 
@@ -394,11 +377,10 @@ def test_params_subset(make_case):
 
 
 @pytest.mark.parametrize("op_name", OPERATORS)
-@pytest.mark.parametrize("model_name,loss_name,reduction", GRID, ids=GRID_IDS)
-def test_quadratic_form_equals_dense(op_name, model_name, loss_name, reduction, device, make_case):
+def test_quadratic_form_equals_dense(op_name, case):
     # Gauss-Newton forms by forward-mode products only, the Hessian by the generic
-    # X^T (M X); several batches
-    case = make_case(model_name, loss_name, reduction, device, num=6, splits=(2, 4))
+    # X^T (M X); several batches (the table's cases hold 6 examples in batches of 2 and 4)
+    device = case.X.device
     op = OPERATORS[op_name](case)
     V = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     dense = op.to_dense()

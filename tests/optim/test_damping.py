@@ -3,23 +3,14 @@ import math
 import pytest
 import torch
 
+from curvkit.operators import kron_math as km
 from curvkit.optim.damping import (
-    ema_decay,
-    factored_pi,
     kl_clip_factor,
     levenberg_marquardt,
     lm_omega,
     reduction_ratio,
     solve_alpha_mu,
 )
-
-
-def test_ema_decay_schedule():
-    assert ema_decay(1, 0.95) == 0.0
-    assert ema_decay(2, 0.95) == 0.5
-    assert ema_decay(100, 0.95) == 0.95
-    with pytest.raises(ValueError, match="step"):
-        ema_decay(0, 0.95)
 
 
 @pytest.mark.parametrize(
@@ -51,10 +42,11 @@ def test_reduction_ratio():
 
 
 def test_factored_pi_matches_formula():
+    """The π of the damping rules lives in kron_math (one implementation)."""
     A = torch.diag(torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64))
     G = torch.diag(torch.tensor([2.0, 6.0], dtype=torch.float64))
-    assert math.isclose(factored_pi(A, G), math.sqrt((9 / 3) / (8 / 2)))
-    assert factored_pi(torch.zeros(2, 2), G) == 1.0
+    assert math.isclose(km.factored_pi(A, G), math.sqrt((9 / 3) / (8 / 2)))
+    assert km.factored_pi(torch.zeros(2, 2), G) == 1.0
 
 
 def _random_problem(seed, D=6):
