@@ -8,13 +8,14 @@ tensors, dense and SciPy export, sums and scalar multiples — is built on it.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError, ShapeError
 
 
 class CurvatureOperator:
@@ -186,6 +187,17 @@ class CurvatureOperator:
         )
 
 
+def check_damping(damping) -> None:
+    """Raise unless ``damping`` is a real number ``>= 0`` (``+inf`` allowed: the zero limit).
+
+    Raises:
+        ConfigError: For NaN, a negative value or a non-number, naming the value.
+    """
+    ok = isinstance(damping, numbers.Real) and not isinstance(damping, bool)
+    if not (ok and float(damping) >= 0):  # false for NaN
+        raise ConfigError(f"damping must be a non-negative number, got {damping!r}.")
+
+
 class _Composite(CurvatureOperator):
     def __init__(self, *ops: CurvatureOperator):
         first = ops[0]
@@ -255,6 +267,7 @@ class DenseOperator(CurvatureOperator):
 
     def inverse(self, damping: float = 0.0, **kwargs) -> DenseOperator:
         """``(M + damping * I)^{-1}`` by a dense solve."""
+        check_damping(damping)
         eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
         inv = torch.linalg.inv(self.matrix + damping * eye)
         return DenseOperator(

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from curvkit.errors import ShapeError
 from curvkit.operators import kron_math as km
-from curvkit.operators.base import CurvatureOperator
+from curvkit.operators.base import CurvatureOperator, check_damping
 from curvkit.operators.kronecker import extract_batches
 from curvkit.records import Records
 
@@ -80,8 +80,7 @@ class DiagonalOperator(CurvatureOperator):
         Raises:
             ShapeError: On a negative damping.
         """
-        if damping < 0:
-            raise ShapeError(f"damping must be non-negative, got {damping}.")
+        check_damping(damping)
         shifted = self.diagonal + damping
         pseudo = damping == 0 or bool((shifted <= 0).any())
         return self._like(km.safe_reciprocal(shifted, pseudo=pseudo))

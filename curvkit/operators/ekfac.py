@@ -37,6 +37,7 @@ from torch import Tensor
 from curvkit.data import as_batches, num_data
 from curvkit.errors import ShapeError
 from curvkit.operators import kron_math as km
+from curvkit.operators.base import check_damping
 from curvkit.operators.kronecker import (
     BlockDiagonalKFAC,
     KronEigenOperator,
@@ -241,8 +242,7 @@ class EKFAC(KronEigenOperator):
         Raises:
             ShapeError: On a negative damping.
         """
-        if damping < 0:
-            raise ShapeError(f"damping must be non-negative, got {damping}.")
+        check_damping(damping)
         blocks = [
             [(U_G, U_A, km.safe_reciprocal(S + damping, pseudo=damping == 0)) for U_G, U_A, S in b]
             for b in self.blocks

@@ -29,7 +29,7 @@ from torch import Tensor
 from curvkit.data import as_batches, num_data
 from curvkit.errors import ShapeError, UnsupportedModuleError
 from curvkit.operators import kron_math as km
-from curvkit.operators.base import CurvatureOperator
+from curvkit.operators.base import CurvatureOperator, check_damping
 from curvkit.records import FACTOR_KINDS, LayerRecord, Records
 
 STRUCTURES = ("block-diagonal", "tridiagonal")
@@ -342,8 +342,7 @@ class BlockDiagonalKFAC(LayeredOperator):
             raise ShapeError(
                 f"damping_mode={damping_mode!r} is not supported; use one of {DAMPING_MODES}."
             )
-        if damping < 0:
-            raise ShapeError(f"damping must be non-negative, got {damping}.")
+        check_damping(damping)
         out = []
         for i, layer_eig in enumerate(self.eigendecompositions()):
             blocks = []

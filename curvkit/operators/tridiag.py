@@ -39,6 +39,7 @@ from torch import Tensor
 
 from curvkit.errors import ShapeError
 from curvkit.operators import kron_math as km
+from curvkit.operators.base import check_damping
 from curvkit.operators.kronecker import (
     KronLayer,
     LayeredOperator,
@@ -176,8 +177,7 @@ class TriDiagonalKFAC(LayeredOperator):
         return km.psd_inverse(*self.eigendecompositions()[i][0 if which == "G" else 1])
 
     def _shifts(self, damping: float) -> list[tuple[float, float]]:
-        if damping < 0:
-            raise ShapeError(f"damping must be non-negative, got {damping}.")
+        check_damping(damping)
         return [km.factored_shifts(A, G, damping) for A, G in zip(self.A, self.G)]
 
     # -- products ------------------------------------------------------------------
