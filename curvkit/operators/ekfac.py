@@ -36,15 +36,15 @@ from torch import Tensor
 
 from curvkit.data import as_batches, num_data
 from curvkit.errors import ShapeError
+from curvkit.extraction.batches import extract_batches
 from curvkit.operators import kron_math as km
-from curvkit.operators.kronecker import (
-    BlockDiagonalKFAC,
+from curvkit.operators.kron_base import (
     KronEigenOperator,
     KronLayer,
     check_kind,
-    extract_batches,
     layers_and_factors,
 )
+from curvkit.operators.kronecker import BlockDiagonalKFAC
 from curvkit.records import Records
 
 #: Factor kinds whose eigenbasis EKFAC can use.

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from curvkit.errors import ShapeError
 from curvkit.operators import kron_math as km
-from curvkit.operators.kronecker import (
+from curvkit.operators.kron_base import (
     KronLayer,
     LayeredOperator,
     check_factors,
