@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ConfigError, ShapeError
 from curvkit.extraction.batches import extract_batches
 from curvkit.operators import kron_math as km
 from curvkit.operators.base import CurvatureOperator
@@ -39,6 +39,7 @@ from curvkit.operators.kron_base import (  # noqa: F401  (re-exported for compat
     check_untied,
     kron_pairs,
     layers_and_factors,
+    restrict_records,
     tied_parameters,
 )
 from curvkit.operators.tridiag import TriDiagonalKFAC
@@ -90,34 +91,41 @@ class BlockDiagonalKFAC(LayeredOperator):
     def eigendecompositions(
         self,
     ) -> list[list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]]:
-        """Per layer and pair, ``((γ, U_G), (α, U_A))`` (cached; see :func:`kron_math.eigh_psd`)."""
+        """Per layer and pair, ``((γ, U_G), (α, U_A))`` (cached; see :func:`kron_math.eigh_psd`).
+
+        A factor shared by two pairs (a separate bias block's ``G``) is decomposed once.
+        """
         if self._eig is None:
             self._eig = []
             for i in range(len(self.layers)):
-                g_eig = km.eigh_psd(self.G[i])
+                done: dict[int, tuple[Tensor, Tensor]] = {}
                 blocks = []
-                for _, A in self.pairs(i):
+                for G, A in self.pairs(i):
+                    if id(G) not in done:
+                        done[id(G)] = km.eigh_psd(G)
                     a_eig = (
                         km.eigh_psd(A)
                         if A.shape[0] > 1
                         else (A[0].clamp_min(0), torch.ones_like(A))
                     )
-                    blocks.append((g_eig, a_eig))
+                    blocks.append((done[id(G)], a_eig))
                 self._eig.append(blocks)
         return self._eig
 
     def _scales(self, damping: float, damping_mode: str):
         if damping_mode not in DAMPING_MODES:
-            raise ShapeError(
+            raise ConfigError(
                 f"damping_mode={damping_mode!r} is not supported; use one of {DAMPING_MODES}."
             )
         if damping < 0:
-            raise ShapeError(f"damping must be non-negative, got {damping}.")
+            raise ConfigError(f"damping must be non-negative, got {damping}.")
         out = []
         for i, layer_eig in enumerate(self.eigendecompositions()):
+            # a dense block is damped exactly in either mode (it is no Kronecker product)
+            factored = damping_mode == "factored" and self.layers[i].block != "dense"
             blocks = []
             for (G, A), ((gam, U_G), (alp, U_A)) in zip(self.pairs(i), layer_eig):
-                shifts = km.factored_shifts(A, G, damping) if damping_mode == "factored" else None
+                shifts = km.factored_shifts(A, G, damping) if factored else None
                 blocks.append((U_G, U_A, gam, alp, shifts))
             out.append(blocks)
         return out
@@ -165,6 +173,10 @@ class BlockDiagonalKFAC(LayeredOperator):
         for i in range(len(self.layers)):
             pairs = []
             for G, A in self.pairs(i):
+                if self.layers[i].block == "dense":  # (G a + λ)^{-1} = (G + λ/a)^{-1} / a
+                    a = A[0, 0]
+                    pairs.append((km.shifted_inverse(G, damping / float(a)), 1.0 / A, None))
+                    continue
                 delta_a, delta_g = km.factored_shifts(A, G, damping)
                 pairs.append((km.shifted_inverse(G, delta_g), km.shifted_inverse(A, delta_a), None))
             blocks.append(pairs)
@@ -191,6 +203,36 @@ class BlockDiagonalKFAC(LayeredOperator):
         )
 
 
+UNSUPPORTED = ("error", "gradient")
+
+
+def check_selection(params, unsupported: str) -> None:
+    """Validate ``params=`` and ``unsupported=`` of the K-FAC factories.
+
+    Raises:
+        ConfigError: Unless ``params`` is ``None`` or a non-empty sequence of tensors
+            and ``unsupported`` one of :data:`UNSUPPORTED`.
+    """
+    if unsupported not in UNSUPPORTED:
+        raise ConfigError(
+            f"unsupported={unsupported!r} is not supported; use one of {UNSUPPORTED}."
+        )
+    if params is None:
+        return
+    if isinstance(params, Tensor) or not all(isinstance(p, Tensor) for p in params):
+        raise ConfigError("params must be a list of the model's parameters (tensors) or None.")
+    if len(params) == 0:
+        raise ConfigError("params is empty; list at least one parameter, or pass None.")
+
+
+def select(model: torch.nn.Module, records: Records, params) -> Records:
+    """``records`` restricted to ``params`` (all of them for ``None``)."""
+    if params is None:
+        return records
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    return restrict_records(records, list(params), names)
+
+
 def kfac(
     model: torch.nn.Module,
     loss_func: torch.nn.Module,
@@ -202,6 +244,8 @@ def kfac(
     kfac_approx: str = "expand",
     seed: int = 0,
     factor_dtype: torch.dtype | None = None,
+    params: Sequence[Tensor] | None = None,
+    unsupported: str = "error",
 ) -> CurvatureOperator:
     r"""K-FAC approximation of the Fisher/GGN on a data set.
 
@@ -209,27 +253,45 @@ def kfac(
     (:func:`extract_batches`), so several batches give
     exactly the operator of one concatenated batch (deterministic kinds).
 
+    Any model :func:`curvkit.extract` supports works: on the graph path every
+    block layout of :class:`~curvkit.records.LayerRecord` (``"kron"``, grouped and
+    transposed convolutions, embeddings, dense normalisation blocks) becomes a
+    block of the operator (see :class:`~curvkit.operators.kron_base.KronLayer`).
+    This is the only place that chooses the operator for a ``structure``.
+
     Args:
-        model: An ``nn.Sequential`` of modules BackPACK supports.
+        model: Any ``nn.Module`` the extraction supports (``nn.Sequential`` chains
+            by the sweep, everything else by the graph path).
         loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
         data: One ``(X, y)`` batch or an iterable of batches.
         kind: ``"kfac"`` (Monte Carlo), ``"kflr"`` (exact), ``"kfra"`` (Linear
             chains) or ``"empirical"``.
         structure: ``"block-diagonal"`` (:class:`BlockDiagonalKFAC`) or
-            ``"tridiagonal"`` (:class:`~curvkit.operators.tridiag.TriDiagonalKFAC`;
-            KFRA has no cross factors, so its tri-diagonal form is block-diagonal
-            and says so in a warning).
+            ``"tridiagonal"`` (:class:`~curvkit.operators.tridiag.TriDiagonalKFAC`:
+            coupled pairs of consecutive Kronecker-factored ``Linear`` layers, every
+            other block block-diagonal, listed in a warning; KFRA has no cross
+            factors, so its tri-diagonal form is block-diagonal).
         mc_samples: Monte Carlo samples for ``kind="kfac"``.
         separate_bias: Separate weight and bias blocks instead of a joint ``[W, b]`` block.
-        kfac_approx: ``"expand"`` or ``"reduce"`` for conv layers.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for conv layers and weight sharing.
         seed: Seed of the label sampling for ``kind="kfac"``.
         factor_dtype: dtype of the factors (default: the model's).
+        params: The parameters the operator covers, in their order (as curvlinops'
+            ``KFACLinearOperator``); default: every parameter with curvature. A
+            layer's weight and bias must be next to each other, weight first; one of
+            them alone gets its sub-block (see
+            :func:`~curvkit.operators.kron_base.restrict_records`). Block-diagonal only.
+        unsupported: ``"error"`` (default) or ``"gradient"``: modules without a
+            curvature rule are skipped (their parameters are not covered), passed to
+            :func:`curvkit.extract`.
 
     Returns:
         The operator.
 
     Raises:
         ShapeError: On an unknown ``kind`` or ``structure``.
+        ConfigError: On bad ``params`` or ``unsupported`` (see :func:`check_selection`),
+            or ``params`` with the tri-diagonal structure.
         UnsupportedModuleError: For a weight tied between two modules (see
             :func:`check_untied`), or from the extraction.
         UnsupportedLossError: From the extraction.
@@ -237,7 +299,13 @@ def kfac(
     check_kind(kind)
     if structure not in STRUCTURES:
         raise ShapeError(f"structure={structure!r} is not supported; use one of {STRUCTURES}.")
+    check_selection(params, unsupported)
     tridiagonal = structure == "tridiagonal"
+    if tridiagonal and params is not None:
+        raise ConfigError(
+            "params= is supported with structure='block-diagonal' only (the tri-diagonal "
+            "chain couples whole consecutive layers)."
+        )
     records = extract_batches(
         model,
         loss_func,
@@ -248,7 +316,8 @@ def kfac(
         kfac_approx=kfac_approx,
         seed=seed,
         factor_dtype=factor_dtype,
+        unsupported=unsupported,
     )
     if tridiagonal:
         return TriDiagonalKFAC.from_records(records, kind)
-    return BlockDiagonalKFAC.from_records(records, kind)
+    return BlockDiagonalKFAC.from_records(select(model, records, params), kind)
