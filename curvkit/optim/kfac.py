@@ -80,16 +80,22 @@ def _check_number(
 
 
 class KFAC(torch.optim.Optimizer):
-    r"""K-FAC for ``nn.Sequential`` models of Linear / Conv layers.
+    r"""K-FAC for any model the extraction supports (``docs/optimizer.md``).
+
+    A plain ``nn.Sequential`` chain runs through the sweep, any other ``nn.Module``
+    through the graph path (every block layout of
+    :class:`~curvkit.operators.kron_base.KronLayer`: Linear/Conv, grouped and
+    transposed convolutions, embeddings, exact dense blocks of normalisation layers).
 
     Args:
-        model: The model (an ``nn.Sequential`` the extraction supports).
+        model: The model (any ``nn.Module`` :func:`curvkit.extract` supports).
         loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``.
         params: Parameters or parameter groups (default: the model's trainable
             parameters). A layer's weight and bias must sit in the same group. A
             parameter listed twice raises; so does a weight tied between two modules
             (Kronecker factors are per module).
-        structure: ``"block-diagonal"`` or ``"tridiagonal"``.
+        structure: ``"block-diagonal"`` or ``"tridiagonal"`` (coupled pairs of
+            consecutive ``Linear`` layers; every other layer block-diagonal).
         kind: Statistics: ``"kfac"`` (sampled labels; M&G), ``"kflr"`` (exact
             GGN square root), ``"empirical"`` (true labels).
         lr: ``None`` selects M&G §7's automatic step (:math:`\alpha`, :math:`\mu`
@@ -139,10 +145,11 @@ class KFAC(torch.optim.Optimizer):
             ``G[kind]`` (sampled labels for ``"kfac"``: George et al.'s EKFAC of the
             Fisher; ``Linear`` layers only).
         seed: Seed of the label sampling.
-        fallback: First-order rule for parameters of modules without Kronecker
-            factors (BatchNorm, LayerNorm, grouped conv, ...): ``"adam"`` (default),
-            ``"sgd"`` (with the group's momentum), or ``None`` to raise instead. It is
-            announced once and applied outside the quadratic model.
+        fallback: First-order rule for parameters of modules without curvature
+            (custom modules; BatchNorm/LayerNorm in a chain the sweep runs):
+            ``"adam"`` (default), ``"sgd"`` (with the group's momentum), or ``None``
+            to raise instead (at construction). It is announced once and applied
+            outside the quadratic model.
         fallback_lr: Learning rate of the fallback rule.
         comm: Where processes agree in data-parallel training (averaged gradients,
             statistics and curvature products; see :mod:`curvkit.distributed.kfac`).
@@ -153,7 +160,10 @@ class KFAC(torch.optim.Optimizer):
         ShapeError: For an argument out of its range (NaN, infinite, negative where a
             positive number is due), a parameter listed twice, or parameter groups
             mixing ``lr=None`` with a fixed ``lr``.
-        UnsupportedModuleError: For a weight tied between two modules.
+        UnsupportedModuleError: For a weight tied between two modules, a module
+            without a curvature rule with ``fallback=None`` (named by path and type),
+            or per-example statistics (``kind="empirical"``, ``ekfac``) with a
+            BatchNorm in train mode.
 
     Example:
         >>> import torch, curvkit as ck
