@@ -267,9 +267,10 @@ def test_matches_curvlinops_on_its_layers(name, approx, separate):
 # -- params= ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pattern", [0, 1])
 @pytest.mark.parametrize("separate", [False, True], ids=["joint", "separate"])
 @pytest.mark.parametrize("name", MODELS)
-def test_params_subset_is_the_sub_block(name, separate):
+def test_params_subset_is_the_sub_block(name, separate, pattern):
     model, loss_func, X, y = make(name)
     rec = extract(model, loss_func, X, y, ("kflr",))
     full = ck.kfac(model, loss_func, (X, y), kind="kflr", separate_bias=separate)
@@ -281,7 +282,7 @@ def test_params_subset_is_the_sub_block(name, separate):
     # the last layer first, then every other layer's weight alone, biases alone elsewhere
     chosen = list(rec[-1].params)
     for k, r in enumerate(rec.layers[:-1]):
-        chosen += r.params[:1] if k % 2 == 0 or len(r.params) == 1 else r.params[1:]
+        chosen += r.params[:1] if (k + pattern) % 2 == 0 or len(r.params) == 1 else r.params[1:]
     sub = ck.kfac(model, loss_func, (X, y), kind="kflr", separate_bias=separate, params=chosen)
     idx = torch.cat([torch.arange(offsets[id(p)], offsets[id(p)] + p.numel()) for p in chosen])
     assert sub.shape == (len(idx), len(idx))
@@ -372,14 +373,18 @@ def _layer_basis(E, i):
     return torch.cat(cols, 1), torch.cat(scales)
 
 
+@pytest.mark.parametrize("subset", [False, True], ids=["all", "params"])
 @pytest.mark.parametrize("name", MODELS)
-def test_ekfac_eigenvalues_are_the_empirical_fisher_in_its_basis(name):
+def test_ekfac_eigenvalues_are_the_empirical_fisher_in_its_basis(name, subset):
     """George et al.: S = diag(Qᵀ F_emp Q) per layer, Q the Kronecker eigenbasis."""
     model, loss_func, X, y = make(name)
     rec = extract(model, loss_func, X, y, ("empirical",))
-    E = ck.ekfac(model, loss_func, (X, y), kind="kflr")
+    chosen = rec.params
+    if subset:  # weights alone and biases alone (factored per-example rows of Linear layers)
+        chosen = [r.params[k % len(r.params)] for k, r in enumerate(rec)]
+    E = ck.ekfac(model, loss_func, (X, y), kind="kflr", params=chosen if subset else None)
     ef = dense_ef(model, loss_func, X, y)
-    flat = flat_index(model, rec.params)
+    flat = flat_index(model, chosen)
     off = 0
     for i, layer in enumerate(E.layers):
         Q, S = _layer_basis(E, i)
