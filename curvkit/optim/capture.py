@@ -63,9 +63,14 @@ def capture_forward(
     """
     seen: dict[str, list] = {"X": [], "y": [], "state": []}
 
+    original = net.__dict__.get("forward")  # an instance forward of the user's, if any
+
     def patched(X):
         seen["X"].append(X)
-        state, out = forward(net, X)
+        # ``forward`` may call ``net(X)`` itself (the graph path's hooks): with the
+        # model's own forward, not this one
+        with _instance_forward(net, original):
+            state, out = forward(net, X)
         seen["state"].append(state)
         return out
 
@@ -84,21 +89,36 @@ def capture_forward(
         finally:
             hook.remove()
         _check(seen)
-    return seen["X"][0].detach(), seen["y"][0].detach(), seen["state"][0], value
+    return _detach(seen["X"][0]), seen["y"][0].detach(), seen["state"][0], value
+
+
+def _detach(X):
+    """A model input detached: a tensor, or a dict/tuple/list of them."""
+    if isinstance(X, Tensor):
+        return X.detach()
+    if isinstance(X, dict):
+        return {k: _detach(v) for k, v in X.items()}
+    if isinstance(X, (tuple, list)):
+        return type(X)(_detach(v) for v in X)
+    return X
 
 
 @contextmanager
-def _instance_forward(net: nn.Module, forward: Callable):
+def _instance_forward(net: nn.Module, forward: Callable | None):
+    """``net.forward = forward`` for the block (``None``: the class's forward)."""
     had = "forward" in net.__dict__
     old = net.__dict__.get("forward")
-    net.forward = forward
+    if forward is None:
+        net.__dict__.pop("forward", None)
+    else:
+        net.forward = forward
     try:
         yield
     finally:
         if had:
             net.forward = old
         else:
-            del net.forward
+            net.__dict__.pop("forward", None)
 
 
 @contextmanager

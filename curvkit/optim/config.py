@@ -230,14 +230,20 @@ class KFACConfig:
         """Check the settings that depend on the model's layers.
 
         Raises:
-            ConfigError: For ``ekfac_correction="kind"`` on a model with conv layers.
+            ConfigError: For ``ekfac_correction="kind"`` on a model with trainable
+                layers other than ``Linear`` (each named with its type).
         """
         if self.ekfac and self.ekfac_correction == "kind":
-            convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
-            if convs:
+            others = [
+                f"{type(m).__name__} {n!r}"
+                for n, m in model.named_modules()
+                if type(m) is not nn.Linear
+                and any(p.requires_grad for p in m.parameters(recurse=False))
+            ]
+            if others:
                 raise ConfigError(
                     f"KFAC: ekfac_correction='kind' supports Linear layers only; the model has "
-                    f"conv layers {convs}. Use ekfac_correction='empirical'."
+                    f"{', '.join(others)}. Use ekfac_correction='empirical'."
                 )
 
     def check_compatible(self, saved: dict, where: str = "KFAC.load_state_dict") -> None:

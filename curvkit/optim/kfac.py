@@ -34,8 +34,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import ConfigError, ShapeError
-from curvkit.operators.kronecker import check_untied
+from curvkit.errors import ConfigError, ShapeError, UnsupportedModuleError
+from curvkit.operators.kron_base import check_untied
 from curvkit.optim import damping as dm
 from curvkit.optim.capture import capture_forward, preserved_buffers
 from curvkit.optim.comm import Communicator
@@ -56,10 +56,15 @@ class _NonFiniteBatch(Exception):
 
 
 class KFAC(torch.optim.Optimizer):
-    r"""K-FAC for ``nn.Sequential`` models of Linear / Conv layers.
+    r"""K-FAC for any model the extraction supports (``docs/optimizer.md``).
+
+    A plain ``nn.Sequential`` chain runs through the sweep, any other ``nn.Module``
+    through the graph path (every block layout of
+    :class:`~curvkit.operators.kron_base.KronLayer`: Linear/Conv, grouped and
+    transposed convolutions, embeddings, exact dense blocks of normalisation layers).
 
     Args:
-        model: The model (an ``nn.Sequential`` the extraction supports).
+        model: The model (any ``nn.Module`` :func:`curvkit.extract` supports).
         loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``.
         params: Parameters or parameter groups (default: the model's trainable
             parameters). A layer's weight and bias must sit in the same group. A
@@ -68,7 +73,8 @@ class KFAC(torch.optim.Optimizer):
         config: A :class:`~curvkit.optim.config.KFACConfig` holding the settings below;
             keyword arguments given as well replace its fields. Without it, the
             settings are the keyword arguments (defaults as listed).
-        structure: ``"block-diagonal"`` or ``"tridiagonal"``.
+        structure: ``"block-diagonal"`` or ``"tridiagonal"`` (coupled pairs of
+            consecutive ``Linear`` layers; every other layer block-diagonal).
         kind: Statistics: ``"kfac"`` (sampled labels; M&G), ``"kflr"`` (exact
             GGN square root), ``"empirical"`` (true labels).
         lr: ``None`` selects M&G §7's automatic step (:math:`\alpha`, :math:`\mu`
@@ -118,10 +124,11 @@ class KFAC(torch.optim.Optimizer):
             ``G[kind]`` (sampled labels for ``"kfac"``: George et al.'s EKFAC of the
             Fisher; ``Linear`` layers only).
         seed: Seed of the label sampling.
-        fallback: First-order rule for parameters of modules without Kronecker
-            factors (BatchNorm, LayerNorm, grouped conv, ...): ``"adam"`` (default),
-            ``"sgd"`` (with the group's momentum), or ``None`` to raise instead. It is
-            announced once and applied outside the quadratic model.
+        fallback: First-order rule for parameters of modules without curvature
+            (custom modules; BatchNorm/LayerNorm in a chain the sweep runs):
+            ``"adam"`` (default), ``"sgd"`` (with the group's momentum), or ``None``
+            to raise instead (at construction). It is announced once and applied
+            outside the quadratic model.
         fallback_lr: Learning rate of the fallback rule.
         comm: Where processes agree in data-parallel training (averaged gradients,
             statistics and curvature products; see :mod:`curvkit.distributed.kfac`).
@@ -138,7 +145,10 @@ class KFAC(torch.optim.Optimizer):
             parameter listed twice, or parameter groups mixing ``lr=None`` with a
             fixed ``lr``; for an unknown keyword argument the error is also a
             ``TypeError``.
-        UnsupportedModuleError: For a weight tied between two modules.
+        UnsupportedModuleError: For a weight tied between two modules, a module
+            without a curvature rule with ``fallback=None`` (named by path and type),
+            or per-example statistics (``kind="empirical"``, ``ekfac``) with a
+            BatchNorm in train mode.
 
     Example:
         >>> import torch, curvkit as ck
@@ -216,6 +226,7 @@ class KFAC(torch.optim.Optimizer):
         )
         self.fallback, self.fallback_lr = cfg.fallback, cfg.fallback_lr
         self.first_order = FirstOrderFallback(cfg.fallback, cfg.fallback_lr)
+        _check_model(net, self.preconditioner.quantities, cfg.fallback)
         self.comm = comm if comm is not None else Communicator()
         self.generator = torch.Generator(device=_device_of(model)).manual_seed(cfg.seed)
         self.state["kfac"] = {
@@ -441,17 +452,30 @@ class KFAC(torch.optim.Optimizer):
             without statistics, ``scale`` rescales a subset's sum-reduced factors.
         """
         from curvkit.extraction import extract
-        from curvkit.extraction.engine import backward_sweep, forward_pass
+        from curvkit.extraction.engine import backward_sweep, choose_backend, forward_pass
+        from curvkit.extraction.graph import backward_graph, forward_graph
 
         unsupported = "error" if self.fallback is None else "gradient"
+        quantities = set(self.preconditioner.quantities) if stats else set()
 
         def forward(net, X):
-            fwd = forward_pass(net, X, unsupported=unsupported)
+            if choose_backend(net, X, quantities, unsupported) == "graph":
+                n = _batch_size(X)  # statistics of a subset come from a second pass
+                whole = max(1, int(round(self.stats_fraction * n))) == n
+                fwd = forward_graph(net, X, quantities if whole else set(), unsupported)
+            else:
+                fwd = forward_pass(net, X, unsupported=unsupported)
             return fwd, fwd.output
+
+        def backward(fwd, y, quantities, **kwargs):
+            if hasattr(fwd, "plan"):  # a graph-path pass
+                kwargs.pop("loss_value", None)
+                return backward_graph(fwd, self.loss_func, y, unsupported=unsupported, **kwargs)
+            return backward_sweep(fwd, self.loss_func, y, quantities, **kwargs)
 
         with self._timer("extraction"):
             X, y, fwd, value = capture_forward(self.net, self.loss_func, closure, forward)
-            N = X.shape[0]
+            N = _batch_size(X)
             if N == 0:
                 raise ShapeError(
                     "KFAC.step: the closure's batch is empty (0 examples); K-FAC needs at "
@@ -466,18 +490,24 @@ class KFAC(torch.optim.Optimizer):
             for p in self._all_params():
                 p.grad = None
             n_stats = max(1, int(round(self.stats_fraction * N)))
-            quantities = set(self.preconditioner.quantities) if stats else set()
             kwargs = dict(mc_samples=self.mc_samples, generator=self.generator)
             if not stats or n_stats == N:
-                rec = backward_sweep(fwd, self.loss_func, y, quantities, loss_value=value, **kwargs)
+                rec = backward(fwd, y, quantities, loss_value=value, **kwargs)
                 return rec, (rec if stats else None), 1.0, X, y
-            full = backward_sweep(fwd, self.loss_func, y, set(), loss_value=value)
+            if not isinstance(X, Tensor) or y.shape[0] % N:
+                raise ShapeError(
+                    "KFAC: stats_fraction < 1 needs a tensor input and a whole number of "
+                    f"target rows per example (got {y.shape[0]} rows for {N} examples)."
+                )
+            rows = y.shape[0] // N  # e.g. tokens of a sequence output flattened to [N*T, C]
+            full = backward(fwd, y, set(), loss_value=value)
             grads = [p.grad for p in self._all_params()]
             for p in self._all_params():
                 p.grad = None
             with preserved_buffers(self.net):  # the closure's pass moved them already
                 sub = extract(
-                    self.net, self.loss_func, X[:n_stats], y[:n_stats], quantities=quantities,
+                    self.net, self.loss_func, X[:n_stats], y[: n_stats * rows],
+                    quantities=quantities,
                     unsupported=unsupported, **kwargs,
                 )  # fmt: skip
             for p, g in zip(self._all_params(), grads):
@@ -554,6 +584,12 @@ class KFAC(torch.optim.Optimizer):
     def _quadratic(self, X, y, params, vecs) -> Tensor:
         """``VᵀGV`` for the exact GGN ``G`` on the batch, by forward-mode products only."""
         from curvkit.operators.exact import ggn
+
+        if not isinstance(X, Tensor):
+            raise ConfigError(
+                "KFAC: the automatic step (lr=None) evaluates the exact GGN on the batch, "
+                f"which needs a tensor model input, got a {type(X).__name__}; use a fixed lr."
+            )
 
         # the closure's forward pass moved the buffers (BatchNorm statistics) once; the
         # model's passes here must not move them again
@@ -706,6 +742,60 @@ class KFAC(torch.optim.Optimizer):
         super().load_state_dict(state_dict)  # validates the groups before changing anything
         self.preconditioner = fresh
         self.generator.set_state(gen_state)
+
+
+def _batch_size(X) -> int:
+    """Examples of a model input: leading dimension of a tensor, or of a dict/tuple's first."""
+    if isinstance(X, Tensor):
+        return X.shape[0]
+    first = next(iter(X.values())) if isinstance(X, dict) else X[0]
+    return _batch_size(first)
+
+
+def _sweep_runs(net: nn.Module, unsupported: str) -> bool:
+    """Whether the extraction will run ``net`` by the sweep (a tensor input assumed)."""
+    from curvkit.extraction.checks import check_module, flatten_sequential, sweep_reason
+
+    if sweep_reason(net) is not None:
+        return False
+    if unsupported == "gradient":
+        return True
+    try:
+        for pos, (name, module) in enumerate(flatten_sequential(net)):
+            check_module(name, pos, module, False, "error")
+    except UnsupportedModuleError:
+        return False
+    return True
+
+
+def _check_model(net: nn.Module, quantities, fallback) -> None:
+    """Raise at construction what the first step's extraction would raise for ``net``.
+
+    Raises:
+        UnsupportedModuleError: For a module without a curvature rule with
+            ``fallback=None`` (its qualified name and type), or per-example statistics
+            (``kind="empirical"``, EKFAC) with a ``BatchNorm`` in train mode.
+    """
+    from curvkit.extraction.graph import check_model
+
+    unsupported = "error" if fallback is None else "gradient"
+    if _sweep_runs(net, unsupported):
+        return
+    try:
+        check_model(net, quantities, unsupported)
+    except UnsupportedModuleError as err:
+        if "train mode" in str(err):
+            hint = (
+                "KFAC needs per-example gradients for kind='empirical' and for EKFAC; use "
+                "kind='kfac' or 'kflr' without ekfac, or put the BatchNorm in eval mode."
+            )
+        else:
+            hint = (
+                "With fallback='adam' (default) or 'sgd' such a module's parameters are "
+                "updated by that first-order rule instead (the extraction's "
+                "unsupported='gradient')."
+            )
+        raise UnsupportedModuleError(f"KFAC: {err} {hint}") from None
 
 
 def _device_of(model: nn.Module) -> torch.device:

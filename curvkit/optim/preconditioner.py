@@ -22,13 +22,13 @@ from curvkit.operators.ekfac import (
     eigenbases,
     record_eigenvalues,
 )
-from curvkit.operators.kronecker import (
-    STRUCTURES,
-    BlockDiagonalKFAC,
+from curvkit.operators.kron_base import (
     KronEigenOperator,
     KronLayer,
     check_factors,
+    record_factors,
 )
+from curvkit.operators.kronecker import STRUCTURES, BlockDiagonalKFAC
 from curvkit.records import Records
 
 
@@ -135,17 +135,20 @@ class KroneckerPreconditioner:
         layers = [KronLayer.from_record(r) for r in records]
         if self.layers and layers != self.layers:
             raise ShapeError("The layers of this extraction differ from the earlier ones.")
-        new_A = [scale * r.A.to(self.factor_dtype) for r in records]
-        new_G = [r.G[self.kind].to(self.factor_dtype) for r in records]
+        factors = [record_factors(r, self.kind) for r in records]  # every block layout
+        new_A = [scale * a.to(self.factor_dtype) for a, _ in factors]
+        new_G = [g.to(self.factor_dtype) for _, g in factors]
         new_cA, new_cG = [], []
         if self.structure == "tridiagonal":
             for r in records:
                 ok = r.cross_A is not None and self.kind in r.cross_G
                 new_cA.append(scale * r.cross_A.to(self.factor_dtype) if ok else None)
                 new_cG.append(r.cross_G[self.kind].to(self.factor_dtype) if ok else None)
-        tensors = new_A + new_G + [t for t in new_cA + new_cG if t is not None]
+        square = [t for t in new_A + new_G if t.dim() == 2]
+        others = [t for t in new_A + new_G if t.dim() != 2]  # diagonal (embedding) factors
+        tensors = square + others + [t for t in new_cA + new_cG if t is not None]
         if comm is not None:  # A and G are symmetric: their upper triangles suffice
-            comm.average_(tensors, symmetric=len(new_A) + len(new_G), label="factors")
+            comm.average_(tensors, symmetric=len(square), label="factors")
         if not all_finite(tensors):
             raise FloatingPointError("Non-finite Kronecker factors in this batch.")
         self.updates += 1
