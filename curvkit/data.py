@@ -22,8 +22,8 @@ def as_batches(data) -> list[tuple[Tensor, Tensor]]:
     Raises:
         ShapeError: If ``data`` is neither form, holds no batch, or a batch is
             not a pair of tensors, holds no example (an empty ``X`` or ``y``:
-            every curvature is an average or sum over examples), or ``X`` and
-            ``y`` differ in their number of examples (first dimension).
+            every curvature is an average or sum over examples), or ``y``'s
+            rows are no whole multiple of ``X``'s examples (first dimension).
     """
     if (
         isinstance(data, (tuple, list))
@@ -60,11 +60,12 @@ def _check_batch(i: int, X, y) -> None:
         )
     if y.numel() == 0:
         raise ShapeError(f"data batch {i} holds no example: y has shape {tuple(y.shape)}.")
-    if y.ndim == 0 or y.shape[0] != X.shape[0]:
+    if y.ndim == 0 or y.shape[0] % X.shape[0]:
         raise ShapeError(
             f"data batch {i}: X and y hold {X.shape[0]} and {y.shape[0] if y.ndim else 0} "
-            f"examples (shapes {tuple(X.shape)} and {tuple(y.shape)}); the first dimension of "
-            "both counts the examples."
+            f"examples (shapes {tuple(X.shape)} and {tuple(y.shape)}); y needs the same "
+            "number of rows as X, or a whole number of rows per example (a model that "
+            "flattens its [N, T, C] output to [N*T, C])."
         )
 
 

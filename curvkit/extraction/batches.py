@@ -50,13 +50,14 @@ def check_untied(model: torch.nn.Module, what: str) -> None:
         )
 
 
-_R_WEIGHTED = ("A", "cross_A", "diag_ggn", "diag_ggn_mc", "diag_hessian", "batch_grad")
+_R_WEIGHTED = ("A", "A_diag", "cross_A", "diag_ggn", "diag_ggn_mc", "diag_hessian", "batch_grad")
 
 
 def _combine(acc: LayerRecord | None, rec: LayerRecord, wr: float, wg: float) -> LayerRecord:
     """``acc + weights * rec`` for one layer (``weights * rec`` when ``acc`` is ``None``).
 
-    ``R``-weighted quantities get ``wr``, averaged ``G`` factors ``wg``; per-example
+    ``R``-weighted quantities (``A``, ``A_diag``, cross ``A``, diagonals, exact
+    ``dense`` blocks) get ``wr``, averaged ``G`` factors ``wg``; per-example
     gradients are concatenated along the example axis. Updates ``rec`` in place.
     """
     for name in _R_WEIGHTED:
@@ -89,6 +90,9 @@ def _combine(acc: LayerRecord | None, rec: LayerRecord, wr: float, wg: float) ->
         old = {} if acc is None else getattr(acc, name)
         new = {k: v * wg + old[k] if k in old else v * wg for k, v in getattr(rec, name).items()}
         setattr(rec, name, new)
+    old = {} if acc is None or acc.dense is None else acc.dense
+    if rec.dense is not None:  # exact blocks of normalisation layers: R-weighted sums
+        rec.dense = {k: v * wr + old[k] if k in old else v * wr for k, v in rec.dense.items()}
     rec.bias_scale = rec.bias_scale * wr + (0.0 if acc is None else acc.bias_scale)
     return rec
 

@@ -594,3 +594,18 @@ def test_large_vocabulary_embedding_keeps_its_factor_diagonal():
             assert_allclose_report(out[r], expected, rtol=1e-9, atol=1e-12, msg=f"{name} {r}")
     E = ck.ekfac(model, loss_func, (X, y), kind="kflr")
     assert E.blocks[0][0][0].shape == (50_000,)  # the identity basis, as a vector
+
+
+@pytest.mark.parametrize("name", ["gpt", "resnet"])
+@pytest.mark.parametrize("kind", ["kflr", "empirical"])
+def test_batches_combine_to_the_whole_batch(name, kind):
+    """Several batches give the operator of their concatenation (embedding counts and the
+    exact blocks of normalisation layers included), for "mean" and "sum"."""
+    for reduction in ("mean", "sum"):
+        model, lf, X, y = problem(name, "ce", n=6)
+        lf.reduction = reduction
+        rows = y.shape[0] // X.shape[0]
+        whole = ck.kfac(model, lf, (X, y), kind=kind).to_dense()
+        parts = [(X[:2], y[: 2 * rows]), (X[2:], y[2 * rows :])]
+        split = ck.kfac(model, lf, parts, kind=kind).to_dense()
+        torch.testing.assert_close(split, whole, **TOL)
