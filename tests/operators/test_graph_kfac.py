@@ -594,3 +594,15 @@ def test_large_vocabulary_embedding_keeps_its_factor_diagonal():
             assert_allclose_report(out[r], expected, rtol=1e-9, atol=1e-12, msg=f"{name} {r}")
     E = ck.ekfac(model, loss_func, (X, y), kind="kflr")
     assert E.blocks[0][0][0].shape == (50_000,)  # the identity basis, as a vector
+
+
+def test_tied_weights_with_unsupported_gradient_are_left_out():
+    """Graph path: a weight tied between two Linear layers is gradient-only, the rest K-FAC."""
+    model, loss_func, X, y = problem("tied", "ce", n=5)
+    with pytest.raises(ck.UnsupportedModuleError, match="tied"):
+        ck.kfac(model, loss_func, (X, y))
+    K = ck.kfac(model, loss_func, (X, y), kind="kflr", unsupported="gradient")
+    assert K.block_names == ["inp", "out"]
+    rec = extract(model, loss_func, X, y, ("kflr",), unsupported="gradient")
+    assert [r.name for r in rec] == ["inp", "out"]
+    assert_allclose_report(K.to_dense(), reference(rec, "kflr"), **TOL)
