@@ -609,3 +609,15 @@ def test_batches_combine_to_the_whole_batch(name, kind):
         parts = [(X[:2], y[: 2 * rows]), (X[2:], y[2 * rows :])]
         split = ck.kfac(model, lf, parts, kind=kind).to_dense()
         torch.testing.assert_close(split, whole, **TOL)
+
+
+def test_tied_weights_with_unsupported_gradient_are_left_out():
+    """Graph path: a weight tied between two Linear layers is gradient-only, the rest K-FAC."""
+    model, loss_func, X, y = problem("tied", "ce", n=5)
+    with pytest.raises(ck.UnsupportedModuleError, match="tied"):
+        ck.kfac(model, loss_func, (X, y))
+    K = ck.kfac(model, loss_func, (X, y), kind="kflr", unsupported="gradient")
+    assert K.block_names == ["inp", "out"]
+    rec = extract(model, loss_func, X, y, ("kflr",), unsupported="gradient")
+    assert [r.name for r in rec] == ["inp", "out"]
+    assert_allclose_report(K.to_dense(), reference(rec, "kflr"), **TOL)
