@@ -1,0 +1,508 @@
+"""Run ``extract`` on one peer setting and compare every quantity with independent references.
+
+References (all float64):
+
+- ``autograd``: dense per-example gradients, the dense GGN (its diagonal and blocks) and
+  the dense empirical Fisher by ``torch.func`` (``tests/reference.py``);
+- ``backpack``: BackPACK's own extensions (``BatchGrad``, ``DiagGGNExact``, ``KFLR``) on
+  a deep copy of the model and loss (``extend`` never touches the model ``extract``
+  gets);
+- ``curvlinops``: ``KFACLinearOperator`` (``fisher_type`` "type-2"/"empirical",
+  ``kfac_approx`` "expand"/"reduce") on the ``Linear``/``Conv2d`` layers.
+
+Each comparison is one :class:`Row`. ``status``: ``"ok"`` (agrees), ``"mismatch"``,
+``"crash"`` (``extract`` raised something that is not a ``CurvkitError``),
+``"refused"`` (a ``CurvkitError``; whether it is expected is the caller's table),
+``"peer_failed"`` (the reference itself raised: the peer's failure, not curvkit's),
+``"unchecked"`` (computed, but no reference applies to these layers).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.errors import CurvkitError
+from curvkit.extraction import extract
+from curvkit.extraction.engine import choose_backend
+from tests.extraction.peer_cases import PeerSetting, build
+from tests.reference import (
+    dense_ef,
+    dense_ggn,
+    joint_permutation,
+    kron_block,
+    per_example_grads,
+)
+
+#: Quantity groups, one ``extract`` call each (``cross`` comes with ``kflr``).
+QUANTITIES = ("batch_grad", "diag_ggn", "diag_ggn_mc", "kfac", "kflr", "empirical", "cross")
+RTOL = 1e-8
+#: Layer types whose ``G ⊗ A`` BackPACK's ``KFLR`` defines the same way (weights).
+_BACKPACK_KFLR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class Row:
+    """One comparison: a quantity of one setting on one backend against one reference."""
+
+    setting: str
+    backend: str
+    quantity: str
+    reference: str
+    status: str
+    detail: str = ""
+
+
+class _DictInput(nn.Module):
+    """Tensor-input view of a model that takes ``{"x": X}`` (shares its parameters)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model({"x": x})
+
+
+def _close(a: Tensor, b: Tensor) -> str | None:
+    """``None`` if ``a`` and ``b`` agree to :data:`RTOL` (scaled to ``b``), else a message."""
+    if a.shape != b.shape:
+        return f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    a, b = a.detach().double(), b.detach().double()
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    err = float((a - b).abs().max()) if b.numel() else 0.0
+    if not (err <= RTOL * scale + 1e-14):
+        return f"max|diff| {err:.3e}, max|ref| {scale:.3e}"
+    return None
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def backends(setting: PeerSetting) -> list[str]:
+    """``["auto"]``, plus ``"graph"`` when ``auto`` takes the sweep for this setting."""
+    model, _, X, _ = build(setting)
+    return ["auto", "graph"] if choose_backend(model, X, ("kflr",)) == "sweep" else ["auto"]
+
+
+class References:
+    """Lazily computed references of one setting (shared by its backends)."""
+
+    def __init__(self, setting: PeerSetting):
+        self.setting = setting
+        self.model, self.loss_func, self.X, self.y = build(setting)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.index = {id(p): i for i, p in enumerate(self.params)}
+        offsets = [0]
+        for p in self.params:
+            offsets.append(offsets[-1] + p.numel())
+        self.offsets = offsets
+        self._cache = {}
+        self.N = self._n()
+        #: Whether ``backend="auto"`` takes the sweep (KFRA is compared there only).
+        self.sweep = (
+            isinstance(self.X, Tensor) and choose_backend(self.model, self.X, ("kflr",)) == "sweep"
+        )
+
+    def _n(self) -> int:
+        with torch.no_grad():
+            out = self.model(self.X)
+        self.out_shape = tuple(out.shape)
+        return int(out.shape[0])
+
+    def _tensor_model(self):
+        if isinstance(self.X, dict):
+            return _DictInput(self.model), self.X["x"]
+        return self.model, self.X
+
+    def _cached(self, key, fn):
+        if key not in self._cache:
+            try:
+                self._cache[key] = (fn(), None)
+            except Exception as e:  # noqa: BLE001 - a reference that fails is recorded
+                self._cache[key] = (None, _err(e))
+        return self._cache[key]
+
+    # -- autograd --------------------------------------------------------------------
+    def batch_grad(self):
+        m, X = self._tensor_model()
+        return self._cached("bg", lambda: per_example_grads(m, self.loss_func, X, self.y))
+
+    def ggn(self):
+        m, X = self._tensor_model()
+        return self._cached("ggn", lambda: dense_ggn(m, self.loss_func, X, self.y))
+
+    def ef(self):
+        m, X = self._tensor_model()
+        return self._cached("ef", lambda: dense_ef(m, self.loss_func, X, self.y))
+
+    # -- BackPACK --------------------------------------------------------------------
+    def backpack(self, what: str):
+        """``{"batch_grad": [...], "diag_ggn": [...]}`` or ``{"kflr": [...]}`` per param."""
+        return self._cached(("bp", what), lambda: self._run_backpack(what))
+
+    def _run_backpack(self, what: str):
+        from backpack import backpack, extend
+        from backpack.extensions import KFLR, BatchGrad, DiagGGNExact
+
+        model, loss_func = copy.deepcopy(self.model), copy.deepcopy(self.loss_func)
+        custom = not isinstance(model, nn.Sequential) and any(True for _ in model.children())
+        model = extend(model, use_converter=custom)
+        loss_func = extend(loss_func)
+        from backpack.extensions import KFRA
+
+        exts = {"first": (BatchGrad(), DiagGGNExact()), "kflr": (KFLR(),), "kfra": (KFRA(),)}[what]
+        with backpack(*exts):
+            loss_func(model(self.X), self.y).backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if what == "first":
+            return {
+                "batch_grad": [p.grad_batch for p in params],
+                "diag_ggn": [p.diag_ggn_exact for p in params],
+            }
+        return {what: [getattr(p, what) for p in params]}
+
+    # -- curvlinops ------------------------------------------------------------------
+    def curvlinops(self, params: list[Tensor], fisher_type: str, approx: str):
+        """curvlinops' K-FAC over ``params`` (on a deep copy: a failing run leaves hooks)."""
+        key = ("cl", fisher_type, approx, tuple(id(p) for p in params))
+        return self._cached(key, lambda: self._run_curvlinops(params, fisher_type, approx))
+
+    def _run_curvlinops(self, params, fisher_type, approx):
+        from curvlinops import KFACLinearOperator
+
+        model = copy.deepcopy(self.model)
+        copied = [p for p in model.parameters() if p.requires_grad]
+        params = [copied[self.index[id(p)]] for p in params]
+        K = KFACLinearOperator(
+            model, self.loss_func, params, [(self.X, self.y)], fisher_type=fisher_type,
+            kfac_approx=approx, separate_weight_and_bias=True, check_deterministic=False,
+            batch_size_fn=(lambda X: X["x"].shape[0]) if isinstance(self.X, dict) else None,
+        )  # fmt: skip
+        return K @ torch.eye(K.shape[0], dtype=torch.float64)
+
+    # -- flat indices ----------------------------------------------------------------
+    def flat(self, p: Tensor) -> Tensor:
+        i = self.index[id(p)]
+        return torch.arange(self.offsets[i], self.offsets[i + 1])
+
+    def joint(self, rec) -> Tensor:
+        """Flat indices of a record's ``[W | b]`` in joint row-major order."""
+        base = torch.cat([self.flat(p) for p in rec.params])
+        return base[joint_permutation(rec.out_features, rec.in_features, rec.joint)]
+
+
+def _per_param(rec, got: list[Tensor], ref_all: list[Tensor], refs: References) -> str | None:
+    for p, g in zip(rec.params, got):
+        msg = _close(g, ref_all[refs.index[id(p)]])
+        if msg:
+            return f"{rec.name}: {msg}"
+    return None
+
+
+def _shares_weights(rec, refs: References, R: float) -> bool:
+    """Whether the layer's weight is shared over locations (conv, Linear on [N, ..., in])."""
+    return not (
+        isinstance(rec.module, nn.Linear) and abs(rec.bias_scale - R * refs.N) < 1e-12 * R * refs.N
+    )
+
+
+class Runner:
+    """Rows of one setting on one backend."""
+
+    def __init__(self, setting: PeerSetting, backend: str, refs: References | None = None):
+        self.setting, self.backend = setting, backend
+        self.refs = refs or References(setting)
+        self.rows: list[Row] = []
+        self.recs = {}
+
+    def row(self, quantity, reference, status, detail=""):
+        self.rows.append(Row(self.setting.id, self.backend, quantity, reference, status, detail))
+
+    def extract(self, quantity, quantities, **kw):
+        r = self.refs
+        try:
+            model, loss_func, X, y = r.model, r.loss_func, r.X, r.y
+            for p in model.parameters():
+                p.grad = None
+            return extract(model, loss_func, X, y, quantities, backend=self.backend, **kw)
+        except CurvkitError as e:
+            self.row(quantity, "-", "refused", _err(e))
+        except Exception as e:  # noqa: BLE001 - a crash is what the table records
+            self.row(quantity, "-", "crash", _err(e))
+        return None
+
+    def compare(self, quantity, reference, ref_result, check) -> None:
+        value, failure = ref_result
+        if failure is not None:
+            self.row(quantity, reference, "peer_failed", failure)
+            return
+        try:
+            msg = check(value)
+        except Exception as e:  # noqa: BLE001 - the comparison itself broke: a crash
+            self.row(quantity, reference, "crash", f"comparison: {_err(e)}")
+            return
+        if msg == "n/a":
+            return
+        self.row(quantity, reference, "mismatch" if msg else "ok", msg or "")
+
+    # -- quantities ------------------------------------------------------------------
+    def run(self) -> list[Row]:
+        self.first_order("batch_grad")
+        self.first_order("diag_ggn")
+        self.shapes("diag_ggn_mc")
+        self.shapes("kfac")
+        covered = {approx: self.kron(approx) for approx in ("expand", "reduce")}
+        if all(c is not None for c in covered.values()):
+            by_backpack = self.backpack_kflr()
+            for approx, names in covered.items():
+                if names is False:
+                    continue  # "reduce" without weight sharing: the same as "expand"
+                missing = [x.name for x in self.recs[approx] if x.name not in names | by_backpack]
+                if missing:
+                    self.row(f"kflr/{approx}", "none", "unchecked", ", ".join(missing))
+        self.cross()
+        if self.backend == "auto" and self.refs.sweep:
+            self.kfra()
+        return self.rows
+
+    def first_order(self, q: str) -> None:
+        rec = self.extract(q, (q,))
+        if rec is None:
+            return
+        r = self.refs
+        ref_auto = r.batch_grad() if q == "batch_grad" else r.ggn()
+
+        def with_dense(value):
+            if q == "diag_ggn":
+                d = value.diagonal()
+                value = [d[r.flat(p)].reshape(p.shape) for p in r.params]
+            return self.all_layers(rec, q, value)
+
+        self.compare(q, "autograd", ref_auto, with_dense)
+        self.compare(q, "backpack", r.backpack("first"), lambda v: self.all_layers(rec, q, v[q]))
+
+    def all_layers(self, rec, q, ref_all) -> str | None:
+        for layer in rec:
+            msg = _per_param(layer, getattr(layer, q), ref_all, self.refs)
+            if msg:
+                return msg
+        return None
+
+    def shapes(self, q: str) -> None:
+        kw = {"generator": torch.Generator().manual_seed(0)}
+        rec = self.extract(q, (q,), **kw)
+        if rec is None:
+            return
+        bad = []
+        for layer in rec:
+            if q == "diag_ggn_mc":
+                ok = [t.shape == p.shape for t, p in zip(layer.diag_ggn_mc, layer.params)]
+                ok += [bool(torch.isfinite(t).all() and (t >= 0).all()) for t in layer.diag_ggn_mc]
+            elif layer.block == "dense":
+                D = layer.numel
+                ok = [layer.dense["kfac"].shape == (D, D)]
+            else:
+                G = layer.G["kfac"]
+                ok = [G.shape[-1] == G.shape[-2], bool(torch.isfinite(G).all())]
+                ok.append(bool(torch.allclose(G, G.transpose(-1, -2))))
+            if not all(ok):
+                bad.append(layer.name)
+        self.row(q, "shape", "mismatch" if bad else "ok", ", ".join(bad))
+
+    def kron(self, approx: str) -> set[str] | bool | None:
+        """Compare ``kflr``/``empirical`` with ``approx``; the names of the layers compared.
+
+        ``None`` if ``extract`` refused or crashed, ``False`` for "reduce" without weight
+        sharing (nothing to compare beyond "expand").
+        """
+        r = self.refs
+        q_tag = f"kflr+empirical/{approx}"
+        rec = self.extract(q_tag, ("kflr", "empirical"), separate_bias=True, kfac_approx=approx)
+        if rec is None:
+            return None
+        R = rec.reduction_factor
+        self.recs[approx] = rec
+        covered: set[str] = set()
+        sharing = any(_shares_weights(layer, r, R) for layer in rec if layer.block != "dense")
+        if approx == "reduce" and not sharing:
+            return False
+        # curvlinops' empirical Fisher of an element-wise loss with "mean" is C times ours
+        # (its per-example gradients are of the loss averaged over the batch only;
+        # docs/conventions.md)
+        elementwise_mean = (
+            isinstance(r.loss_func, (nn.MSELoss, nn.BCEWithLogitsLoss))
+            and r.loss_func.reduction == "mean"
+        )
+        C = r.out_shape[1]
+        # curvlinops on Linear/Conv2d Kronecker records
+        cl_layers = [
+            layer for layer in rec
+            if layer.block == "kron" and type(layer.module) in (nn.Linear, nn.Conv2d)
+        ]  # fmt: skip
+        if cl_layers:
+            params = [p for layer in cl_layers for p in layer.params]
+            for fisher, kind in (("type-2", "kflr"), ("empirical", "empirical")):
+                scale = C if (kind == "empirical" and elementwise_mean) else 1.0
+
+                def check(dense, kind=kind, scale=scale):
+                    off = 0
+                    for layer in cl_layers:
+                        n_w = layer.params[0].numel()
+                        W = dense[off : off + n_w, off : off + n_w]
+                        msg = _close(kron_block(layer.G[kind], layer.A) * scale, W)
+                        if msg:
+                            return f"{layer.name} weight: {msg}"
+                        if layer.has_bias:
+                            nb = layer.params[1].numel()
+                            B = dense[off + n_w : off + n_w + nb, off + n_w : off + n_w + nb]
+                            msg = _close(layer.G[kind] * layer.bias_scale * scale, B)
+                            if msg:
+                                return f"{layer.name} bias: {msg}"
+                        off += layer.numel
+                    return None
+
+                self.compare(
+                    f"{kind}/{approx}", "curvlinops", r.curvlinops(params, fisher, approx), check
+                )
+            covered |= {layer.name for layer in cl_layers}
+        # exact cases: Linear layers without weight sharing (one example, or deep linear MSE);
+        # dense blocks of normalisation layers (no batch statistics) are exact GGN blocks
+        exact = [
+            layer for layer in rec
+            if self.setting.kflr_exact and isinstance(layer.module, nn.Linear)
+            and not _shares_weights(layer, r, R)
+        ]  # fmt: skip
+        dense_layers = [layer for layer in rec if layer.block == "dense"]
+        if exact or dense_layers:
+
+            def check_exact(ggn, kind):
+                for layer in exact:
+                    idx = torch.cat([r.flat(p) for p in layer.params])
+                    block = ggn[idx][:, idx]
+                    n_w = layer.params[0].numel()
+                    msg = _close(kron_block(layer.G[kind], layer.A), block[:n_w, :n_w])
+                    if msg:
+                        return f"{layer.name} weight: {msg}"
+                    if layer.has_bias:
+                        msg = _close(layer.G[kind] * layer.bias_scale, block[n_w:, n_w:])
+                        if msg:
+                            return f"{layer.name} bias: {msg}"
+                for layer in dense_layers:
+                    idx = torch.cat([r.flat(p) for p in layer.params])
+                    msg = _close(layer.dense[kind], ggn[idx][:, idx])
+                    if msg:
+                        return f"{layer.name} dense: {msg}"
+                return None
+
+            self.compare(
+                f"kflr/{approx}", "autograd GGN", r.ggn(), lambda g: check_exact(g, "kflr")
+            )
+            if r.N == 1 or dense_layers:
+                self.compare(
+                    f"empirical/{approx}", "autograd EF", r.ef(),
+                    lambda g: check_exact(g, "empirical"),
+                )  # fmt: skip
+            covered |= {layer.name for layer in exact + dense_layers}
+        return covered
+
+    def backpack_kflr(self) -> set[str]:
+        """BackPACK's ``KFLR`` against ``G_reduce ⊗ A_expand`` (weights of Kronecker layers).
+
+        BackPACK's K-FAC for convolutions pairs the "expand" input factor (patches summed
+        over locations) with the "reduce" output factor (gradients summed over locations
+        before the outer product); for layers without weight sharing both are the same.
+        Its bias factor of a convolution is its own convention and is not compared.
+        Transposed convolutions: BackPACK's input factor is over the unflipped kernel.
+        """
+        r = self.refs
+        layers = [
+            (e, g) for e, g in zip(self.recs["expand"], self.recs["reduce"])
+            if (e.block == "kron" and type(e.module) in _BACKPACK_KFLR)
+            or (e.block == "kron_transposed" and e.A.dim() == 2)
+        ]  # fmt: skip
+        if not layers or not isinstance(r.model, nn.Sequential):
+            return set()
+
+        def check(v):
+            for e, g in layers:
+                G, A = v["kflr"][r.index[id(e.params[0])]]
+                ours = e.A
+                if e.block == "kron_transposed":
+                    # our rows (i, κ) are over the flipped kernel W'[o, i, κ] = W[i, o, κmax − κ]
+                    W = e.params[0]
+                    idx = torch.arange(W.shape[0] * W[0, 0].numel()).reshape(
+                        W.shape[0], *W.shape[2:]
+                    )
+                    perm = idx.flip(dims=tuple(range(1, idx.dim()))).flatten()
+                    ours = ours[perm][:, perm]
+                msg = _close(kron_block(g.G["kflr"], ours), kron_block(G, A))
+                if msg:
+                    return f"{e.name} weight: {msg}"
+            return None
+
+        self.compare("kflr/backpack-kfc", "backpack", r.backpack("kflr"), check)
+        return {e.name for e, _ in layers}
+
+    def kfra(self) -> None:
+        """KFRA (sweep only): BackPACK's ``KFRA`` on ``Linear`` weights; exact cases vs the GGN."""
+        rec = self.extract("kfra", ("kfra",), separate_bias=True)
+        if rec is None:
+            return
+        r = self.refs
+        linear = [x for x in rec if isinstance(x.module, nn.Linear)]
+
+        def check_bp(v):
+            for x in linear:
+                G, A = v["kfra"][r.index[id(x.params[0])]]
+                msg = _close(kron_block(x.G["kfra"], x.A), kron_block(G, A))
+                if msg:
+                    return f"{x.name} weight: {msg}"
+            return None
+
+        self.compare("kfra", "backpack", r.backpack("kfra"), check_bp)
+        if self.setting.kflr_exact and linear:
+
+            def check_exact(ggn):
+                for x in linear:
+                    idx = r.flat(x.params[0])
+                    msg = _close(kron_block(x.G["kfra"], x.A), ggn[idx][:, idx])
+                    if msg:
+                        return f"{x.name} weight: {msg}"
+                return None
+
+            self.compare("kfra", "autograd GGN", r.ggn(), check_exact)
+
+    def cross(self) -> None:
+        rec = self.extract("cross", ("kflr", "cross"))
+        if rec is None:
+            return
+        r = self.refs
+        pairs = [(a, b) for a, b in zip(rec.layers, rec.layers[1:]) if a.cross_A is not None]
+        bad = [
+            a.name for a, b in pairs
+            if a.cross_A.shape != (a.A.shape[0], b.A.shape[0])
+            or a.cross_G["kflr"].shape != (a.out_features, b.out_features)
+        ]  # fmt: skip
+        self.row("cross", "shape", "mismatch" if bad else "ok", ", ".join(bad))
+        if not (pairs and self.setting.kflr_exact and r.N == 1):
+            return
+
+        def check(ggn):
+            for a, b in pairs:
+                block = ggn[r.joint(a)][:, r.joint(b)]
+                msg = _close(kron_block(a.cross_G["kflr"], a.cross_A), block)
+                if msg:
+                    return f"{a.name}-{b.name}: {msg}"
+            return None
+
+        self.compare("cross", "autograd GGN", r.ggn(), check)
+
+
+def run_setting(setting: PeerSetting, backend: str, refs: References | None = None) -> list[Row]:
+    """All rows of ``setting`` on ``backend``."""
+    return Runner(setting, backend, refs).run()
