@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 from tests.extraction.peer_cases import NOT_PORTED, SETTINGS  # noqa: E402
 from tests.extraction.peer_compare import References, backends, run_setting  # noqa: E402
 
-STATUSES = ("ok", "refused", "mismatch", "crash", "peer_failed", "unchecked")
+STATUSES = ("ok", "refused", "mismatch", "crash", "peer_failed", "unchecked", "differs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -14,7 +14,8 @@ Each comparison is one :class:`Row`. ``status``: ``"ok"`` (agrees), ``"mismatch"
 ``"crash"`` (``extract`` raised something that is not a ``CurvkitError``),
 ``"refused"`` (a ``CurvkitError``; whether it is expected is the caller's table),
 ``"peer_failed"`` (the reference itself raised: the peer's failure, not curvkit's),
-``"unchecked"`` (computed, but no reference applies to these layers).
+``"unchecked"`` (computed, but no reference applies to these layers), ``"differs"``
+(a difference listed in :data:`KNOWN_DIFFERENCES`, which the peers share).
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ from tests.reference import (
 #: Quantity groups, one ``extract`` call each (``cross`` comes with ``kflr``).
 QUANTITIES = ("batch_grad", "diag_ggn", "diag_ggn_mc", "kfac", "kflr", "empirical", "cross")
 RTOL = 1e-8
+#: Monte Carlo samples and the relative error allowed against the exact value.
+MC_SAMPLES, MC_RTOL = 500, 0.3
+#: ``(setting, quantity) -> reason`` where curvkit is known to differ from the reference
+#: with the peers doing the same (status ``"differs"``).
+KNOWN_DIFFERENCES = {
+    ("cl-batchnorm-train", "kfac"): (
+        "a train-mode BatchNorm mixes examples: the square-root rows behind kflr share "
+        "their column over all examples (cross-example terms S_n S_m^T), the Monte Carlo "
+        "labels are independent per example (no such terms), so kfac does not estimate "
+        "kflr for the layer before the BatchNorm; curvlinops' type-2 and MC K-FAC differ "
+        "the same way (kflr equals curvlinops' type-2 there)"
+    ),
+}
 #: Layer types whose ``G ⊗ A`` BackPACK's ``KFLR`` defines the same way (weights).
 _BACKPACK_KFLR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -115,9 +129,19 @@ class References:
         return int(out.shape[0])
 
     def _tensor_model(self):
+        """A copy for the dense references: tensor input, BatchNorm buffers not updated.
+
+        (``torch.func`` transforms refuse the in-place running-statistics update of a
+        train-mode BatchNorm; without tracking it normalises with the same batch
+        statistics.)
+        """
+        model = copy.deepcopy(self.model)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                m.track_running_stats = False
         if isinstance(self.X, dict):
-            return _DictInput(self.model), self.X["x"]
-        return self.model, self.X
+            return _DictInput(model), self.X["x"]
+        return model, self.X
 
     def _cached(self, key, fn):
         if key not in self._cache:
@@ -239,7 +263,9 @@ class Runner:
     def compare(self, quantity, reference, ref_result, check) -> None:
         value, failure = ref_result
         if failure is not None:
-            self.row(quantity, reference, "peer_failed", failure)
+            # a peer's failure is the peer's; a failing dense reference is a bug here
+            peer = reference in ("backpack", "curvlinops")
+            self.row(quantity, reference, "peer_failed" if peer else "crash", failure)
             return
         try:
             msg = check(value)
@@ -254,8 +280,8 @@ class Runner:
     def run(self) -> list[Row]:
         self.first_order("batch_grad")
         self.first_order("diag_ggn")
-        self.shapes("diag_ggn_mc")
-        self.shapes("kfac")
+        self.monte_carlo("diag_ggn_mc")
+        self.monte_carlo("kfac")
         covered = {approx: self.kron(approx) for approx in ("expand", "reduce")}
         if all(c is not None for c in covered.values()):
             by_backpack = self.backpack_kflr()
@@ -293,9 +319,18 @@ class Runner:
                 return msg
         return None
 
-    def shapes(self, q: str) -> None:
-        kw = {"generator": torch.Generator().manual_seed(0)}
-        rec = self.extract(q, (q,), **kw)
+    def monte_carlo(self, q: str) -> None:
+        """``kfac``/``diag_ggn_mc``: shapes, and ``MC_SAMPLES`` samples near the exact value.
+
+        The exact value is this backend's ``kflr``/``diag_ggn`` (itself compared with the
+        references); with a fixed generator the check is deterministic. The relative
+        Frobenius error of an unbiased estimate is ``O(1/sqrt(M))`` (below 0.2 on every
+        setting at ``M = 500``); a mis-scaled sampler (a missing factor 2 or ``C``) is far
+        above :data:`MC_RTOL`.
+        """
+        exact_q = {"kfac": "kflr", "diag_ggn_mc": "diag_ggn"}[q]
+        gen = torch.Generator().manual_seed(0)
+        rec = self.extract(q, (q,), mc_samples=MC_SAMPLES, generator=gen)
         if rec is None:
             return
         bad = []
@@ -313,6 +348,25 @@ class Runner:
             if not all(ok):
                 bad.append(layer.name)
         self.row(q, "shape", "mismatch" if bad else "ok", ", ".join(bad))
+        exact = self.extract(q, (exact_q,))
+        if exact is None:
+            return
+        worst, where = 0.0, ""
+        for a, b in zip(rec, exact):
+            if q == "diag_ggn_mc":
+                x = torch.cat([t.flatten() for t in a.diag_ggn_mc])
+                y = torch.cat([t.flatten() for t in b.diag_ggn])
+            elif a.block == "dense":
+                x, y = a.dense["kfac"], b.dense["kflr"]
+            else:
+                x, y = a.G["kfac"], b.G["kflr"]
+            err = float((x - y).norm() / y.norm()) if float(y.norm()) > 0 else float(x.norm())
+            if err > worst:
+                worst, where = err, a.name
+        status = "ok" if worst <= MC_RTOL else "mismatch"
+        if status == "mismatch" and (self.setting.id, q) in KNOWN_DIFFERENCES:
+            status = "differs"
+        self.row(q, f"{exact_q} (M={MC_SAMPLES})", status, f"{where}: rel. error {worst:.3f}")
 
     def kron(self, approx: str) -> set[str] | bool | None:
         """Compare ``kflr``/``empirical`` with ``approx``; the names of the layers compared.
@@ -322,7 +376,12 @@ class Runner:
         """
         r = self.refs
         q_tag = f"kflr+empirical/{approx}"
-        rec = self.extract(q_tag, ("kflr", "empirical"), separate_bias=True, kfac_approx=approx)
+        kinds = ("kflr", "empirical")
+        rec = self.extract(q_tag, kinds, separate_bias=True, kfac_approx=approx)
+        if rec is None and "'empirical'" in self.rows[-1].detail:
+            # empirical refused (examples interact): kflr alone is still defined
+            kinds = ("kflr",)
+            rec = self.extract(f"kflr/{approx}", kinds, separate_bias=True, kfac_approx=approx)
         if rec is None:
             return None
         R = rec.reduction_factor
@@ -346,7 +405,7 @@ class Runner:
         ]  # fmt: skip
         if cl_layers:
             params = [p for layer in cl_layers for p in layer.params]
-            for fisher, kind in (("type-2", "kflr"), ("empirical", "empirical")):
+            for fisher, kind in (("type-2", "kflr"), ("empirical", "empirical"))[: len(kinds)]:
                 scale = C if (kind == "empirical" and elementwise_mean) else 1.0
 
                 def check(dense, kind=kind, scale=scale):
@@ -402,7 +461,7 @@ class Runner:
             self.compare(
                 f"kflr/{approx}", "autograd GGN", r.ggn(), lambda g: check_exact(g, "kflr")
             )
-            if r.N == 1 or dense_layers:
+            if (r.N == 1 or dense_layers) and "empirical" in kinds:
                 self.compare(
                     f"empirical/{approx}", "autograd EF", r.ef(),
                     lambda g: check_exact(g, "empirical"),

@@ -6,6 +6,8 @@ and, where ``auto`` takes the sweep, with ``backend="graph"``. Each quantity is
 compared with dense float64 autograd, BackPACK's extensions on a deep copy and
 curvlinops' ``KFACLinearOperator`` (``tests/extraction/peer_compare.py``).
 
+Where curvkit and its peers agree on something that is not what one might expect,
+the difference is listed in ``peer_compare.KNOWN_DIFFERENCES`` and asserted as such.
 What curvkit refuses is listed below with the reason (:data:`EXPECTED_REFUSALS`,
 :data:`KFRA_REFUSED`), and so are the Kronecker layers no peer gives a reference for
 (:data:`UNCHECKED`): a silent change in either direction fails. A reference that
@@ -210,6 +212,8 @@ def test_peer_setting(sid, backend):
         assert detail.startswith(f"{err.__name__}:") and fragment in detail, (q, detail)
     bad = [r for r in rows if r.status in ("mismatch", "crash")]
     assert not bad, "\n".join(f"{r.quantity} vs {r.reference}: {r.status} {r.detail}" for r in bad)
+    differs = {(sid, r.quantity) for r in rows if r.status == "differs"}
+    assert differs == {k for k in peer_compare.KNOWN_DIFFERENCES if k[0] == sid}
     unchecked = {r.detail for r in rows if r.status == "unchecked"}
     assert unchecked == ({UNCHECKED[sid]} if sid in UNCHECKED else set()), unchecked
     # every quantity curvkit computed was compared with something that ran
