@@ -7,6 +7,8 @@ References (all float64):
 - ``backpack``: BackPACK's own extensions (``BatchGrad``, ``DiagGGNExact``, ``KFLR``) on
   a deep copy of the model and loss (``extend`` never touches the model ``extract``
   gets);
+- ``loops``: cross factors of ``Linear`` chains by the explicit per-example loop of
+  ``tests/reference.py`` (``brute_force_factors``, autograd Jacobians per example);
 - ``curvlinops``: ``KFACLinearOperator`` (``fisher_type`` "type-2"/"empirical",
   ``kfac_approx`` "expand"/"reduce") on the ``Linear``/``Conv2d`` layers.
 
@@ -31,8 +33,10 @@ from curvkit.extraction import extract
 from curvkit.extraction.engine import choose_backend
 from tests.extraction.peer_cases import PeerSetting, build
 from tests.reference import (
+    brute_force_factors,
     dense_ef,
     dense_ggn,
+    flatten_sequential,
     joint_permutation,
     kron_block,
     per_example_grads,
@@ -548,6 +552,20 @@ class Runner:
             or a.cross_G["kflr"].shape != (a.out_features, b.out_features)
         ]  # fmt: skip
         self.row("cross", "shape", "mismatch" if bad else "ok", ", ".join(bad))
+        if pairs and _linear_chain(r):
+
+            def check_loops(_):
+                ref = brute_force_factors(r.model, r.loss_func, r.X, r.y, "kflr")
+                for i, (a, b) in enumerate(zip(rec.layers, rec.layers[1:])):
+                    if a.cross_A is None:
+                        continue
+                    for what, ours in (("A", a.cross_A), ("G", a.cross_G["kflr"])):
+                        msg = _close(ours, ref[i][f"cross_{what}"])
+                        if msg:
+                            return f"{a.name}-{b.name} cross_{what}: {msg}"
+                return None
+
+            self.compare("cross", "loops", (None, None), check_loops)
         if not (pairs and self.setting.kflr_exact and r.N == 1):
             return
 
@@ -560,6 +578,16 @@ class Runner:
             return None
 
         self.compare("cross", "autograd GGN", r.ggn(), check)
+
+
+def _linear_chain(refs: References) -> bool:
+    """A ``Sequential`` of ``Linear`` layers and parameter-free modules on a 2-D input."""
+    if not (isinstance(refs.model, nn.Sequential) and isinstance(refs.X, Tensor)):
+        return False
+    leaves = [m for _, m in flatten_sequential(refs.model)]
+    return refs.X.dim() == 2 and all(
+        isinstance(m, nn.Linear) or not any(True for _ in m.parameters()) for m in leaves
+    )
 
 
 def run_setting(setting: PeerSetting, backend: str, refs: References | None = None) -> list[Row]:

@@ -234,6 +234,8 @@ def test_comparison_detects_a_wrong_factor(monkeypatch):
         rec = real(*args, **kwargs)
         for layer in rec:
             layer.G = {k: v * (1 + 1e-6) for k, v in layer.G.items()}
+            if layer.cross_A is not None:
+                layer.cross_A = layer.cross_A * (1 + 1e-6)
             if layer.batch_grad is not None:
                 layer.batch_grad = [g * (1 + 1e-6) for g in layer.batch_grad]
             if layer.diag_ggn is not None:
@@ -253,6 +255,8 @@ def test_comparison_detects_a_wrong_factor(monkeypatch):
         ("kflr/expand", "autograd GGN"),
         ("kflr/backpack-kfc", "backpack"),
         ("kfra", "backpack"),
+        ("cross", "loops"),
+        ("cross", "autograd GGN"),
     ]:
         assert expected in wrong, (expected, sorted(wrong))
 
