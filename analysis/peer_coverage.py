@@ -41,9 +41,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.extraction.peer_cases import NOT_PORTED, SETTINGS  # noqa: E402
-from tests.extraction.peer_compare import References, backends, run_setting  # noqa: E402
+from tests.extraction.peer_compare import (  # noqa: E402
+    References,
+    backends,
+    run_setting,
+)
 
 STATUSES = ("ok", "refused", "mismatch", "crash", "peer_failed", "unchecked", "differs")
+#: Refused quantity groups (as ``Row.quantity``) that make a setting "refused as a whole".
+WHOLE = {"batch_grad", "diag_ggn", "diag_ggn_mc", "kfac", "kflr+empirical/expand", "cross"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _reason(detail: str) -> str:
     """A refusal/failure message without its instance-specific parts (names, shapes)."""
-    head = detail.split(". ")[0]
+    if detail.rstrip().endswith(":"):
+        detail += " (no message)"
+    head = re.sub(r" object at 0x[0-9a-f]+", "", detail.split(". ")[0])
     head = re.sub(r"'[^']*'", "'…'", head)
     return re.sub(r"\([^)]*\)|\{[^}]*\}|\d+", "…", head)[:140]
 
@@ -81,12 +89,22 @@ def summary(rows, settings) -> str:
         f"{n_runs} setting x backend runs, {len(rows)} rows",
         "rows: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in STATUSES),
     ]
-    by_setting = {}
+    quantities, refused = {}, {}
     for r in rows:
-        by_setting.setdefault(r.setting, set()).add(r.status)
-    fully = sum(1 for st in by_setting.values() if "refused" not in st)
+        quantities.setdefault(r.setting, set()).add(r.quantity)
+        if r.status == "refused":
+            refused.setdefault(r.setting, set()).add(r.quantity)
+    whole = sum(1 for k, q in refused.items() if q >= WHOLE)
     lines.append(
-        f"settings with no refusal: {fully}; with some refused quantity: {len(by_setting) - fully}"
+        f"settings: {len(quantities) - len(refused)} with no refusal, "
+        f"{len(refused) - whole} with some quantity refused, {whole} refused as a whole"
+    )
+    lines.append(
+        "ok rows by reference: "
+        + ", ".join(
+            f"{ref} {n}"
+            for ref, n in Counter(r.reference for r in rows if r.status == "ok").most_common()
+        )
     )
     lines.append(
         "refused settings by reason: "
@@ -103,7 +121,7 @@ def summary(rows, settings) -> str:
         (r.reference, _reason(r.detail)) for r in rows if r.status == "peer_failed"
     ).most_common():
         lines.append(f"  {n:4d}  {ref}: {why}")
-    for status in ("mismatch", "crash"):
+    for status in ("mismatch", "crash", "differs"):
         for r in rows:
             if r.status == status:
                 lines.append(f"{status}: {r.setting} [{r.backend}] {r.quantity} vs {r.reference}: "
