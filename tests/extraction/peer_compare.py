@@ -315,6 +315,17 @@ class Runner:
 
         self.compare(q, "autograd", ref_auto, with_dense)
         self.compare(q, "backpack", r.backpack("first"), lambda v: self.all_layers(rec, q, v[q]))
+        if q == "batch_grad":
+            grads = [p.grad for p in r.params]
+
+            def check_grad(per_example):
+                for p, g, ref in zip(r.params, grads, per_example):
+                    msg = "no .grad" if g is None else _close(g, ref.sum(0))
+                    if msg:
+                        return f"{tuple(p.shape)}: {msg}"
+                return None
+
+            self.compare("grad", "autograd", ref_auto, check_grad)
 
     def all_layers(self, rec, q, ref_all) -> str | None:
         for layer in rec:
