@@ -85,6 +85,19 @@ class _DictInput(nn.Module):
         return self.model({"x": x})
 
 
+class _OneHotLinear(nn.Module):
+    """``Embedding`` written as a bias-free ``Linear`` (weight ``E^T``) on one-hot inputs."""
+
+    def __init__(self, emb: nn.Embedding):
+        super().__init__()
+        self.num = emb.num_embeddings
+        self.linear = nn.Linear(self.num, emb.embedding_dim, bias=False)
+        self.linear.weight.data = emb.weight.detach().T.clone()
+
+    def forward(self, x):
+        return self.linear(nn.functional.one_hot(x, self.num).to(self.linear.weight.dtype))
+
+
 def _close(a: Tensor, b: Tensor) -> str | None:
     """``None`` if ``a`` and ``b`` agree to :data:`RTOL` (scaled to ``b``), else a message."""
     if a.shape != b.shape:
@@ -213,6 +226,40 @@ class References:
         )  # fmt: skip
         return K @ torch.eye(K.shape[0], dtype=torch.float64)
 
+    def curvlinops_one_hot(self, fisher_type: str):
+        """curvlinops' K-FAC ("expand") of each ``Embedding`` as a ``Linear`` on one-hot inputs.
+
+        Returns:
+            ``{id(embedding weight): dense block over the row-major Linear weight
+            [dim, num_embeddings]}``.
+        """
+        return self._cached(("cl-onehot", fisher_type), lambda: self._run_one_hot(fisher_type))
+
+    def _run_one_hot(self, fisher_type):
+        from curvlinops import KFACLinearOperator
+
+        model = copy.deepcopy(self.model)
+        originals = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        swapped = {}
+        for name, m in list(model.named_modules()):
+            for child_name, child in list(m.named_children()):
+                if type(child) is nn.Embedding:
+                    lin = _OneHotLinear(child)
+                    setattr(m, child_name, lin)
+                    prefix = f"{name}.{child_name}" if name else child_name
+                    swapped[id(originals[f"{prefix}.weight"])] = lin.linear.weight
+        params = list(swapped.values())
+        K = KFACLinearOperator(
+            model, self.loss_func, params, [(self.X, self.y)], fisher_type=fisher_type,
+            kfac_approx="expand", separate_weight_and_bias=True, check_deterministic=False,
+        )  # fmt: skip
+        dense = K @ torch.eye(K.shape[0], dtype=torch.float64)
+        out, off = {}, 0
+        for key, w in swapped.items():
+            out[key] = dense[off : off + w.numel(), off : off + w.numel()]
+            off += w.numel()
+        return out
+
     # -- flat indices ----------------------------------------------------------------
     def flat(self, p: Tensor) -> Tensor:
         i = self.index[id(p)]
@@ -288,7 +335,7 @@ class Runner:
         self.monte_carlo("kfac")
         covered = {approx: self.kron(approx) for approx in ("expand", "reduce")}
         if all(c is not None for c in covered.values()):
-            by_backpack = self.backpack_kflr()
+            by_backpack = self.backpack_kflr() | self.embedding_always_expand()
             for approx, names in covered.items():
                 if names is False:
                     continue  # "reduce" without weight sharing: the same as "expand"
@@ -444,6 +491,31 @@ class Runner:
                     f"{kind}/{approx}", "curvlinops", r.curvlinops(params, fisher, approx), check
                 )
             covered |= {layer.name for layer in cl_layers}
+        # Embedding ("expand" only): curvlinops on the equivalent one-hot Linear, whose
+        # weight is the transpose: diag(A_diag) ⊗ G over E equals G ⊗ diag(A_diag) over E^T
+        emb = [layer for layer in rec if layer.block == "embedding"]
+        if emb and approx == "expand":
+            for fisher, kind in (("type-2", "kflr"), ("empirical", "empirical"))[: len(kinds)]:
+                scale = C if (kind == "empirical" and elementwise_mean) else 1.0
+
+                def check_emb(blocks, kind=kind, scale=scale):
+                    for layer in emb:
+                        ref = blocks[id(layer.params[0])]
+                        num, dim = layer.params[0].shape
+                        perm = torch.arange(dim * num).reshape(dim, num).T.flatten()
+                        ours = kron_block(torch.diag(layer.A_diag), layer.G[kind]) * scale
+                        msg = _close(ours, ref[perm][:, perm])
+                        if msg:
+                            return f"{layer.name}: {msg}"
+                    return None
+
+                self.compare(
+                    f"{kind}/{approx}",
+                    "curvlinops one-hot",
+                    r.curvlinops_one_hot(fisher),
+                    check_emb,
+                )
+            covered |= {layer.name for layer in emb}
         # exact cases: Linear layers without weight sharing (one example, or deep linear MSE);
         # dense blocks of normalisation layers (no batch statistics) are exact GGN blocks
         exact = [
@@ -483,6 +555,28 @@ class Runner:
                 )  # fmt: skip
             covered |= {layer.name for layer in exact + dense_layers}
         return covered
+
+    def embedding_always_expand(self) -> set[str]:
+        """``Embedding`` blocks are "expand" whatever ``kfac_approx`` (docs/conventions.md)."""
+        pairs = [
+            (e, g) for e, g in zip(self.recs["expand"], self.recs["reduce"])
+            if e.block == "embedding"
+        ]  # fmt: skip
+        if not pairs:
+            return set()
+
+        def check(_):
+            for e, g in pairs:
+                for what in ("A_diag", "G"):
+                    a, b = getattr(g, what), getattr(e, what)
+                    a, b = (a["kflr"], b["kflr"]) if what == "G" else (a, b)
+                    msg = _close(a, b)
+                    if msg:
+                        return f"{e.name} {what}: {msg}"
+            return None
+
+        self.compare("kflr/reduce", "expand (Embedding)", (None, None), check)
+        return {e.name for e, _ in pairs}
 
     def backpack_kflr(self) -> set[str]:
         """BackPACK's ``KFLR`` against ``G_reduce ⊗ A_expand`` (weights of Kronecker layers).

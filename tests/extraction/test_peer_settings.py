@@ -151,11 +151,9 @@ _KFRA = (
 )
 
 #: Kronecker layers no peer has a reference for (BackPACK's KFLR and curvlinops' K-FAC
-#: support neither grouped convolutions nor ``Embedding``): ``id -> layer names``.
+#: do not support grouped convolutions): ``id -> layer names``. (``Embedding`` is
+#: compared with curvlinops on the equivalent one-hot ``Linear``.)
 UNCHECKED = {
-    "bp-embedding-linear": "0",
-    "bp1-embedding-flatten": "0",
-    "bp2-embedding-flatten": "0",
     "cnn-Conv1d-6-4-2-1-0-1-2": "0",
     "cnn-Conv2d-6-3-2-1-0-1-3": "0",
     "cnn-Conv3d-4-2-2-1-0-2-2": "0",
