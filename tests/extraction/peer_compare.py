@@ -85,6 +85,89 @@ class _DictInput(nn.Module):
         return self.model({"x": x})
 
 
+class _GroupsAsConv2d(nn.Module):
+    """A ``Conv1d``/``Conv2d`` (any ``groups``) as one ``Conv2d`` (``groups=1``) per group.
+
+    A ``Conv1d`` acts on ``[N, C, 1, L]`` with kernel ``(1, k)`` (same patches); group
+    ``j`` convolves input channels ``j·i … (j+1)·i − 1`` into output channels
+    ``j·o … (j+1)·o − 1`` with the rows ``j·o …`` of the weight.
+    """
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.one_d = isinstance(conv, nn.Conv1d)
+        lift = (lambda t: (1, t[0])) if self.one_d else tuple
+        pad = (0, conv.padding[0]) if self.one_d else conv.padding
+        g = conv.groups
+        o, i = conv.out_channels // g, conv.in_channels // g
+        self.i = i
+        self.convs = nn.ModuleList()
+        for j in range(g):
+            c = nn.Conv2d(
+                i, o, lift(conv.kernel_size), stride=lift(conv.stride), padding=pad,
+                dilation=lift(conv.dilation), bias=conv.bias is not None,
+            )  # fmt: skip
+            w = conv.weight.detach()[j * o : (j + 1) * o]
+            c.weight.data = (w[:, :, None] if self.one_d else w).clone()
+            if conv.bias is not None:
+                c.bias.data = conv.bias.detach()[j * o : (j + 1) * o].clone()
+            self.convs.append(c)
+
+    def forward(self, x):
+        x = x[:, :, None] if self.one_d else x
+        out = torch.cat(
+            [c(x[:, j * self.i : (j + 1) * self.i]) for j, c in enumerate(self.convs)], dim=1
+        )
+        return out[:, :, 0] if self.one_d else out
+
+
+class _TransposedAsConv2d(nn.Module):
+    """A ``ConvTranspose1d/2d`` as ``Conv2d`` (one per group) on the stride-dilated input.
+
+    The input gets ``stride − 1`` zeros between entries and ``dilation·(k − 1) −
+    padding`` zeros on each side (plus ``output_padding`` at the end); group ``j`` is
+    then a stride-1 convolution with ``W'_j[o, i, κ] = W[j·C_in/g + i, o, κmax − κ]``
+    (docs/conventions.md).
+    """
+
+    def __init__(self, ct: nn.Module):
+        super().__init__()
+        self.one_d = isinstance(ct, nn.ConvTranspose1d)
+        self.ct_stride, self.ct_padding = ct.stride, ct.padding
+        self.ct_dilation, self.ct_output_padding = ct.dilation, ct.output_padding
+        self.ct_kernel = ct.kernel_size
+        lift = (lambda t: (1, t[0])) if self.one_d else tuple
+        g = ct.groups
+        W = ct.weight.detach()
+        self.i = W.shape[0] // g
+        o = W.shape[1]
+        self.convs = nn.ModuleList()
+        for j in range(g):
+            w = W[j * self.i : (j + 1) * self.i].transpose(0, 1).flip(dims=tuple(range(2, W.dim())))
+            c = nn.Conv2d(self.i, o, lift(ct.kernel_size), dilation=lift(ct.dilation),
+                          bias=ct.bias is not None)  # fmt: skip
+            c.weight.data = (w[:, :, None] if self.one_d else w).clone()
+            if ct.bias is not None:
+                c.bias.data = ct.bias.detach()[j * o : (j + 1) * o].clone()
+            self.convs.append(c)
+
+    def forward(self, x):
+        d = x.dim() - 2
+        s, k, dil = self.ct_stride, self.ct_kernel, self.ct_dilation
+        z = x.new_zeros(*x.shape[:2], *[(n - 1) * s[i] + 1 for i, n in enumerate(x.shape[2:])])
+        z[(slice(None), slice(None)) + tuple(slice(None, None, s[i]) for i in range(d))] = x
+        pads = []
+        for i in reversed(range(d)):
+            lo = dil[i] * (k[i] - 1) - self.ct_padding[i]
+            pads += [lo, lo + self.ct_output_padding[i]]
+        z = nn.functional.pad(z, pads)
+        z = z[:, :, None] if self.one_d else z
+        out = torch.cat(
+            [c(z[:, j * self.i : (j + 1) * self.i]) for j, c in enumerate(self.convs)], dim=1
+        )
+        return out[:, :, 0] if self.one_d else out
+
+
 class _OneHotLinear(nn.Module):
     """``Embedding`` written as a bias-free ``Linear`` (weight ``E^T``) on one-hot inputs."""
 
@@ -96,6 +179,18 @@ class _OneHotLinear(nn.Module):
 
     def forward(self, x):
         return self.linear(nn.functional.one_hot(x, self.num).to(self.linear.weight.dtype))
+
+
+def _needs_split(m: nn.Module) -> bool:
+    """A conv layer curvlinops covers through an equivalent ``Conv2d`` (zero padding)."""
+    return (
+        (
+            type(m) in (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+            or (type(m) is nn.Conv2d and m.groups > 1)
+        )
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    )
 
 
 def _close(a: Tensor, b: Tensor) -> str | None:
@@ -260,6 +355,53 @@ class References:
             off += w.numel()
         return out
 
+    def curvlinops_conv(self, fisher_type: str, approx: str):
+        """curvlinops' K-FAC of each ``Conv1d`` and grouped ``Conv2d`` via :class:`_GroupsAsConv2d`.
+
+        Returns:
+            ``{id(original weight): [(weight block, bias block or None) per group]}``.
+        """
+        key = ("cl-conv", fisher_type, approx)
+        return self._cached(key, lambda: self._run_conv(fisher_type, approx))
+
+    def _run_conv(self, fisher_type, approx):
+        from curvlinops import KFACLinearOperator
+
+        model = copy.deepcopy(self.model)
+        originals = dict(self.model.named_parameters())
+        swapped = {}
+        for name, m in list(model.named_modules()):
+            for child_name, child in list(m.named_children()):
+                if _needs_split(child) and child.weight.requires_grad:
+                    eq = (
+                        _TransposedAsConv2d(child)
+                        if isinstance(child, (nn.ConvTranspose1d, nn.ConvTranspose2d))
+                        else _GroupsAsConv2d(child)
+                    )
+                    setattr(m, child_name, eq)
+                    prefix = f"{name}.{child_name}" if name else child_name
+                    swapped[id(originals[f"{prefix}.weight"])] = list(eq.convs)
+        params = [p for convs in swapped.values() for c in convs for p in c.parameters()]
+        K = KFACLinearOperator(
+            model, self.loss_func, params, [(self.X, self.y)], fisher_type=fisher_type,
+            kfac_approx=approx, separate_weight_and_bias=True, check_deterministic=False,
+        )  # fmt: skip
+        dense = K @ torch.eye(K.shape[0], dtype=torch.float64)
+        out, off = {}, 0
+        for key, convs in swapped.items():
+            out[key] = []
+            for c in convs:
+                nw = c.weight.numel()
+                W = dense[off : off + nw, off : off + nw]
+                off += nw
+                B = None
+                if c.bias is not None:
+                    nb = c.bias.numel()
+                    B = dense[off : off + nb, off : off + nb]
+                    off += nb
+                out[key].append((W, B))
+        return out
+
     # -- flat indices ----------------------------------------------------------------
     def flat(self, p: Tensor) -> Tensor:
         i = self.index[id(p)]
@@ -335,11 +477,20 @@ class Runner:
         self.monte_carlo("kfac")
         covered = {approx: self.kron(approx) for approx in ("expand", "reduce")}
         if all(c is not None for c in covered.values()):
-            by_backpack = self.backpack_kflr() | self.embedding_always_expand()
+            by_backpack = self.backpack_kflr()
+            embedding = self.embedding_always_expand()
+            if covered["reduce"] is not False:
+                covered["reduce"] |= embedding
             for approx, names in covered.items():
                 if names is False:
                     continue  # "reduce" without weight sharing: the same as "expand"
-                missing = [x.name for x in self.recs[approx] if x.name not in names | by_backpack]
+                # BackPACK's check covers the product G_reduce ⊗ A_expand, not each variant
+                missing = [
+                    x.name
+                    + (" (BackPACK: G_reduce ⊗ A_expand only)" if x.name in by_backpack else "")
+                    for x in self.recs[approx]
+                    if x.name not in names
+                ]
                 if missing:
                     self.row(f"kflr/{approx}", "none", "unchecked", ", ".join(missing))
         self.cross()
@@ -491,6 +642,34 @@ class Runner:
                     f"{kind}/{approx}", "curvlinops", r.curvlinops(params, fisher, approx), check
                 )
             covered |= {layer.name for layer in cl_layers}
+        # Conv1d, grouped Conv2d, ConvTranspose1d/2d: curvlinops on per-group Conv2d equivalents
+        split = [
+            layer for layer in rec
+            if layer.block in ("kron", "kron_grouped", "kron_transposed")
+            and _needs_split(layer.module)
+        ]  # fmt: skip
+        if split:
+            for fisher, kind in (("type-2", "kflr"), ("empirical", "empirical"))[: len(kinds)]:
+                scale = C if (kind == "empirical" and elementwise_mean) else 1.0
+
+                def check_split(blocks, kind=kind, scale=scale):
+                    for layer in split:
+                        A, G = layer.A, layer.G[kind]
+                        if A.dim() == 2:
+                            A, G = A[None], G[None]
+                        for j, (W, B) in enumerate(blocks[id(layer.params[0])]):
+                            msg = _close(kron_block(G[j], A[j]) * scale, W)
+                            if msg is None and B is not None:
+                                msg = _close(G[j] * layer.bias_scale * scale, B)
+                            if msg:
+                                return f"{layer.name} group {j}: {msg}"
+                    return None
+
+                self.compare(
+                    f"{kind}/{approx}", "curvlinops per-group Conv2d",
+                    r.curvlinops_conv(fisher, approx), check_split,
+                )  # fmt: skip
+            covered |= {layer.name for layer in split}
         # Embedding ("expand" only): curvlinops on the equivalent one-hot Linear, whose
         # weight is the transpose: diag(A_diag) ⊗ G over E equals G ⊗ diag(A_diag) over E^T
         emb = [layer for layer in rec if layer.block == "embedding"]
@@ -614,7 +793,8 @@ class Runner:
             return None
 
         self.compare("kflr/backpack-kfc", "backpack", r.backpack("kflr"), check)
-        return {e.name for e, _ in layers}
+        ran = self.rows[-1].reference == "backpack" and self.rows[-1].status == "ok"
+        return {e.name for e, _ in layers} if ran else set()
 
     def kfra(self) -> None:
         """KFRA (sweep only): BackPACK's ``KFRA`` on ``Linear`` weights; exact cases vs the GGN."""

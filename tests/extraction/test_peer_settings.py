@@ -150,16 +150,33 @@ _KFRA = (
     ("kfra",),
 )
 
-#: Kronecker layers no peer has a reference for (BackPACK's KFLR and curvlinops' K-FAC
-#: do not support grouped convolutions): ``id -> layer names``. (``Embedding`` is
-#: compared with curvlinops on the equivalent one-hot ``Linear``.)
+#: Kronecker layers without a full peer reference: ``id -> unchecked row detail``.
+#: 3-D (transposed) convolutions: curvlinops' K-FAC has no 3-D convolution and none
+#: of them reduces to ``Conv2d``; BackPACK's ``KFLR`` checks the product
+#: ``G_reduce ⊗ A_expand`` where it runs (not on grouped ones, not behind 3-D pooling,
+#: which it has no rule for). (``Conv1d``, grouped and transposed 1-D/2-D convolutions
+#: are compared with curvlinops on ``Conv2d`` equivalents, ``Embedding`` on the
+#: one-hot ``Linear``.)
+_PART = "0 (BackPACK: G_reduce ⊗ A_expand only)"
 UNCHECKED = {
-    "cnn-Conv1d-6-4-2-1-0-1-2": "0",
-    "cnn-Conv2d-6-3-2-1-0-1-3": "0",
+    "cnn-Conv3d-2-3-2-2-0-2": _PART,
+    "cnn-Conv3d-3-2-2": _PART,
+    "cnn-Conv3d-3-2-2-3-2": _PART,
+    "cnn-Conv3d-3-2-2-4-2-1-1-False": _PART,
+    "cnn-Conv3d-3-6-2-4-2-3": _PART,
     "cnn-Conv3d-4-2-2-1-0-2-2": "0",
-    "cnn-ConvTranspose1d-6-3-2-4-2-0-3-True-3": "0",
-    "cnn-ConvTranspose2d-4-2-2-1-0-0-2-True-2": "0",
+    "cnn-ConvTranspose3d-2-3-2-2-2-0-1-True-2": _PART,
+    "cnn-ConvTranspose3d-3-2-2": _PART,
+    "cnn-ConvTranspose3d-3-2-2-4-2-0-1-False": _PART,
     "cnn-ConvTranspose3d-4-2-(2, 2, 1)-2-2-0-2-True-2": "0",
+    "hbp-n1-conv3d-single-output": _PART + ", 2 (BackPACK: G_reduce ⊗ A_expand only)",
+    "hbp-n1-convt3d-single-output": _PART + ", 2 (BackPACK: G_reduce ⊗ A_expand only)",
+    "pool-AvgPool3d-2-1": "0",
+    "pool-AvgPool3d-2-1-0-False": "0",
+    "pool-AvgPool3d-2-1-0-True": "0",
+    "pool-MaxPool3d-2-1": "0",
+    "pool-MaxPool3d-2-1-0-2": "0",
+    "pool-MaxPool3d-2-1-0-2-False-True": "0",
 }
 
 
