@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _reason(detail: str) -> str:
     """A refusal/failure message without its instance-specific parts (names, shapes)."""
     if detail.rstrip().endswith(":"):
-        detail += " (no message)"
+        detail += " [no message]"
     head = re.sub(r" object at 0x[0-9a-f]+", "", detail.split(". ")[0])
     head = re.sub(r"'[^']*'", "'…'", head)
     return re.sub(r"\([^)]*\)|\{[^}]*\}|\d+", "…", head)[:140]
