@@ -54,8 +54,8 @@ KNOWN_DIFFERENCES = {
         "a train-mode BatchNorm mixes examples: the square-root rows behind kflr share "
         "their column over all examples (cross-example terms S_n S_m^T), the Monte Carlo "
         "labels are independent per example (no such terms), so kfac does not estimate "
-        "kflr for the layer before the BatchNorm; curvlinops' type-2 and MC K-FAC differ "
-        "the same way (kflr equals curvlinops' type-2 there)"
+        "kflr for the layer before the BatchNorm (about 50 times larger in norm); curvlinops' "
+        "type-2 and MC K-FAC differ the same way (kflr equals curvlinops' type-2 there)"
     ),
 }
 #: Layer types whose ``G ⊗ A`` BackPACK's ``KFLR`` defines the same way (weights).
