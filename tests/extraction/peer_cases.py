@@ -118,9 +118,10 @@ def _eval_init(module: nn.Module) -> nn.Module:
     return module.train(False)
 
 
-def _out_dim(module: nn.Module, input_size) -> int:
-    with torch.no_grad():
-        out = module(torch.zeros(input_size))
+def _out_dim(make_module: Callable[[], nn.Module], input_size) -> int:
+    """Features per example after ``make_module()`` (built without touching the global RNG)."""
+    with torch.random.fork_rng(), torch.no_grad():
+        out = make_module()(torch.zeros(input_size))
     return out.numel() // out.shape[0]
 
 
@@ -129,7 +130,7 @@ def _out_dim(module: nn.Module, input_size) -> int:
 
 def simple_cnn(input_size, conv_cls, conv_params, slow=False) -> PeerSetting:
     """``make_simple_cnn_setting``: conv, ReLU, Flatten, a frozen Linear(·, 5); CE sum."""
-    dim = _out_dim(conv_cls(*conv_params), input_size)
+    dim = _out_dim(lambda: conv_cls(*conv_params), input_size)
 
     def make():
         model = nn.Sequential(
@@ -156,7 +157,7 @@ def simple_act(act_cls, bias: bool) -> PeerSetting:
 
 def simple_pool(input_size, conv_cls, pool_cls, pool_params, slow=False) -> PeerSetting:
     """``make_simple_pooling_setting``: conv(3, 2, 2), ReLU, pooling, frozen Linear; CE sum."""
-    dim = _out_dim(nn.Sequential(conv_cls(3, 2, 2), pool_cls(*pool_params)), input_size)
+    dim = _out_dim(lambda: nn.Sequential(conv_cls(3, 2, 2), pool_cls(*pool_params)), input_size)
 
     def make():
         model = nn.Sequential(
