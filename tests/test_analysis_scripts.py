@@ -158,3 +158,14 @@ def test_gallery_quick(tmp_path):
     for block in frob.loc["KFLR"].index:
         assert abs(frob.loc[("tri-diag KFLR", block)] - frob.loc[("KFLR", block)]) < 1e-10
     assert [r.name for r in res["records"].layers] == ["blocks.0.conv1", "blocks.1.conv2", "head"]
+
+
+@pytest.mark.slow
+def test_peer_coverage_counts_one_setting(tmp_path):
+    script = load("peer_coverage")
+    res = script.main(["--only", "hbp-n1-sigmoid-ce", "--csv", str(tmp_path / "rows.csv")])
+    rows = pd.read_csv(tmp_path / "rows.csv")
+    assert len(rows) == len(res["rows"]) > 0
+    assert set(rows["backend"]) == {"auto", "graph"}  # a Sequential chain: both backends
+    assert set(rows["status"]) <= {"ok", "peer_failed"}
+    assert f"ok {int((rows['status'] == 'ok').sum())}," in res["summary"]
