@@ -25,7 +25,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import curvkit as ck
-from curvkit.errors import ConfigError, CurvkitError, ShapeError, UnsupportedLossError
+from curvkit.errors import (
+    ConfigError,
+    CurvkitError,
+    NonFiniteError,
+    ShapeError,
+    UnsupportedLossError,
+)
 
 DT = torch.float64
 FAST = settings(
@@ -563,11 +569,6 @@ def test_kfac_optimizer_rejects_out_of_range_values(kwargs, words):
     expect_error(lambda: ck.optim.KFAC(model, nn.MSELoss(), **kwargs), ValueError, words, model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="optim.KFAC accepts a loss with reduction='none' at construction; the error "
-    "comes only at the first step",
-)
 def test_kfac_optimizer_rejects_unreduced_loss():
     model = tiny_model()
     expect_error(
@@ -583,13 +584,19 @@ def test_errors_subclass_the_matching_builtin():
     assert issubclass(UnsupportedLossError, NotImplementedError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="operators: ck.ekfac on data with a NaN target raises torch.linalg.LinAlgError "
-    "from its eigendecomposition instead of a CurvkitError naming the non-finite data",
-)
 def test_ekfac_on_data_with_nan():
     model = tiny_model()
     X, y = tiny_data(4)
     y[1, 0] = math.nan
     expect_error(lambda: ck.ekfac(model, nn.MSELoss(), (X, y)), FloatingPointError, "finite", model)
+
+
+@pytest.mark.parametrize("where", ["X", "y"])
+def test_kfac_inverse_on_data_with_nan(where):
+    """NaN data reaches the factors of the empirical kind: the inverse raises NonFiniteError."""
+    model = tiny_model()
+    X, y = tiny_data(4)
+    (X if where == "X" else y)[1, 0] = math.nan
+    op = ck.kfac(model, nn.MSELoss(), (X, y), kind="empirical")
+    with pytest.raises(NonFiniteError, match="finite"):
+        op.inverse(damping=1e-3, damping_mode="exact")

@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from curvkit.errors import NonFiniteError
+
 
 def symmetrize(M: Tensor) -> Tensor:
     r"""Return :math:`(M + M^\top)/2`."""
@@ -62,6 +64,7 @@ def eigh_psd(M: Tensor, psd: bool = True) -> tuple[Tensor, Tensor]:
     reads a vector factor or basis as that diagonal matrix, never forming it).
 
     Raises:
+        NonFiniteError: If ``M`` has NaN or infinite entries.
         torch.linalg.LinAlgError: If even the shifted float64 decomposition fails.
     """
     if M.dim() == 1:
@@ -73,6 +76,12 @@ def eigh_psd(M: Tensor, psd: bool = True) -> tuple[Tensor, Tensor]:
         if not (torch.isfinite(evals).all() and torch.isfinite(evecs).all()):
             raise torch.linalg.LinAlgError("non-finite eigendecomposition")
     except torch.linalg.LinAlgError:
+        if not torch.isfinite(M).all():  # checked only here: no cost on the common path
+            raise NonFiniteError(
+                f"A Kronecker factor ({tuple(M.shape)}) has NaN or infinite entries, so it has "
+                "no eigendecomposition; the data (X or y) or the model's outputs are not "
+                "finite. See docs/robustness.md."
+            ) from None
         M64 = M.double()
         try:
             evals, evecs = torch.linalg.eigh(M64)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.errors import ConfigError, ShapeError, UnsupportedModuleError
+from curvkit.extraction.losses import check_loss
 from curvkit.operators.kron_base import check_untied
 from curvkit.optim import damping as dm
 from curvkit.optim.capture import capture_forward, preserved_buffers
@@ -145,6 +146,8 @@ class KFAC(torch.optim.Optimizer):
             parameter listed twice, or parameter groups mixing ``lr=None`` with a
             fixed ``lr``; for an unknown keyword argument the error is also a
             ``TypeError``.
+        UnsupportedLossError: For a loss other than the three above, or a reduction
+            other than ``"mean"``/``"sum"``.
         UnsupportedModuleError: For a weight tied between two modules, a module
             without a curvature rule with ``fallback=None`` (named by path and type),
             or per-example statistics (``kind="empirical"``, ``ekfac``) with a
@@ -176,6 +179,7 @@ class KFAC(torch.optim.Optimizer):
     ):
         cfg = KFACConfig.from_kwargs(config, **kwargs)  # every value checked here
         cfg.check_model(model)
+        check_loss(loss_func)  # type, reduction and likelihood options, before any state
         net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         check_untied(net, "KFAC")
         if comm is None and net is not model:
