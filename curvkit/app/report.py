@@ -344,32 +344,61 @@ def _gauss_newton_dense(op):
 
 
 def _hessian_dense(op, chunk: int = 64):
-    """The Hessian from vectorised forward-over-reverse products (``torch.func``)."""
+    r"""The Hessian from vectorised forward-over-reverse products, one parameter at a time.
+
+    For the columns of parameter :math:`j` only the rows of parameters
+    :math:`i \ge j` (flat order) are formed: ``vmap`` over identity tangents of
+    :math:`\theta_j` of ``jvp(grad)``, with the gradient taken with respect to
+    :math:`\theta_j, \dots, \theta_P` alone and every earlier parameter held
+    constant. The tangents then enter the graph at the module that uses
+    :math:`\theta_j`, and the reverse pass stops at the first module using one of
+    the differentiated parameters, so the columns of a late layer cost little
+    more than that layer; the rows :math:`i < j` follow by symmetry,
+    :math:`H_{ij} = H_{ji}^\top`. Exact for any ordering of the parameters
+    (only the saving depends on it).
+    """
     from torch.func import functional_call, grad, jvp, vmap
 
-    from curvkit.operators._autodiff import forward_context, join_columns, split_columns
+    from curvkit.operators._autodiff import forward_context
 
-    primals = tuple(p.detach() for p in op.params)
+    params = [p.detach() for p in op.params]
+    names, P = op.param_names, len(op.params)
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
     batches = list(op._data())
+    H = torch.zeros(op.dim, op.dim, dtype=op.dtype, device=op.device)
 
-    def loss(*ps):
-        tensors = dict(zip(op.param_names, ps))
-        return sum(
-            scale * op.loss_func(functional_call(op.model, tensors, (Xb,)), yb)
-            for Xb, yb, scale in batches
-        )
+    def loss_from(j):
+        def loss(*later):
+            tensors = dict(zip(names, params[:j] + list(later)))
+            return sum(
+                scale * op.loss_func(functional_call(op.model, tensors, (Xb,)), yb)
+                for Xb, yb, scale in batches
+            )
 
-    gradient = grad(loss, argnums=tuple(range(len(primals))))
+        return grad(loss, argnums=tuple(range(P - j)))
 
-    def hvp(*tangents):
-        return jvp(gradient, primals, tangents)[1]
-
-    cols = []
     with forward_context(op.model):
-        for E in _identity_chunks(op, chunk):
-            cols.append(join_columns(vmap(hvp)(*split_columns(E, op.param_shapes))))
+        for j, pj in enumerate(params):
+            gradient = loss_from(j)
+
+            def column(tangent, gradient=gradient, j=j):
+                return jvp(lambda x: gradient(x, *params[j + 1 :]), (params[j],), (tangent,))[1]
+
+            n = pj.numel()
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                T = torch.zeros(stop - start, n, dtype=op.dtype, device=op.device)
+                T[torch.arange(stop - start), torch.arange(start, stop)] = 1
+                parts = vmap(column)(T.reshape(stop - start, *pj.shape))
+                rows = torch.cat([q.reshape(stop - start, -1) for q in parts], dim=1).T
+                H[offsets[j] :, offsets[j] + start : offsets[j] + stop] = rows
+    for j in range(P):  # the rows above parameter j's diagonal block, by symmetry
+        cols = slice(offsets[j], offsets[j + 1])
+        H[: offsets[j], cols] = H[cols, : offsets[j]].T
     op.matvecs += op.dim
-    return torch.cat(cols, dim=1)
+    return H
 
 
 def _dense_matrix(op) -> tuple[torch.Tensor, str]:
