@@ -316,13 +316,19 @@ def _per_example_jacobian(op, X: torch.Tensor) -> torch.Tensor:
     return J.permute(2, 0, 1).reshape(op.dim, N, *out_shape)
 
 
-def _gauss_newton_dense(op):
+def _gauss_newton_dense(op, cache: dict | None = None):
     r""":math:`\sum_n J_n^\top\Lambda_n J_n` from the per-example Jacobians of each batch.
 
     ``J`` (``[D, N, C]``) from :func:`_per_example_jacobian`; one ``D x NC`` by
     ``NC x D`` product forms the matrix, with the operator's own output
     curvature :math:`\Lambda` (the same Monte Carlo samples as its products).
     ``None`` when a batch's Jacobian would exceed :data:`_JACOBIAN_ENTRIES`.
+
+    ``cache`` (a dict owned by the caller) keeps each batch's output and
+    Jacobian for the next Gauss-Newton form of the same model, parameters and
+    data (the GGN, Fisher and empirical Fisher differ only in :math:`\Lambda`);
+    the key holds the batches' and parameters' identities and versions, so a
+    changed parameter or batch is recomputed.
     """
     from curvkit.operators._autodiff import forward_context
 
@@ -331,11 +337,17 @@ def _gauss_newton_dense(op):
     op._reset()
     with forward_context(op.model):
         for Xb, yb, scale in op._data():
-            with torch.no_grad():
-                f = op.model(Xb)
-            if D * f.numel() > _JACOBIAN_ENTRIES:
-                return None
-            J = _per_example_jacobian(op, Xb)
+            key = (id(op.model), id(Xb), Xb._version, *((id(p), p._version) for p in op.params))
+            if cache is not None and key in cache:
+                f, J = cache[key]
+            else:
+                with torch.no_grad():
+                    f = op.model(Xb)
+                if D * f.numel() > _JACOBIAN_ENTRIES:
+                    return None
+                J = _per_example_jacobian(op, Xb)
+                if cache is not None:
+                    cache[key] = (f, J)
             lam = op._output_curvature(f.detach(), yb, scale)
             term = J.reshape(D, -1) @ lam(J).reshape(D, -1).T
             total = term if total is None else total + term
@@ -401,14 +413,17 @@ def _hessian_dense(op, chunk: int = 64):
     return H
 
 
-def _dense_matrix(op) -> tuple[torch.Tensor, str]:
-    """``(matrix in float64, method)``: batched Jacobians/HVPs where they apply, else products."""
+def _dense_matrix(op, cache: dict | None = None) -> tuple[torch.Tensor, str]:
+    """``(matrix in float64, method)``: batched Jacobians/HVPs where they apply, else products.
+
+    ``cache``: shared Jacobians of the Gauss-Newton forms (see :func:`_gauss_newton_dense`).
+    """
     from curvkit.operators.exact import HessianOperator, _GaussNewtonForm
 
     M, method = None, "products"
     try:
         if isinstance(op, _GaussNewtonForm):
-            M, method = _gauss_newton_dense(op), "jacobian"
+            M, method = _gauss_newton_dense(op, cache), "jacobian"
         elif isinstance(op, HessianOperator):
             M, method = _hessian_dense(op), "vmap-hvp"
     except RuntimeError:  # e.g. a model torch.func cannot transform: plain products
@@ -603,6 +618,7 @@ def _build_operators(run, names, model, loss_func, data, seed, dense_mode):
     """Build each operator (and, in the dense regime, its matrix); failures become rows."""
     builders = _builders(seed)
     ops, dense, rows = {}, {}, []
+    jacobians: dict = {}  # one per-example Jacobian for the GGN, Fisher and empirical Fisher
     for name in run.bar(names, desc="operators"):
         build, description = builders[name]
         row = {"name": name, "description": description, "status": "ok", "notes": ""}
@@ -614,7 +630,7 @@ def _build_operators(run, names, model, loss_func, data, seed, dense_mode):
                 row["build_s"] = time.perf_counter() - start
                 if dense_mode:
                     start = time.perf_counter()
-                    dense[name], row["dense_method"] = _dense_matrix(op)
+                    dense[name], row["dense_method"] = _dense_matrix(op, jacobians)
                     row["dense_s"] = time.perf_counter() - start
             ops[name] = op
             row["matvecs"] = op.matvecs
