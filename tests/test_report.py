@@ -22,6 +22,7 @@ SECTIONS = (
 FIGURES = (
     "matrices", "inverses", "block_errors", "block_errors_inverse", "densities", "ranks",
     "overlap", "directional", "frobenius", "preconditioning", "estimators", "landscape",
+    "histogram", "layer_spectra",
 )  # fmt: skip
 N = 24
 
@@ -167,6 +168,23 @@ def test_spectra_match_float64_references(linear_report):
     at_zero = [r["loss"] for r in results["loss_landscape"] if abs(r["alpha"]) < 1e-12]
     assert len(at_zero) == 7 and np.allclose(at_zero, loss, rtol=1e-12)
     assert results["problem"]["loss"] == pytest.approx(loss, rel=1e-12)
+
+
+def test_eigenvalue_histogram_counts_the_reference_spectrum(linear_report):
+    """The histogram figure's bins hold the float64 reference Hessian's eigenvalues."""
+    _, _, results, _ = linear_report
+    problem = get_problem("deep_linear", seed=0, dtype=torch.float64)
+    X, y = problem.train[0][:N], problem.train[1][:N]
+    lam = torch.linalg.eigvalsh(dense_hessian(problem.model, problem.loss_func, X, y)).numpy()
+    rows = pd.DataFrame(results["eigenvalue_histogram"])
+    assert set(rows.name) == {"GGN", "Hessian", "EF", "Fisher (MC)", "KFLR"}
+    hessian = rows[rows.name == "Hessian"]
+    for sign, values in (("positive", lam), ("negative", -lam)):
+        part = hessian[hessian.sign == sign].sort_values("left")
+        edges = np.append(part.left.to_numpy(), part.right.to_numpy()[-1])
+        expected, _ = np.histogram(values[values >= edges[0]], edges)
+        np.testing.assert_array_equal(part["count"].to_numpy(), expected, err_msg=sign)
+    assert 0 < hessian["count"].sum() <= lam.size
 
 
 def test_unsupported_approximation_is_reported_not_raised(cnn_report):
@@ -498,3 +516,35 @@ def test_python_entry_point_docstring_example_runs():
     (test,) = [t for t in finder.find(report) if t.name == "curvkit.app.report.report"]
     result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(test)
     assert result.attempted >= 5 and result.failed == 0
+
+
+def test_dense_hessian_by_parameter_columns_matches_reference():
+    """The column-by-parameter Hessian (lower blocks, then symmetry) on a non-chain model.
+
+    The output layer is registered first but used last, and a free parameter sits
+    between the layers, so the flat order differs from the order of use; two
+    batches check the loss scaling.
+    """
+    from torch import nn
+
+    import curvkit as ck
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = nn.Linear(6, 3)
+            self.scale = nn.Parameter(torch.randn(6))
+            self.inp = nn.Linear(4, 6)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x)) * self.scale
+            return self.out(h + torch.sin(h))
+
+    torch.manual_seed(0)
+    model, loss_func = Net().double(), nn.CrossEntropyLoss()
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    op = ck.hessian(model, loss_func, [(X[:6], y[:6]), (X[6:], y[6:])])
+    H = report._hessian_dense(op, chunk=4)
+    expected = dense_hessian(model, loss_func, X, y)
+    torch.testing.assert_close(H, expected, rtol=1e-10, atol=1e-12)
+    assert op.matvecs == op.dim

@@ -85,7 +85,7 @@ def test_page_renders_with_all_images_and_no_console_errors(page, tmp_path):
     assert results["failures"] == [] and "tracking" in figures
     probe, console, shot = _render(page, tmp_path, "probed")
     assert console == []
-    assert probe["images"] == len(figures) == 13 and probe["broken"] == 0
+    assert probe["images"] == len(figures) == 15 and probe["broken"] == 0
     assert probe["sections"] == 10
     assert probe["scrollWidth"] <= probe["innerWidth"]  # nothing wider than the window
     image = Image.open(shot).convert("RGB")
@@ -132,4 +132,4 @@ def test_probe_detects_a_broken_image(page, tmp_path):
     start = text.index("data:image/png;base64,") + len("data:image/png;base64,")
     broken.write_text(text[:start] + "AAAA" + text[start + 40 :])
     probe, _, _ = _render(broken, tmp_path, "broken")
-    assert probe["images"] == 13 and probe["broken"] == 1
+    assert probe["images"] == len(_figure_files(page)[1]) == 15 and probe["broken"] == 1

@@ -299,13 +299,19 @@ def _per_example_jacobian(op, X: torch.Tensor) -> torch.Tensor:
     return J.permute(2, 0, 1).reshape(op.dim, N, *out_shape)
 
 
-def _gauss_newton_dense(op):
+def _gauss_newton_dense(op, cache: dict | None = None):
     r""":math:`\sum_n J_n^\top\Lambda_n J_n` from the per-example Jacobians of each batch.
 
     ``J`` (``[D, N, C]``) from :func:`_per_example_jacobian`; one ``D x NC`` by
     ``NC x D`` product forms the matrix, with the operator's own output
     curvature :math:`\Lambda` (the same Monte Carlo samples as its products).
     ``None`` when a batch's Jacobian would exceed :data:`_JACOBIAN_ENTRIES`.
+
+    ``cache`` (a dict owned by the caller) keeps each batch's output and
+    Jacobian for the next Gauss-Newton form of the same model, parameters and
+    data (the GGN, Fisher and empirical Fisher differ only in :math:`\Lambda`);
+    the key holds the batches' and parameters' identities and versions, so a
+    changed parameter or batch is recomputed.
     """
     from curvkit.operators._autodiff import forward_context
 
@@ -314,11 +320,17 @@ def _gauss_newton_dense(op):
     op._reset()
     with forward_context(op.model):
         for Xb, yb, scale in op._data():
-            with torch.no_grad():
-                f = op.model(Xb)
-            if D * f.numel() > _JACOBIAN_ENTRIES:
-                return None
-            J = _per_example_jacobian(op, Xb)
+            key = (id(op.model), id(Xb), Xb._version, *((id(p), p._version) for p in op.params))
+            if cache is not None and key in cache:
+                f, J = cache[key]
+            else:
+                with torch.no_grad():
+                    f = op.model(Xb)
+                if D * f.numel() > _JACOBIAN_ENTRIES:
+                    return None
+                J = _per_example_jacobian(op, Xb)
+                if cache is not None:
+                    cache[key] = (f, J)
             lam = op._output_curvature(f.detach(), yb, scale)
             term = J.reshape(D, -1) @ lam(J).reshape(D, -1).T
             total = term if total is None else total + term
@@ -327,42 +339,74 @@ def _gauss_newton_dense(op):
 
 
 def _hessian_dense(op, chunk: int = 64):
-    """The Hessian from vectorised forward-over-reverse products (``torch.func``)."""
+    r"""The Hessian from vectorised forward-over-reverse products, one parameter at a time.
+
+    For the columns of parameter :math:`j` only the rows of parameters
+    :math:`i \ge j` (flat order) are formed: ``vmap`` over identity tangents of
+    :math:`\theta_j` of ``jvp(grad)``, with the gradient taken with respect to
+    :math:`\theta_j, \dots, \theta_P` alone and every earlier parameter held
+    constant. The tangents then enter the graph at the module that uses
+    :math:`\theta_j`, and the reverse pass stops at the first module using one of
+    the differentiated parameters, so the columns of a late layer cost little
+    more than that layer; the rows :math:`i < j` follow by symmetry,
+    :math:`H_{ij} = H_{ji}^\top`. Exact for any ordering of the parameters
+    (only the saving depends on it).
+    """
     from torch.func import functional_call, grad, jvp, vmap
 
-    from curvkit.operators._autodiff import forward_context, join_columns, split_columns
+    from curvkit.operators._autodiff import forward_context
 
-    primals = tuple(p.detach() for p in op.params)
+    params = [p.detach() for p in op.params]
+    names, P = op.param_names, len(op.params)
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
     batches = list(op._data())
+    H = torch.zeros(op.dim, op.dim, dtype=op.dtype, device=op.device)
 
-    def loss(*ps):
-        tensors = dict(zip(op.param_names, ps))
-        return sum(
-            scale * op.loss_func(functional_call(op.model, tensors, (Xb,)), yb)
-            for Xb, yb, scale in batches
-        )
+    def loss_from(j):
+        def loss(*later):
+            tensors = dict(zip(names, params[:j] + list(later)))
+            return sum(
+                scale * op.loss_func(functional_call(op.model, tensors, (Xb,)), yb)
+                for Xb, yb, scale in batches
+            )
 
-    gradient = grad(loss, argnums=tuple(range(len(primals))))
+        return grad(loss, argnums=tuple(range(P - j)))
 
-    def hvp(*tangents):
-        return jvp(gradient, primals, tangents)[1]
-
-    cols = []
     with forward_context(op.model):
-        for E in _identity_chunks(op, chunk):
-            cols.append(join_columns(vmap(hvp)(*split_columns(E, op.param_shapes))))
+        for j, pj in enumerate(params):
+            gradient = loss_from(j)
+
+            def column(tangent, gradient=gradient, j=j):
+                return jvp(lambda x: gradient(x, *params[j + 1 :]), (params[j],), (tangent,))[1]
+
+            n = pj.numel()
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                T = torch.zeros(stop - start, n, dtype=op.dtype, device=op.device)
+                T[torch.arange(stop - start), torch.arange(start, stop)] = 1
+                parts = vmap(column)(T.reshape(stop - start, *pj.shape))
+                rows = torch.cat([q.reshape(stop - start, -1) for q in parts], dim=1).T
+                H[offsets[j] :, offsets[j] + start : offsets[j] + stop] = rows
+    for j in range(P):  # the rows above parameter j's diagonal block, by symmetry
+        cols = slice(offsets[j], offsets[j + 1])
+        H[: offsets[j], cols] = H[cols, : offsets[j]].T
     op.matvecs += op.dim
-    return torch.cat(cols, dim=1)
+    return H
 
 
-def _dense_matrix(op) -> tuple[torch.Tensor, str]:
-    """``(matrix in float64, method)``: batched Jacobians/HVPs where they apply, else products."""
+def _dense_matrix(op, cache: dict | None = None) -> tuple[torch.Tensor, str]:
+    """``(matrix in float64, method)``: batched Jacobians/HVPs where they apply, else products.
+
+    ``cache``: shared Jacobians of the Gauss-Newton forms (see :func:`_gauss_newton_dense`).
+    """
     from curvkit.operators.exact import HessianOperator, _GaussNewtonForm
 
     M, method = None, "products"
     try:
         if isinstance(op, _GaussNewtonForm):
-            M, method = _gauss_newton_dense(op), "jacobian"
+            M, method = _gauss_newton_dense(op, cache), "jacobian"
         elif isinstance(op, HessianOperator):
             M, method = _hessian_dense(op), "vmap-hvp"
     except RuntimeError:  # e.g. a model torch.func cannot transform: plain products
@@ -557,6 +601,7 @@ def _build_operators(run, names, model, loss_func, data, seed, dense_mode):
     """Build each operator (and, in the dense regime, its matrix); failures become rows."""
     builders = _builders(seed)
     ops, dense, rows = {}, {}, []
+    jacobians: dict = {}  # one per-example Jacobian for the GGN, Fisher and empirical Fisher
     for name in run.bar(names, desc="operators"):
         build, description = builders[name]
         row = {"name": name, "description": description, "status": "ok", "notes": ""}
@@ -568,7 +613,7 @@ def _build_operators(run, names, model, loss_func, data, seed, dense_mode):
                 row["build_s"] = time.perf_counter() - start
                 if dense_mode:
                     start = time.perf_counter()
-                    dense[name], row["dense_method"] = _dense_matrix(op)
+                    dense[name], row["dense_method"] = _dense_matrix(op, jacobians)
                     row["dense_s"] = time.perf_counter() - start
             ops[name] = op
             row["matvecs"] = op.matvecs

@@ -99,8 +99,9 @@ def make_figures(run, folder, state) -> None:
     Each figure lands in ``run.figures`` (``title``, ``caption``, ``png`` as
     base64, ``width``, ``files``) as soon as it is saved; a figure that fails
     is recorded in ``run.results["failures"]`` and the others go on. Block
-    errors go to ``run.results["block_errors"]`` and the loss table of the
-    landscape to ``run.results["loss_landscape"]``.
+    errors go to ``run.results["block_errors"]``, the loss table of the
+    landscape to ``run.results["loss_landscape"]`` and the bin counts of the
+    eigenvalue histogram to ``run.results["eigenvalue_histogram"]``.
     """
     from curvkit import plotting as P
 
@@ -207,6 +208,28 @@ def make_figures(run, folder, state) -> None:
             dense_caption if state["dense_mode"] else free_caption,
             lambda: P.eigenvalue_ranks(eigs, colors=COLORS),
         )  # fmt: skip
+    hist = {n: eigs[n] for n in ("GGN", "Hessian", "EF", "Fisher (MC)", "KFLR") if n in eigs}
+    if state["dense_mode"] and hist:
+        add(
+            "histogram", "Eigenvalue histograms",
+            "Counts of the exact eigenvalues (dense eigh) in logarithmic bins of |λ|: positive "
+            "eigenvalues upwards, negative ones (by magnitude) downwards; eigenvalues below "
+            "10<sup>−8</sup> max|λ| are not binned (their number is in the legend).",
+            lambda: P.eigenvalue_histogram(hist, colors=COLORS),
+        )  # fmt: skip
+    kron = next((n for n in ("KFLR", "KFAC", "EKFAC") if n in dense), None)
+    if G is not None and kron is not None and blocks:
+        add(
+            "layer_spectra", f"Per-layer spectra: {kron} against the GGN",
+            f"Eigenvalues of each layer's diagonal block of the GGN and of {kron}, largest "
+            "first (log-log; a symmetric-log axis where a block is indefinite); dashed and "
+            "marked “= exact” where the two coincide.",
+            lambda: P.layer_spectra(
+                {label: dense[kron][s, s] for label, s in shown_blocks},
+                {label: G[s, s] for label, s in shown_blocks},
+                approx_name=kron, exact_name="GGN", colors=COLORS,
+            ),
+        )  # fmt: skip
     if table is not None and len(table):
         if (table["metric"] == "overlap").any():
             add(
@@ -274,6 +297,8 @@ def make_figures(run, folder, state) -> None:
                 continue
             if key == "landscape":
                 run.results["loss_landscape"] = fig.curvkit_data.to_dict(orient="records")
+            if key == "histogram":
+                run.results["eigenvalue_histogram"] = fig.curvkit_data.to_dict(orient="records")
             files = P.save(fig, folder / key, ("png", "pdf"))
         except Exception as e:  # noqa: BLE001 - one figure less, the report goes on
             run.fail(f"figure {key}", e)
@@ -668,6 +693,7 @@ def render(results, figures, memory_wide) -> str:
             "spectra", "Spectra", lead, spec_main,
             "<h3>Lanczos (top 3)</h3>", spec_lanczos,
             _figure(figures, "densities"), _figure(figures, "ranks"),
+            _figure(figures, "histogram"), _figure(figures, "layer_spectra"),
         )  # fmt: skip
 
     def preconditioning():
