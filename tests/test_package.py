@@ -1,6 +1,8 @@
+import contextlib
 import doctest
 import importlib
 import importlib.util
+import io
 import re
 import subprocess
 import sys
@@ -98,8 +100,32 @@ DOCS = [
 @pytest.mark.parametrize("path", DOCS, ids=DOCS)
 def test_documented_python_examples_run(path):
     # every ```python block of the page, in order, in one namespace
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / path).read_text(), flags=re.S)
+    # every ```python block of the page, in order, in one namespace; where the page shows
+    # the block's output ("Output:" and a ```text block right after it), the printed
+    # output must match it: the same words, numbers within 2% (or 0.02)
+    text = (ROOT / path).read_text()
+    blocks = re.findall(r"```python\n(.*?)```(\s*Output:\s*```text\n(.*?)```)?", text, flags=re.S)
     assert blocks, f"{path} has no Python example"
     namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(ROOT / path), "exec"), namespace)
+    for block, _, shown in blocks:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block, str(ROOT / path), "exec"), namespace)
+        if shown:
+            _assert_same_output(out.getvalue(), shown, path)
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def _assert_same_output(printed: str, shown: str, path: str) -> None:
+    got, want = printed.strip().splitlines(), shown.strip().splitlines()
+    assert len(got) == len(want), f"{path}: printed\n{printed}\nbut the page shows\n{shown}"
+    for g, w in zip(got, want):
+        assert _NUMBER.sub("#", g).split() == _NUMBER.sub("#", w).split(), (
+            f"{path}: printed {g!r}, the page shows {w!r}"
+        )
+        for a, b in zip(_NUMBER.findall(g), _NUMBER.findall(w)):
+            exact = not any(c in a + b for c in ".e")  # integers: shapes, counts
+            tol = 0.0 if exact else 0.02 * max(1.0, abs(float(b)))
+            assert abs(float(a) - float(b)) <= tol, f"{path}: printed {g!r}, the page shows {w!r}"
