@@ -1,5 +1,6 @@
 # Task runner. `make run` and `make test` install the package first, so both work
-# on a fresh clone; constraints.txt keeps pip on the CPU build of torch.
+# on a fresh clone; constraints.txt pins torch 2.13.0 and the reference packages (an
+# installed torch 2.13.0 build, CPU or CUDA, is kept; see README.md, "Installation").
 PYTHON ?= python3
 
 .PHONY: install run test test-threads lint format clean
