@@ -72,29 +72,27 @@ class FlatLogits(nn.Module):
         return out.transpose(1, 2).reshape(-1, out.shape[1])
 
 
-def setups(names):
+def setups(names, tiny: bool = False):
+    """``(key, title, model, loss_func, X, y)`` of each setup (``tiny``: smoke-test sizes)."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if "autoencoder" in names:
-        X = torch.rand(128, 784, generator=gen)
-        yield "autoencoder", "M&G autoencoder b128 (chain)", autoencoder(), nn.MSELoss(), X, X
+        X = torch.rand(8 if tiny else 128, 784, generator=gen)
+        title = f"M&G autoencoder b{X.shape[0]} (chain)"
+        yield "autoencoder", title, autoencoder(), nn.MSELoss(), X, X
     if "resnet" in names:
-        X = torch.randn(32, 3, 32, 32, generator=gen)
-        y = torch.randint(0, 10, (32,), generator=gen)
-        yield "resnet", "ResNet-18-style CNN b32", ResNet18Style(), nn.CrossEntropyLoss(), X, y
+        N, side, width = (4, 8, 4) if tiny else (32, 32, 32)
+        X = torch.randn(N, 3, side, side, generator=gen)
+        y = torch.randint(0, 10, (N,), generator=gen)
+        title = f"ResNet-18-style CNN b{N}"
+        yield "resnet", title, ResNet18Style(width), nn.CrossEntropyLoss(), X, y
     if "transformer" in names:
-        T, V = 128, 96
-        X = torch.randint(0, V, (16, T), generator=gen)
-        y = torch.randint(0, V, (16 * T,), generator=gen)
-        model = FlatLogits(CharTransformer(V, T, d_model=128, n_layers=2, n_heads=4))
-        yield (
-            "transformer",
-            "transformer b16 T=128 (d=128, 2 blocks)",
-            model,
-            nn.CrossEntropyLoss(),
-            X,
-            y,
-        )
+        N, T, V, d = (2, 8, 96, 16) if tiny else (16, 128, 96, 128)
+        X = torch.randint(0, V, (N, T), generator=gen)
+        y = torch.randint(0, V, (N * T,), generator=gen)
+        model = FlatLogits(CharTransformer(V, T, d_model=d, n_layers=2, n_heads=4))
+        title = f"transformer b{N} T={T} (d={d}, 2 blocks)"
+        yield "transformer", title, model, nn.CrossEntropyLoss(), X, y
 
 
 def methods(key, model, loss_func, X, y):
@@ -197,22 +195,29 @@ def peak_memory(fn) -> tuple[float, float]:
     return float(peak), float(largest)
 
 
-def memory_rows(fns: dict, model: nn.Module) -> None:
-    """Print peak memory of the curvkit methods against ``D`` and ``D^2`` float32 entries."""
+def memory_rows(fns: dict, model: nn.Module) -> dict[str, float]:
+    """Print peak memory of the curvkit methods against ``D`` and ``D^2`` float32 entries.
+
+    Returns:
+        Method name -> peak bytes.
+    """
     D = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mib, gib = 4 * D / 2**20, 4 * D * D / 2**30
     print(f"memory (D = {D:,}; D*4 B = {mib:.1f} MiB; D^2*4 B = {gib:,.0f} GiB)")
     head = ("method", "peak MiB", "peak/D*4", "peak/D^2*4", "max alloc MiB")
     print(f"{head[0]:36s} {head[1]:>9s} {head[2]:>9s} {head[3]:>11s} {head[4]:>14s}")
+    peaks = {}
     for name, fn in fns.items():
         if not (name.startswith(("graph", "sweep", "autograd"))):
             continue
         fn()  # warm
         peak, largest = peak_memory(fn)
+        peaks[name] = peak
         print(
             f"{name:36s} {peak / 2**20:9.1f} {peak / (4 * D):9.2f} {peak / (4 * D * D):11.1e} "
             f"{largest / 2**20:14.1f}"
         )
+    return peaks
 
 
 def bench(fns: dict, reps: int) -> dict[str, float]:
@@ -227,7 +232,8 @@ def bench(fns: dict, reps: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
+    """Run the setups; returns per setup the median times, ``D`` and the peak memory."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions")
     parser.add_argument("--reps", type=int, default=None)
@@ -239,13 +245,15 @@ def main(argv=None):
         choices=["autoencoder", "resnet", "transformer"],
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory rows")
+    parser.add_argument("--tiny", action="store_true", help="tiny models (smoke test)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 5)
     warnings.filterwarnings("ignore", message="Full backward hook")
     print(f"threads={torch.get_num_threads()} reps={reps} (median, interleaved)")
-    for key, title, model, loss_func, X, y in setups(args.setups):
+    results = {}
+    for key, title, model, loss_func, X, y in setups(args.setups, args.tiny):
         fns = methods(key, model, loss_func, X, y)
         medians = bench(fns, reps)
         base = medians["autograd fwd+bwd"]
@@ -263,8 +271,11 @@ def main(argv=None):
         else:
             r = medians["graph grad+kfac"] / medians["curvlinops grad + KFAC build (mc)"]
             print(f"graph grad+kfac / curvlinops grad+build: {r:.2f}x (target <= 1x)")
+        D = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        results[key] = {"medians": medians, "D": D}
         if not args.no_memory:
-            memory_rows(fns, model)
+            results[key]["peaks"] = memory_rows(fns, model)
+    return results
 
 
 if __name__ == "__main__":
