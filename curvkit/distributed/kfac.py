@@ -55,7 +55,8 @@ from torch import Tensor, nn
 
 from curvkit.errors import CurvkitError, ShapeError
 from curvkit.operators import kron_math as km
-from curvkit.operators.kronecker import BlockDiagonalKFAC, KronEigenOperator
+from curvkit.operators.kron_base import KronEigenOperator
+from curvkit.operators.kronecker import BlockDiagonalKFAC
 from curvkit.operators.tridiag import TriDiagonalInverse, TriDiagonalKFAC
 from curvkit.optim.comm import Communicator
 

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from curvkit.errors import ShapeError
+from curvkit.extraction.batches import extract_batches
 from curvkit.operators import kron_math as km
 from curvkit.operators.base import CurvatureOperator
-from curvkit.operators.kronecker import extract_batches
 from curvkit.records import Records
 
 #: Diagonal quantities of :class:`~curvkit.records.LayerRecord`.

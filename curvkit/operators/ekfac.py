@@ -36,15 +36,15 @@ from torch import Tensor
 
 from curvkit.data import as_batches, num_data
 from curvkit.errors import ShapeError
+from curvkit.extraction.batches import extract_batches
 from curvkit.operators import kron_math as km
-from curvkit.operators.kronecker import (
-    BlockDiagonalKFAC,
+from curvkit.operators.kron_base import (
     KronEigenOperator,
     KronLayer,
     check_kind,
-    extract_batches,
     layers_and_factors,
 )
+from curvkit.operators.kronecker import BlockDiagonalKFAC, check_selection, select
 from curvkit.records import Records
 
 #: Factor kinds whose eigenbasis EKFAC can use.
@@ -269,6 +269,8 @@ def ekfac(
     seed: int = 0,
     factor_dtype: torch.dtype | None = None,
     correction: str = "empirical",
+    params: Sequence[Tensor] | None = None,
+    unsupported: str = "error",
 ) -> EKFAC:
     r"""EKFAC approximation of the Fisher/GGN on a data set.
 
@@ -278,7 +280,9 @@ def ekfac(
     eigenvalues, so that per-example gradients of one batch at a time are held.
 
     Args:
-        model: An ``nn.Sequential`` of supported modules.
+        model: Any ``nn.Module`` the extraction supports (every block layout of the
+            graph path; per-example gradients are needed, so no ``BatchNorm`` in
+            train mode).
         loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
         data: One ``(X, y)`` batch or an iterable of batches.
         kind: Factors whose eigenbasis is used: ``"empirical"`` (default: basis and
@@ -295,6 +299,10 @@ def ekfac(
             ``G[kind]`` (George et al.'s EKFAC of the Fisher or GGN; ``Linear``
             layers only; ``"kflr"`` holds one row per output, ``C·N·out`` numbers
             per layer).
+        params: The parameters covered, in their order (see
+            :func:`~curvkit.operators.kronecker.kfac`).
+        unsupported: ``"error"`` or ``"gradient"`` (modules without a curvature rule
+            are skipped), passed to :func:`curvkit.extract`.
 
     Returns:
         An :class:`EKFAC` operator.
@@ -302,6 +310,7 @@ def ekfac(
     Raises:
         ShapeError: On an unknown ``kind`` or ``correction``, or a conv layer with
             ``correction="kind"``.
+        ConfigError: On bad ``params`` or ``unsupported``.
         UnsupportedModuleError, UnsupportedLossError: From the extraction.
 
     Example:
@@ -316,17 +325,21 @@ def ekfac(
     check_kind(kind, EKFAC_KINDS)
     source = correction_source(kind, correction)
     extra = correction_quantities(kind, correction)
+    check_selection(params, unsupported)
     batches = as_batches(data)
     options = dict(
         mc_samples=mc_samples,
         separate_bias=separate_bias,
         kfac_approx=kfac_approx,
         factor_dtype=factor_dtype,
+        unsupported=unsupported,
     )
     if len(batches) == 1:
         records = extract_batches(model, loss_func, batches, (kind, *extra), seed=seed, **options)
-        return EKFAC.from_records(records, kind, correction)
-    records = extract_batches(model, loss_func, batches, (kind,), seed=seed, **options)
+        return EKFAC.from_records(select(model, records, params), kind, correction)
+    records = select(
+        model, extract_batches(model, loss_func, batches, (kind,), seed=seed, **options), params
+    )
     layers, A, G, scales = layers_and_factors(records, kind)
     bases = eigenbases(layers, A, G, scales)
     total, mean = num_data(batches), getattr(loss_func, "reduction", "mean") == "mean"
@@ -335,6 +348,7 @@ def ekfac(
     for b, (X, y) in enumerate(batches):
         # distinct, reproducible label samples per batch for kind="kfac"
         rec = extract_batches(model, loss_func, (X, y), rows, seed=seed + 1 + b, **options)
+        rec = select(model, rec, params)
         # R Σ_n (Uᵀ ∇ℓ_n U)² with ∇ℓ_n = batch_grad / R_b and R / R_b = N_b / N ("mean") or 1
         weight = (X.shape[0] / total if mean else 1.0) / rec.reduction_factor
         part = record_eigenvalues(layers, bases, rec, weight, source)

@@ -20,262 +20,32 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from curvkit.data import as_batches, num_data
-from curvkit.errors import ShapeError, UnsupportedModuleError
+from curvkit.errors import ConfigError, ShapeError
+from curvkit.extraction.batches import extract_batches
 from curvkit.operators import kron_math as km
 from curvkit.operators.base import CurvatureOperator
-from curvkit.records import FACTOR_KINDS, LayerRecord, Records
+from curvkit.operators.kron_base import (  # noqa: F401  (re-exported for compatibility)
+    DAMPING_MODES,
+    KronEigenOperator,
+    KronLayer,
+    LayeredOperator,
+    check_factors,
+    check_kind,
+    check_untied,
+    kron_pairs,
+    layers_and_factors,
+    restrict_records,
+    tied_parameters,
+)
+from curvkit.operators.tridiag import TriDiagonalKFAC
+from curvkit.records import Records
 
 STRUCTURES = ("block-diagonal", "tridiagonal")
-DAMPING_MODES = ("exact", "factored")
-
-
-@dataclass(frozen=True)
-class KronLayer:
-    r"""Shape information of one layer's Kronecker block (no factors).
-
-    Attributes:
-        name: Layer name (the block's name).
-        weight_shape: Shape of the weight (``[out, in]`` or ``[C_out, C_in, *kernel]``).
-        has_bias: Whether the layer has a trainable bias (flat order ``[W, b]``).
-        separate_bias: ``True``: weight block :math:`G \otimes A` and bias block
-            :math:`G \cdot s`; ``False``: one block over ``[W, b]``.
-    """
-
-    name: str
-    weight_shape: torch.Size
-    has_bias: bool
-    separate_bias: bool = False
-
-    @classmethod
-    def from_record(cls, rec: LayerRecord) -> KronLayer:
-        """The layout of a :class:`~curvkit.records.LayerRecord`."""
-        return cls(rec.name, torch.Size(rec.params[0].shape), rec.has_bias, rec.separate_bias)
-
-    @property
-    def out_features(self) -> int:
-        """Rows of the weight matrix."""
-        return self.weight_shape[0]
-
-    @property
-    def in_features(self) -> int:
-        """Columns of the flattened weight matrix."""
-        return self.weight_shape[1:].numel()
-
-    @property
-    def joint(self) -> bool:
-        """Whether the block covers ``[W, b]`` jointly."""
-        return self.has_bias and not self.separate_bias
-
-    @property
-    def param_shapes(self) -> list[torch.Size]:
-        """Shapes of the layer's parameters in flat order."""
-        return [self.weight_shape] + ([torch.Size([self.out_features])] if self.has_bias else [])
-
-    @property
-    def numel(self) -> int:
-        """Number of parameters (the block size)."""
-        return self.out_features * (self.in_features + int(self.has_bias))
-
-    def split(self, X: Tensor) -> list[Tensor]:
-        """Flat columns ``[numel, k]`` to matrices ``[k, out, ·]``: ``[W|b]``, or ``W``, ``b``."""
-        out, inn, k = self.out_features, self.in_features, X.shape[1]
-        W = X[: out * inn].reshape(out, inn, k)
-        if not self.has_bias:
-            return [W.permute(2, 0, 1)]
-        b = X[out * inn :].reshape(out, 1, k)
-        if self.joint:
-            return [torch.cat([W, b], dim=1).permute(2, 0, 1)]
-        return [W.permute(2, 0, 1), b.permute(2, 0, 1)]
-
-    def merge(self, mats: Sequence[Tensor], out: Tensor) -> Tensor:
-        """Inverse of :meth:`split`: matrices ``[k, out, ·]`` into ``out`` ``[numel, k]``."""
-        k, rows, inn = mats[0].shape[0], self.out_features, self.in_features
-        W = mats[0][..., :inn]
-        out[: rows * inn].view(rows, inn, k).copy_(W.permute(1, 2, 0))
-        if self.has_bias:
-            b = mats[0][..., inn] if self.joint else mats[1][..., 0]
-            out[rows * inn :].copy_(b.T)
-        return out
-
-
-def layers_and_factors(records: Records, kind: str) -> tuple[list[KronLayer], list, list, list]:
-    """Layouts and ``(A, G, bias_scale)`` lists of ``kind`` from a :class:`Records`.
-
-    Raises:
-        ShapeError: If ``kind`` is unknown or missing from a layer's records.
-    """
-    check_kind(kind)
-    for rec in records:
-        block = getattr(rec, "block", "kron")
-        if block != "kron":
-            raise ShapeError(
-                f"Layer {rec.name!r} ({type(rec.module).__name__}) has a {block!r} curvature "
-                "block (graph path), not a G ⊗ A factorisation over its weight; Kronecker "
-                "operators need Linear/Conv layers with groups=1 (see docs/conventions.md)."
-            )
-        if rec.A is None or kind not in rec.G:
-            raise ShapeError(
-                f"Layer {rec.name!r} has no Kronecker factors of kind {kind!r} "
-                f"(extracted: {sorted(rec.G)}); extract with quantities=({kind!r},)."
-            )
-    layers = [KronLayer.from_record(rec) for rec in records]
-    return (
-        layers,
-        [r.A for r in records],
-        [r.G[kind] for r in records],
-        [r.bias_scale for r in records],
-    )
-
-
-def tied_parameters(model: torch.nn.Module) -> list[list[tuple[str, torch.nn.Module]]]:
-    """Trainable parameters registered in more than one module (tied weights).
-
-    A module object used at two places counts as two modules (its parameters are
-    tied between them).
-
-    Returns:
-        Per shared parameter, its ``(qualified name, owning module)`` pairs.
-    """
-    owners: dict[int, list] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for pname, p in module._parameters.items():
-            if p is not None and p.requires_grad:
-                owners.setdefault(id(p), []).append(
-                    (f"{mname}.{pname}" if mname else pname, module)
-                )
-    return [pairs for pairs in owners.values() if len(pairs) > 1]
-
-
-def check_untied(model: torch.nn.Module, what: str) -> None:
-    """Raise unless every trainable parameter belongs to one module.
-
-    Kronecker factors (and the extraction's per-layer diagonals) describe one
-    module's use of its weight; a weight shared by two modules has a curvature
-    block that is no Kronecker product of either module's factors.
-
-    Raises:
-        UnsupportedModuleError: Naming the parameter and both modules.
-    """
-    tied = tied_parameters(model)
-    if tied:
-        (n1, m1), (n2, m2) = tied[0][:2]
-        raise UnsupportedModuleError(
-            f"{what}: {n1!r} ({type(m1).__name__}) and {n2!r} ({type(m2).__name__}) are one "
-            "tied parameter; Kronecker factors are per module, so a weight shared by two "
-            "modules has no Kronecker block. Untie the weights, or use the exact operators "
-            "(curvkit.ggn, curvkit.fisher, curvkit.hessian), which count a tied weight once."
-        )
-
-
-def check_kind(kind: str, kinds: Sequence[str] = FACTOR_KINDS) -> None:
-    """Raise :class:`ShapeError` unless ``kind`` is one of ``kinds``."""
-    if kind not in kinds:
-        raise ShapeError(f"kind={kind!r} is not supported; use one of {tuple(kinds)}.")
-
-
-def check_factors(layers: Sequence[KronLayer], A: Sequence[Tensor], G: Sequence[Tensor]) -> None:
-    """Raise :class:`ShapeError` unless each layer has an ``A`` and a ``G`` of the right size."""
-    if not (len(layers) == len(A) == len(G)):
-        raise ShapeError(f"Got {len(layers)} layers, {len(A)} A factors and {len(G)} G factors.")
-    for layer, a, g in zip(layers, A, G):
-        need = (layer.in_features + int(layer.joint), layer.out_features)
-        if a.shape != (need[0], need[0]) or g.shape != (need[1], need[1]):
-            raise ShapeError(
-                f"Layer {layer.name!r}: factors A{tuple(a.shape)}, G{tuple(g.shape)} do not "
-                f"fit the weight {tuple(layer.weight_shape)}: expected A of size {need[0]} "
-                f"and G of size {need[1]}."
-            )
-
-
-def kron_pairs(
-    layer: KronLayer, A: Tensor, G: Tensor, bias_scale: float
-) -> list[tuple[Tensor, Tensor]]:
-    r"""The ``(G, A)`` Kronecker pairs of a layer in :meth:`KronLayer.split` order.
-
-    A separate bias block :math:`G \cdot s` is the pair ``(G, [[s]])``.
-    """
-    pairs = [(G, A)]
-    if layer.has_bias and layer.separate_bias:
-        pairs.append((G, A.new_full((1, 1), float(bias_scale))))
-    return pairs
-
-
-class LayeredOperator(CurvatureOperator):
-    """A block-diagonal operator with one block per :class:`KronLayer`."""
-
-    def __init__(self, layers: Sequence[KronLayer], dtype, device):
-        self.layers = list(layers)
-        shapes = [s for layer in self.layers for s in layer.param_shapes]
-        super().__init__(
-            shapes,
-            dtype,
-            device,
-            [layer.numel for layer in self.layers],
-            [la.name for la in self.layers],
-        )
-
-    def _apply_layer(self, i: int, mats: list[Tensor]) -> list[Tensor]:
-        raise NotImplementedError
-
-    def _merge_all(self, X: Tensor, mats: Iterable[Sequence[Tensor]]) -> Tensor:
-        """Per layer the matrices of :meth:`KronLayer.split` into flat columns shaped like ``X``.
-
-        ``mats`` may be a generator: each layer's result is merged before the next is made.
-        """
-        out = torch.empty_like(X)
-        for layer, M, Ol in zip(self.layers, mats, out.split(self.block_sizes)):
-            layer.merge(M, Ol)
-        return out
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        parts = zip(self.layers, X.split(self.block_sizes))
-        results = (self._apply_layer(i, layer.split(Xl)) for i, (layer, Xl) in enumerate(parts))
-        return self._merge_all(X, results)
-
-
-class KronEigenOperator(LayeredOperator):
-    r"""Per layer :math:`(U_G \otimes U_A)\operatorname{diag}(\mathrm{vec} S)(U_G\otimes U_A)^\top`.
-
-    The common form of damped K-FAC inverses and of EKFAC: an orthonormal
-    Kronecker basis per block with arbitrary positive scales. A pair whose scale
-    is ``None`` is a plain Kronecker product :math:`L \otimes R` instead (a rank-one
-    ``S`` folded into the bases, as for factored damping): two matrix products
-    per block instead of four.
-
-    Args:
-        layers: Layouts, forward order.
-        blocks: Per layer, one ``(U_G, U_A, S)`` or ``(L, R, None)`` per Kronecker
-            pair (see :func:`kron_pairs`).
-    """
-
-    def __init__(
-        self, layers: Sequence[KronLayer], blocks: Sequence[Sequence[tuple[Tensor, Tensor, Tensor]]]
-    ):
-        first = blocks[0][0][0]
-        super().__init__(layers, first.dtype, first.device)
-        self.blocks = [list(b) for b in blocks]
-
-    def _apply_layer(self, i, mats):
-        return [
-            km.kron_matmat(U_G, U_A, M) if S is None else km.eigenbasis_matmat(U_G, U_A, S, M)
-            for (U_G, U_A, S), M in zip(self.blocks[i], mats)
-        ]
-
-    def state_dict(self) -> dict:
-        """The bases and scales as nested lists of tensors (``torch.save``-able)."""
-        return {"blocks": [[list(pair) for pair in layer] for layer in self.blocks]}
-
-    @classmethod
-    def from_state_dict(cls, layers: Sequence[KronLayer], state: dict):
-        """Rebuild the operator from :meth:`state_dict` and the layouts."""
-        return cls(layers, [[tuple(pair) for pair in layer] for layer in state["blocks"]])
 
 
 class BlockDiagonalKFAC(LayeredOperator):
@@ -321,34 +91,41 @@ class BlockDiagonalKFAC(LayeredOperator):
     def eigendecompositions(
         self,
     ) -> list[list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]]:
-        """Per layer and pair, ``((γ, U_G), (α, U_A))`` (cached; see :func:`kron_math.eigh_psd`)."""
+        """Per layer and pair, ``((γ, U_G), (α, U_A))`` (cached; see :func:`kron_math.eigh_psd`).
+
+        A factor shared by two pairs (a separate bias block's ``G``) is decomposed once.
+        """
         if self._eig is None:
             self._eig = []
             for i in range(len(self.layers)):
-                g_eig = km.eigh_psd(self.G[i])
+                done: dict[int, tuple[Tensor, Tensor]] = {}
                 blocks = []
-                for _, A in self.pairs(i):
+                for G, A in self.pairs(i):
+                    if id(G) not in done:
+                        done[id(G)] = km.eigh_psd(G)
                     a_eig = (
                         km.eigh_psd(A)
                         if A.shape[0] > 1
                         else (A[0].clamp_min(0), torch.ones_like(A))
                     )
-                    blocks.append((g_eig, a_eig))
+                    blocks.append((done[id(G)], a_eig))
                 self._eig.append(blocks)
         return self._eig
 
     def _scales(self, damping: float, damping_mode: str):
         if damping_mode not in DAMPING_MODES:
-            raise ShapeError(
+            raise ConfigError(
                 f"damping_mode={damping_mode!r} is not supported; use one of {DAMPING_MODES}."
             )
         if damping < 0:
-            raise ShapeError(f"damping must be non-negative, got {damping}.")
+            raise ConfigError(f"damping must be non-negative, got {damping}.")
         out = []
         for i, layer_eig in enumerate(self.eigendecompositions()):
+            # a dense block is damped exactly in either mode (it is no Kronecker product)
+            factored = damping_mode == "factored" and self.layers[i].block != "dense"
             blocks = []
             for (G, A), ((gam, U_G), (alp, U_A)) in zip(self.pairs(i), layer_eig):
-                shifts = km.factored_shifts(A, G, damping) if damping_mode == "factored" else None
+                shifts = km.factored_shifts(A, G, damping) if factored else None
                 blocks.append((U_G, U_A, gam, alp, shifts))
             out.append(blocks)
         return out
@@ -396,6 +173,10 @@ class BlockDiagonalKFAC(LayeredOperator):
         for i in range(len(self.layers)):
             pairs = []
             for G, A in self.pairs(i):
+                if self.layers[i].block == "dense":  # (G a + λ)^{-1} = (G + λ/a)^{-1} / a
+                    a = A[0, 0]
+                    pairs.append((km.shifted_inverse(G, damping / float(a)), 1.0 / A, None))
+                    continue
                 delta_a, delta_g = km.factored_shifts(A, G, damping)
                 pairs.append((km.shifted_inverse(G, delta_g), km.shifted_inverse(A, delta_a), None))
             blocks.append(pairs)
@@ -422,6 +203,36 @@ class BlockDiagonalKFAC(LayeredOperator):
         )
 
 
+UNSUPPORTED = ("error", "gradient")
+
+
+def check_selection(params, unsupported: str) -> None:
+    """Validate ``params=`` and ``unsupported=`` of the K-FAC factories.
+
+    Raises:
+        ConfigError: Unless ``params`` is ``None`` or a non-empty sequence of tensors
+            and ``unsupported`` one of :data:`UNSUPPORTED`.
+    """
+    if unsupported not in UNSUPPORTED:
+        raise ConfigError(
+            f"unsupported={unsupported!r} is not supported; use one of {UNSUPPORTED}."
+        )
+    if params is None:
+        return
+    if isinstance(params, Tensor) or not all(isinstance(p, Tensor) for p in params):
+        raise ConfigError("params must be a list of the model's parameters (tensors) or None.")
+    if len(params) == 0:
+        raise ConfigError("params is empty; list at least one parameter, or pass None.")
+
+
+def select(model: torch.nn.Module, records: Records, params) -> Records:
+    """``records`` restricted to ``params`` (all of them for ``None``)."""
+    if params is None:
+        return records
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    return restrict_records(records, list(params), names)
+
+
 def kfac(
     model: torch.nn.Module,
     loss_func: torch.nn.Module,
@@ -433,6 +244,8 @@ def kfac(
     kfac_approx: str = "expand",
     seed: int = 0,
     factor_dtype: torch.dtype | None = None,
+    params: Sequence[Tensor] | None = None,
+    unsupported: str = "error",
 ) -> CurvatureOperator:
     r"""K-FAC approximation of the Fisher/GGN on a data set.
 
@@ -440,27 +253,45 @@ def kfac(
     (:func:`extract_batches`), so several batches give
     exactly the operator of one concatenated batch (deterministic kinds).
 
+    Any model :func:`curvkit.extract` supports works: on the graph path every
+    block layout of :class:`~curvkit.records.LayerRecord` (``"kron"``, grouped and
+    transposed convolutions, embeddings, dense normalisation blocks) becomes a
+    block of the operator (see :class:`~curvkit.operators.kron_base.KronLayer`).
+    This is the only place that chooses the operator for a ``structure``.
+
     Args:
-        model: An ``nn.Sequential`` of modules BackPACK supports.
+        model: Any ``nn.Module`` the extraction supports (``nn.Sequential`` chains
+            by the sweep, everything else by the graph path).
         loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
         data: One ``(X, y)`` batch or an iterable of batches.
         kind: ``"kfac"`` (Monte Carlo), ``"kflr"`` (exact), ``"kfra"`` (Linear
             chains) or ``"empirical"``.
         structure: ``"block-diagonal"`` (:class:`BlockDiagonalKFAC`) or
-            ``"tridiagonal"`` (:class:`~curvkit.operators.tridiag.TriDiagonalKFAC`;
-            KFRA has no cross factors, so its tri-diagonal form is block-diagonal
-            and says so in a warning).
+            ``"tridiagonal"`` (:class:`~curvkit.operators.tridiag.TriDiagonalKFAC`:
+            coupled pairs of consecutive Kronecker-factored ``Linear`` layers, every
+            other block block-diagonal, listed in a warning; KFRA has no cross
+            factors, so its tri-diagonal form is block-diagonal).
         mc_samples: Monte Carlo samples for ``kind="kfac"``.
         separate_bias: Separate weight and bias blocks instead of a joint ``[W, b]`` block.
-        kfac_approx: ``"expand"`` or ``"reduce"`` for conv layers.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for conv layers and weight sharing.
         seed: Seed of the label sampling for ``kind="kfac"``.
         factor_dtype: dtype of the factors (default: the model's).
+        params: The parameters the operator covers, in their order (as curvlinops'
+            ``KFACLinearOperator``); default: every parameter with curvature. A
+            layer's weight and bias must be next to each other, weight first; one of
+            them alone gets its sub-block (see
+            :func:`~curvkit.operators.kron_base.restrict_records`). Block-diagonal only.
+        unsupported: ``"error"`` (default) or ``"gradient"``: modules without a
+            curvature rule are skipped (their parameters are not covered), passed to
+            :func:`curvkit.extract`.
 
     Returns:
         The operator.
 
     Raises:
         ShapeError: On an unknown ``kind`` or ``structure``.
+        ConfigError: On bad ``params`` or ``unsupported`` (see :func:`check_selection`),
+            or ``params`` with the tri-diagonal structure.
         UnsupportedModuleError: For a weight tied between two modules (see
             :func:`check_untied`), or from the extraction.
         UnsupportedLossError: From the extraction.
@@ -468,7 +299,13 @@ def kfac(
     check_kind(kind)
     if structure not in STRUCTURES:
         raise ShapeError(f"structure={structure!r} is not supported; use one of {STRUCTURES}.")
+    check_selection(params, unsupported)
     tridiagonal = structure == "tridiagonal"
+    if tridiagonal and params is not None:
+        raise ConfigError(
+            "params= is supported with structure='block-diagonal' only (the tri-diagonal "
+            "chain couples whole consecutive layers)."
+        )
     records = extract_batches(
         model,
         loss_func,
@@ -479,109 +316,8 @@ def kfac(
         kfac_approx=kfac_approx,
         seed=seed,
         factor_dtype=factor_dtype,
+        unsupported=unsupported,
     )
     if tridiagonal:
-        from curvkit.operators.tridiag import TriDiagonalKFAC
-
         return TriDiagonalKFAC.from_records(records, kind)
-    return BlockDiagonalKFAC.from_records(records, kind)
-
-
-_R_WEIGHTED = ("A", "cross_A", "diag_ggn", "diag_ggn_mc", "diag_hessian", "batch_grad")
-
-
-def _combine(acc: LayerRecord | None, rec: LayerRecord, wr: float, wg: float) -> LayerRecord:
-    """``acc + weights * rec`` for one layer (``weights * rec`` when ``acc`` is ``None``).
-
-    ``R``-weighted quantities get ``wr``, averaged ``G`` factors ``wg``; per-example
-    gradients are concatenated along the example axis. Updates ``rec`` in place.
-    """
-    for name in _R_WEIGHTED:
-        value = getattr(rec, name)
-        if value is None:
-            continue
-        old = None if acc is None else getattr(acc, name)
-        if not isinstance(value, list):
-            setattr(rec, name, value * wr if old is None else old + value * wr)
-        elif old is None:
-            setattr(rec, name, [v * wr for v in value])
-        elif name == "batch_grad":
-            setattr(rec, name, [torch.cat([a, v * wr]) for a, v in zip(old, value)])
-        else:
-            setattr(rec, name, [a + v * wr for a, v in zip(old, value)])
-    if rec.grad_factors is not None:
-        g, a = rec.grad_factors
-        old = None if acc is None else acc.grad_factors
-        rec.grad_factors = (
-            (g * wr, a) if old is None else (torch.cat([old[0], g * wr]), torch.cat([old[1], a]))
-        )
-    old = {} if acc is None else acc.curvature_grad_factors
-    for kind, (rows, a) in rec.curvature_grad_factors.items():
-        if kind in old:
-            rows, a = torch.cat([old[kind][0], rows * wr], dim=1), torch.cat([old[kind][1], a])
-        else:
-            rows = rows * wr
-        rec.curvature_grad_factors[kind] = (rows, a)
-    for name in ("G", "cross_G"):
-        old = {} if acc is None else getattr(acc, name)
-        new = {k: v * wg + old[k] if k in old else v * wg for k, v in getattr(rec, name).items()}
-        setattr(rec, name, new)
-    rec.bias_scale = rec.bias_scale * wr + (0.0 if acc is None else acc.bias_scale)
-    return rec
-
-
-def extract_batches(model, loss_func, data, quantities, seed: int = 0, **kwargs) -> Records:
-    r"""Extract ``quantities`` on every batch of ``data`` and combine them globally.
-
-    With :math:`N = \sum_b N_b` and the global :math:`R` (``1/N`` or ``1``), each
-    batch's ``R``-weighted quantities (``A``, cross ``A``, diagonals, per-example
-    gradients, ``bias_scale``, the loss) are multiplied by :math:`R / R_b`
-    (:math:`N_b/N` for ``"mean"``, ``1`` for ``"sum"``) and summed, and the averaged
-    ``G`` factors by :math:`N_b/N`. Several batches thus give exactly the records of
-    one concatenated batch (up to Monte Carlo sampling). Per-example gradients are
-    concatenated. Label sampling uses one ``torch.Generator`` seeded with ``seed``.
-    The parameters' ``.grad`` are left as they were.
-
-    Args:
-        model: The model.
-        loss_func: The loss (its ``reduction`` sets :math:`R`).
-        data: One ``(X, y)`` batch or an iterable of batches.
-        quantities: What :func:`curvkit.extraction.extract` should compute.
-        seed: Seed of the label sampling (``"kfac"``, ``"diag_ggn_mc"``).
-        **kwargs: Passed on to :func:`curvkit.extraction.extract`.
-
-    Returns:
-        The combined :class:`~curvkit.records.Records`.
-
-    Raises:
-        UnsupportedModuleError: For a weight tied between two modules (see
-            :func:`check_untied`), or from the extraction.
-    """
-    from curvkit.extraction import extract
-
-    check_untied(model, "Kronecker and diagonal extraction")
-    batches = as_batches(data)
-    total = num_data(batches)
-    mean = getattr(loss_func, "reduction", "mean") == "mean"
-    generator = None
-    if any(q in ("kfac", "diag_ggn_mc") for q in quantities):
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    params = list(model.parameters())
-    saved_grads = [p.grad for p in params]
-    combined = None
-    try:
-        for X, y in batches:
-            rec = extract(model, loss_func, X, y, quantities, generator=generator, **kwargs)
-            if len(batches) == 1:
-                return rec
-            wr, wg = (X.shape[0] / total if mean else 1.0), X.shape[0] / total
-            previous = [None] * len(rec) if combined is None else combined.layers
-            rec.layers = [_combine(a, r, wr, wg) for a, r in zip(previous, rec.layers)]
-            rec.loss = rec.loss * wr + (0.0 if combined is None else combined.loss)
-            rec.reduction_factor = rec.reduction_factor * wr  # R_b * R / R_b = R
-            combined = rec
-    finally:
-        for p, g in zip(params, saved_grads):
-            p.grad = g
-    combined.batch_size = total
-    return combined
+    return BlockDiagonalKFAC.from_records(select(model, records, params), kind)

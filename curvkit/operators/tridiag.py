@@ -24,9 +24,15 @@ diagonal. Products use block substitution and Kronecker products only; each
 :math:`d_A d_G`-sized matrix.
 
 Where a pair of consecutive layers has no cross factor (conv layers, branches, a
-kind without cross factors), :math:`\Psi_{i,i+1} = 0`: the chain breaks and that
-pair is treated block-diagonally. :attr:`TriDiagonalKFAC.fallback_pairs` lists
-these pairs, and the operator warns once when it is built.
+kind without cross factors, any layer whose block is not one Kronecker product
+:math:`G \otimes A` over ``[W, b]``: grouped or transposed convolutions,
+embeddings, normalisation layers, separate bias blocks on the graph path),
+:math:`\Psi_{i,i+1} = 0`: the chain breaks and that pair is treated
+block-diagonally; such a layer's own block is that of
+:class:`~curvkit.operators.kronecker.BlockDiagonalKFAC` (its inverse with factored
+damping per Kronecker pair, exact damping for dense blocks).
+:attr:`TriDiagonalKFAC.fallback_pairs` lists these pairs, and the operator warns
+once when it is built.
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ from torch import Tensor
 
 from curvkit.errors import ShapeError
 from curvkit.operators import kron_math as km
-from curvkit.operators.kronecker import (
+from curvkit.operators.kron_base import (
     KronLayer,
     LayeredOperator,
     check_factors,
+    kron_pairs,
     layers_and_factors,
 )
 from curvkit.records import Records
@@ -58,9 +65,8 @@ class TriDiagonalKFAC(LayeredOperator):
         G: Output factors per layer.
         cross_A: ``L - 1`` cross factors :math:`A_{i,i+1}` (``[a_i, a_{i+1}]``) or ``None``.
         cross_G: ``L - 1`` cross factors :math:`G_{i,i+1}` (``[out_i, out_{i+1}]``) or ``None``.
-        bias_scale: Accepted for a signature like
-            :class:`~curvkit.operators.kronecker.BlockDiagonalKFAC`'s; unused, as
-            the blocks are joint.
+        bias_scale: Scalar of separate bias blocks of layers outside the chain (as
+            for :class:`~curvkit.operators.kronecker.BlockDiagonalKFAC`).
         reasons: Why a pair has no cross factor, per pair (for the warning).
 
     Attributes:
@@ -91,19 +97,23 @@ class TriDiagonalKFAC(LayeredOperator):
         if len(cross_A) != len(layers) - 1 or len(cross_G) != len(layers) - 1:
             raise ShapeError(f"Expected {len(layers) - 1} cross factors for {len(layers)} layers.")
         for layer in self.layers:
-            if layer.has_bias and layer.separate_bias:
+            if layer.block == "kron" and layer.has_bias and layer.separate_bias:
                 raise ShapeError(
                     f"Layer {layer.name!r}: the tri-diagonal structure needs joint [W, b] blocks; "
                     "extract with separate_bias=False."
                 )
         self.A, self.G = list(A), list(G)
+        self.bias_scale = list(bias_scale) if bias_scale is not None else [1.0] * len(layers)
         self.cross_A, self.cross_G = [], []
         self.fallback_pairs = []
         reasons = list(reasons) if reasons is not None else [None] * len(cross_A)
         for i, (cA, cG) in enumerate(zip(cross_A, cross_G)):
-            if cA is None or cG is None:
+            coupled = self.layers[i].simple and self.layers[i + 1].simple
+            if cA is None or cG is None or not coupled:
                 cA = cG = None
-                why = reasons[i] or "no cross factor"
+                why = reasons[i] or (
+                    "no cross factor" if coupled else "not a pair of single Kronecker blocks"
+                )
                 self.fallback_pairs.append((self.layers[i].name, self.layers[i + 1].name, why))
             elif cA.shape != (A[i].shape[0], A[i + 1].shape[0]) or cG.shape != (
                 G[i].shape[0],
@@ -128,7 +138,7 @@ class TriDiagonalKFAC(LayeredOperator):
     @classmethod
     def from_records(cls, records: Records, kind: str = "kflr") -> TriDiagonalKFAC:
         """Tri-diagonal K-FAC from the factors and cross factors of ``kind`` in ``records``."""
-        layers, A, G, _ = layers_and_factors(records, kind)
+        layers, A, G, scales = layers_and_factors(records, kind)
         cross_A, cross_G, reasons = [], [], []
         for rec in records.layers[:-1]:
             cG = rec.cross_G.get(kind)
@@ -140,14 +150,47 @@ class TriDiagonalKFAC(LayeredOperator):
                 reasons.append(f"no cross factor of kind {kind!r}")
             else:
                 reasons.append(None)
-        return cls(layers, A, G, cross_A, cross_G, reasons=reasons)
+        return cls(layers, A, G, cross_A, cross_G, scales, reasons=reasons)
 
     # -- factor algebra ------------------------------------------------------------
     def eigendecompositions(self) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
-        """Per layer ``((γ, U_G), (α, U_A))`` of the undamped factors (cached)."""
+        """Per layer ``((γ, U_G), (α, U_A))`` of the undamped factors (cached).
+
+        ``None`` for a layer that is no single Kronecker block (see :attr:`KronLayer.simple`).
+        """
         if self._eig is None:
-            self._eig = [(km.eigh_psd(G), km.eigh_psd(A)) for G, A in zip(self.G, self.A)]
+            self._eig = [
+                (km.eigh_psd(G), km.eigh_psd(A)) if layer.simple else None
+                for layer, G, A in zip(self.layers, self.G, self.A)
+            ]
         return self._eig
+
+    def pairs(self, i: int) -> list[tuple[Tensor, Tensor]]:
+        """The ``(G, A)`` Kronecker pairs of layer ``i`` (see :func:`kron_pairs`)."""
+        return kron_pairs(self.layers[i], self.A[i], self.G[i], self.bias_scale[i])
+
+    def _block_inverse(self, i: int, damping: float) -> list[km.KronDifferenceInverse]:
+        """Inverse of a layer outside the chain, per Kronecker pair.
+
+        Factored damping (M&G §6.3) per pair; a dense block is damped exactly; with
+        ``damping=0`` the pseudo-inverse.
+        """
+        out = []
+        for G, A in self.pairs(i):
+            if damping == 0:
+                A_inv = km.psd_inverse(*km.eigh_psd(A)) if A.shape[0] > 1 else km.safe_reciprocal(A)
+                out.append(km.KronDifferenceInverse(km.psd_inverse(*km.eigh_psd(G)), A_inv))
+            elif self.layers[i].block == "dense":  # (G a + λ)^{-1} = (G + λ/a)^{-1} / a
+                G_inv = km.shifted_inverse(G, damping / float(A[0, 0]))
+                out.append(km.KronDifferenceInverse(G_inv, 1.0 / A))
+            else:
+                delta_a, delta_g = km.factored_shifts(A, G, damping)
+                out.append(
+                    km.KronDifferenceInverse(
+                        km.shifted_inverse(G, delta_g), km.shifted_inverse(A, delta_a)
+                    )
+                )
+        return out
 
     def _chain(
         self, shifts: list[tuple[float, float]], cache: dict | None = None
@@ -178,30 +221,37 @@ class TriDiagonalKFAC(LayeredOperator):
     def _shifts(self, damping: float) -> list[tuple[float, float]]:
         if damping < 0:
             raise ShapeError(f"damping must be non-negative, got {damping}.")
-        return [km.factored_shifts(A, G, damping) for A, G in zip(self.A, self.G)]
+        return [
+            km.factored_shifts(A, G, damping) if layer.simple else (0.0, 0.0)
+            for layer, A, G in zip(self.layers, self.A, self.G)
+        ]
 
     # -- products ------------------------------------------------------------------
     def _matmat(self, X: Tensor) -> Tensor:
         if self._chain_cache is None:
             self._chain_cache = self._chain(self._shifts(0.0))
         chain, L = self._chain_cache, len(self.layers)
-        w = [layer.split(Xl)[0] for layer, Xl in zip(self.layers, X.split(self.block_sizes))]
+        mats = [layer.split(Xl) for layer, Xl in zip(self.layers, X.split(self.block_sizes))]
+        w = [m[0] for m in mats]
         for i in range(L - 1):  # w = Ξ^{-T} v (forward substitution)
             if chain[i] is not None:
                 psi_g, psi_a = chain[i][:2]
                 w[i + 1] = w[i + 1] + km.sandwich(psi_g.T, w[i], psi_a)
         z = []
         for i in range(L):  # z = Λ^{-1} w
+            if not self.layers[i].simple:  # outside the chain: the layer's own block
+                z.append([km.kron_matmat(G, A, M) for (G, A), M in zip(self.pairs(i), mats[i])])
+                continue
             zi = km.sandwich(self.G[i], w[i], self.A[i])
             if i < L - 1 and chain[i] is not None:
                 D, E = chain[i][2:]
                 zi = zi - km.sandwich(D, w[i], E)
-            z.append(zi)
+            z.append([zi])
         for i in reversed(range(L - 1)):  # u = Ξ^{-1} z (back substitution)
             if chain[i] is not None:
                 psi_g, psi_a = chain[i][:2]
-                z[i] = z[i] + km.sandwich(psi_g, z[i + 1], psi_a.T)
-        return self._merge_all(X, [[zi] for zi in z])
+                z[i][0] = z[i][0] + km.sandwich(psi_g, z[i + 1][0], psi_a.T)
+        return self._merge_all(X, z)
 
     def inverse(self, damping: float = 0.0) -> TriDiagonalInverse:
         r""":math:`\breve F^{-1} = \Xi^\top \Lambda \Xi` with M&G's damping (§6.3 with §4.3).
@@ -229,7 +279,9 @@ class TriDiagonalKFAC(LayeredOperator):
         chain = self._chain(shifts, cache)
         sigma_inv = []
         for i, (delta_a, delta_g) in enumerate(shifts):
-            if i < len(chain) and chain[i] is not None:
+            if not self.layers[i].simple:
+                inv = self._block_inverse(i, damping)
+            elif i < len(chain) and chain[i] is not None:
                 D, E = chain[i][2:]
                 # undamped factors need their eigendecompositions (pseudo-inverses);
                 # shifted ones are whitened by Cholesky factors instead
@@ -252,7 +304,11 @@ class TriDiagonalKFAC(LayeredOperator):
 
     def trace(self) -> Tensor:
         r""":math:`\sum_l \operatorname{tr} G_l \operatorname{tr} A_l` (exact diagonal blocks)."""
-        return sum(torch.trace(G) * torch.trace(A) for G, A in zip(self.G, self.A))
+        return sum(
+            torch.trace(G) * torch.trace(A)
+            for i in range(len(self.layers))
+            for G, A in self.pairs(i)
+        )
 
 
 class TriDiagonalInverse(LayeredOperator):
@@ -262,7 +318,8 @@ class TriDiagonalInverse(LayeredOperator):
         layers: Layouts, forward order.
         psi: ``L - 1`` pairs :math:`(\Psi^G_i, \Psi^A_i)`, ``None`` where the chain breaks.
         sigma_inv: ``L`` factored inverses :math:`\Sigma_{i|i+1}^{-1}`, the last
-            :math:`\Sigma_L^{-1}`.
+            :math:`\Sigma_L^{-1}`; for a layer outside the chain that is no single
+            Kronecker block, a list with one inverse per Kronecker pair.
     """
 
     def __init__(
@@ -271,38 +328,55 @@ class TriDiagonalInverse(LayeredOperator):
         psi: Sequence[tuple[Tensor, Tensor] | None],
         sigma_inv: Sequence[km.KronDifferenceInverse],
     ):
-        super().__init__(layers, sigma_inv[0].W1.dtype, sigma_inv[0].W1.device)
+        first = sigma_inv[0][0] if isinstance(sigma_inv[0], list) else sigma_inv[0]
+        super().__init__(layers, first.W1.dtype, first.W1.device)
         self.psi, self.sigma_inv = list(psi), list(sigma_inv)
 
     def _matmat(self, X: Tensor) -> Tensor:
         L = len(self.layers)
-        v = [layer.split(Xl)[0] for layer, Xl in zip(self.layers, X.split(self.block_sizes))]
+        mats = [layer.split(Xl) for layer, Xl in zip(self.layers, X.split(self.block_sizes))]
+        v = [m[0] for m in mats]
         y = list(v)
         for i in range(L - 1):  # y = Ξ v
             if self.psi[i] is not None:
                 psi_g, psi_a = self.psi[i]
                 y[i] = v[i] - km.sandwich(psi_g, v[i + 1], psi_a.T)
-        z = [inv.matmat(yi) for inv, yi in zip(self.sigma_inv, y)]  # z = Λ y
-        u = list(z)
+        z = [  # z = Λ y; a layer outside the chain: its own inverse per pair
+            [p.matmat(M) for p, M in zip(inv, m)] if isinstance(inv, list) else [inv.matmat(yi)]
+            for inv, yi, m in zip(self.sigma_inv, y, mats)
+        ]
+        u = [list(zi) for zi in z]
         for i in range(L - 1):  # u = Ξ^T z
             if self.psi[i] is not None:
                 psi_g, psi_a = self.psi[i]
-                u[i + 1] = u[i + 1] - km.sandwich(psi_g.T, z[i], psi_a)
-        return self._merge_all(X, [[ui] for ui in u])
+                u[i + 1][0] = u[i + 1][0] - km.sandwich(psi_g.T, z[i][0], psi_a)
+        return self._merge_all(X, u)
 
     def state_dict(self) -> dict:
         r""":math:`\Psi` and the factored :math:`\Sigma^{-1}` as nested lists of tensors."""
         return {
             "psi": [None if p is None else list(p) for p in self.psi],
-            "sigma_inv": [list(inv) for inv in self.sigma_inv],
+            "sigma_inv": [
+                [list(p) for p in inv] if isinstance(inv, list) else list(inv)
+                for inv in self.sigma_inv
+            ],
         }
 
     @classmethod
     def from_state_dict(cls, layers: Sequence[KronLayer], state: dict) -> TriDiagonalInverse:
         """Rebuild the operator from :meth:`state_dict` and the layouts."""
         psi = [None if p is None else tuple(p) for p in state["psi"]]
-        return cls(layers, psi, [km.KronDifferenceInverse(*inv) for inv in state["sigma_inv"]])
+        sigma_inv = [
+            [km.KronDifferenceInverse(*p) for p in inv]
+            if isinstance(inv[0], (list, tuple))
+            else km.KronDifferenceInverse(*inv)
+            for inv in state["sigma_inv"]
+        ]
+        return cls(layers, psi, sigma_inv)
 
     def logdet(self) -> Tensor:
         r""":math:`\log\det \Lambda` (:math:`\Xi` is unit triangular) from the factored pieces."""
-        return sum(inv.logdet() for inv in self.sigma_inv)
+        return sum(
+            sum(p.logdet() for p in inv) if isinstance(inv, list) else inv.logdet()
+            for inv in self.sigma_inv
+        )

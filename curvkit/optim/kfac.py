@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.errors import ShapeError
-from curvkit.operators.kronecker import check_untied
+from curvkit.operators.kron_base import check_untied
 from curvkit.optim import damping as dm
 from curvkit.optim.capture import capture_forward, preserved_buffers
 from curvkit.optim.comm import Communicator

@@ -20,12 +20,8 @@ from curvkit.operators.ekfac import (
     eigenbases,
     record_eigenvalues,
 )
-from curvkit.operators.kronecker import (
-    BlockDiagonalKFAC,
-    KronEigenOperator,
-    KronLayer,
-    check_factors,
-)
+from curvkit.operators.kron_base import KronEigenOperator, KronLayer, check_factors
+from curvkit.operators.kronecker import BlockDiagonalKFAC
 from curvkit.records import Records
 
 

@@ -369,19 +369,21 @@ def test_transposed_conv_single_location_exact():
     assert_allclose_report(kron_block(r.G["kflr"], r.A), sub(ggn, idx), **TOL)
 
 
-def test_records_of_other_blocks_are_refused_by_kronecker_operators():
+def test_records_of_other_blocks_are_accepted_by_kronecker_operators():
+    """Every block layout becomes an operator block (tested in tests/operators/test_graph_kfac)."""
     from curvkit.operators.kronecker import BlockDiagonalKFAC
 
     model, loss_func, X, y = problem("resnet", "ce", n=3)
     rec = extract(model, loss_func, X, y, ("kflr",))
-    with pytest.raises(ShapeError, match="'bn0'.*'dense' curvature block"):
-        BlockDiagonalKFAC.from_records(rec, "kflr")
+    op = BlockDiagonalKFAC.from_records(rec, "kflr")
+    assert [layer.block for layer in op.layers][:2] == ["kron", "dense"]
+    assert op.shape[0] == sum(r.numel for r in rec)
     model, loss_func, X, y = problem("cnn", "ce", n=3)
     rec = extract(model, loss_func, X, y, ("kflr",))
     rows = rec.summary()
     assert rows[1]["A"] == (2, 19, 19) and rows[1]["tr A"] > 0
-    with pytest.raises(ShapeError, match="'conv2'.*'kron_grouped'"):
-        BlockDiagonalKFAC.from_records(rec, "kflr")
+    op = BlockDiagonalKFAC.from_records(rec, "kflr")
+    assert op.layers[1].block == "kron_grouped" and op.layers[1].groups == 2
     # plain Kronecker records of a non-chain model are accepted
     model, loss_func, X, y = problem("dict", "ce", n=3)
     model.gn.requires_grad_(False)
