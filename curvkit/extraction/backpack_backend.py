@@ -578,6 +578,11 @@ def extract_backpack(
             out = net(X)
             _check_io(layers, states, order)
             make_loss_handler(loss_func, out.detach(), y)  # the sweep's checks of output/targets
+            if out.dim() != 2:
+                raise ShapeError(
+                    f"The BackPACK backend needs a model output [N, C], got {tuple(out.shape)}; "
+                    "use backend='graph' or 'sweep' for outputs with extra dimensions."
+                )
             loss = lossf(out, y)
             stage = "the backward pass"
             with torch.random.fork_rng(devices=[] if X.device.type == "cpu" else [X.device]):

@@ -52,6 +52,7 @@ class _Rows:
 
     mc: slice | None = None
     sqrt: slice | None = None
+    diag: slice | None = None  # exact square root for the diagonals (``sqrt`` if ``T = 1``)
     residual: list[tuple[slice, float]] = field(default_factory=list)
 
 
@@ -336,10 +337,15 @@ def backward_sweep(
             blocks.append(loss.sqrt_hessian_sampled(mc_samples, generator))
             rows.mc = slice(V, V + mc_samples)
             V += mc_samples
-        if q & {"kflr", "diag_ggn", "diag_hessian"}:
+        diagonals = q & {"diag_ggn", "diag_hessian"}
+        if "kflr" in q or (diagonals and loss.T == 1):
             blocks.append(loss.sqrt_hessian())
-            rows.sqrt = slice(V, V + loss.C)
+            rows.sqrt = rows.diag = slice(V, V + loss.C)
             V += loss.C
+        if diagonals and loss.T > 1:  # outputs with extra dimensions: block square root
+            blocks.append(loss.sqrt_hessian_blocks())
+            rows.diag = slice(V, V + loss.T * loss.C)
+            V += loss.T * loss.C
         stack = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
         kfra = loss.hessian_mean().to(fdt) if "kfra" in q else None
 
@@ -457,9 +463,9 @@ def _layer_record(
         gw, gb = node.batch_grads(g0)
         rec.batch_grad = [gw, gb] if has_bias else [gw]
     diag_requests = {
-        "diag_ggn": [(rows.sqrt, R)],
+        "diag_ggn": [(rows.diag, R)],
         "diag_ggn_mc": [(rows.mc, R)],
-        "diag_hessian": [(rows.sqrt, R), *rows.residual],
+        "diag_hessian": [(rows.diag, R), *rows.residual],
     }
     for quantity, parts in diag_requests.items():
         if quantity in q:

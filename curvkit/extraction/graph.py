@@ -10,9 +10,12 @@ hand. The graph path instead
    that in-place operations after the module leave the kept output intact;
 2. runs ``model(X)`` once with autograd (``X`` a tensor, dict, tuple, ...: the
    model is called as ``model(X)``), and forms the output-gradient rows
-   ``[V, N, C]`` of :func:`~curvkit.extraction.losses.make_loss_handler` (row 0:
+   ``[V, *out.shape]`` of :func:`~curvkit.extraction.losses.make_loss_handler` (row 0:
    gradient of the batch loss, then Monte Carlo rows, then the columns of the loss
-   Hessian's square root; the same rows as the sweep);
+   Hessian's square root; the same rows as the sweep). Outputs with extra
+   dimensions (``[N, C, T]`` logits of a language model, ``[N, T, C]`` regression)
+   are one example per leading index; the GGN diagonal then backpropagates the
+   block square root (``T*C`` rows, see :mod:`~curvkit.extraction.losses`);
 3. differentiates the output w.r.t. the outputs of every recorded call for all
    rows in one batched backward (``torch.autograd.grad(...,
    is_grads_batched=True)``), or row by row where an operation has no batching
@@ -255,7 +258,9 @@ def extract_graph(
     Row-0 gradients are accumulated into ``p.grad`` like ``loss.backward()``.
 
     Args:
-        model: Any module; called once as ``model(X)``; must return ``[N, C]``.
+        model: Any module; called once as ``model(X)``; must return ``[N, C]`` or an
+            output with extra dimensions (``[N, C, d1, ...]`` for cross-entropy,
+            ``[N, d1, ..., C]`` otherwise; see :mod:`~curvkit.extraction.losses`).
         loss_func: See :func:`~curvkit.extraction.extract`.
         X: Model input (tensor, dict, tuple, ...), passed on as is.
         y: Targets ``[N, ...]`` (``N`` rows of the model output).
@@ -343,10 +348,11 @@ def _backward(
                 f"The input of {type(h.module).__name__} {h.name!r} was modified in place "
                 "after the layer read it; the graph path needs it unchanged."
             )
-    if out.dim() != 2 or out.shape[0] != y.shape[0]:
+    if out.dim() < 2 or out.shape[0] != y.shape[0]:
         raise ShapeError(
-            f"The model output must be [N, C] with N = len(y) = {y.shape[0]}, got "
-            f"{tuple(out.shape)} (flatten sequence outputs to [N*T, C] and targets to [N*T])."
+            f"The model output must be [N, C] or have extra dimensions ([N, C, d1, ...] for "
+            f"CrossEntropyLoss, [N, d1, ..., C] otherwise) with N = len(y) = {y.shape[0]}, "
+            f"got {tuple(out.shape)}."
         )
     # parameters of factored modules used outside their calls
     watched = {id(p): p for h in order for p in h.params}
@@ -383,10 +389,16 @@ def _backward(
         blocks.append(loss.sqrt_hessian_sampled(mc_samples, generator))
         rows["kfac"] = slice(V, V + mc_samples)
         V += mc_samples
-    if q & {"kflr", "diag_ggn"}:
+    if "kflr" in q or ("diag_ggn" in q and loss.T == 1):
         blocks.append(loss.sqrt_hessian())
         rows["kflr"] = slice(V, V + loss.C)
         V += loss.C
+    if "diag_ggn" in q and loss.T > 1:  # exact: one row per (position, entry)
+        blocks.append(loss.sqrt_hessian_blocks())
+        rows["diag_ggn"] = slice(V, V + loss.T * loss.C)
+        V += loss.T * loss.C
+    rows.setdefault("diag_ggn", rows.get("kflr"))
+    rows["diag_ggn_mc"] = rows.get("kfac")
     rows["empirical"] = slice(0, 1)
     per_example = sorted(q & set(PER_EXAMPLE))
     n_data = _leading_dim(X)
@@ -406,7 +418,9 @@ def _backward(
                 f"{diagonals} need one output row per example, but {type(h.module).__name__} "
                 f"{h.name!r} sees {h.N} examples and the output has {N} rows (e.g. a sequence "
                 "output flattened to [N*T, C]): the rows would mix the terms of one example's "
-                "tokens. Kronecker factors, batch_grad and the gradient are defined."
+                "tokens. Return the output unflattened ([N, C, T] logits with targets [N, T] "
+                "for CrossEntropyLoss, [N, T, C] otherwise). Kronecker factors, batch_grad and "
+                "the gradient are defined."
             )
     stack = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
 
@@ -612,10 +626,10 @@ def _per_example(records, order, q, rows, R, fdt, V) -> None:
             if "batch_grad" in q or rec.grad_factors is None:
                 rec.batch_grad = [acc[id(p)][0] for p in rec.params]
         del acc
-    for quantity, kind in (("diag_ggn", "kflr"), ("diag_ggn_mc", "kfac")):
+    for quantity in ("diag_ggn", "diag_ggn_mc"):
         if quantity not in q:
             continue
-        sl = rows[kind]
+        sl = rows[quantity]
         diag: dict[int, Tensor] = {}
         users: dict[int, int] = {}
         for h in order:

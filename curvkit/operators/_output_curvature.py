@@ -7,16 +7,23 @@ matrix :math:`\Lambda_n` (MATH.md, "Exact matrices"). This module builds
 ``[k, *f.shape]`` (``k`` output-space columns), with the batch's share of the
 data-set loss scaling already included.
 
+Outputs with extra dimensions: cross-entropy logits ``[N, C, d1, ...]`` with
+targets ``[N, d1, ...]`` (PyTorch's K-dimensional layout) and MSE/BCE outputs
+``[N, d1, ..., C]``; ``T = d1 ⋯`` positions per example (``T = 1`` for ``[N, C]``).
+
 Monte Carlo Fisher scaling (as in curvlinops). For ``reduction="mean"`` the
 batch loss is :math:`c_b \sum_t \tilde\ell_t` over its *loss terms* :math:`t`:
-examples for cross-entropy, output entries for ``MSELoss`` and
-``BCEWithLogitsLoss`` (whose mean also divides by the output dimension ``C``);
-:math:`\tilde\ell` is the negative log-likelihood (``MSELoss``:
-:math:`(f-y)^2`, a Gaussian of variance :math:`1/2`). After the rescaling of
-each batch to the data set, :math:`c = 1/N` (cross-entropy) or :math:`c = 1/(NC)`
-(MSE, BCE); :math:`c = 1` for ``"sum"``. The MC Fisher is
-:math:`c\sum_n J_n^\top \frac1M\sum_m \nabla\tilde\ell(f_n,\hat y_{nm})
-\nabla\tilde\ell(f_n,\hat y_{nm})^\top J_n`; its expectation is the GGN.
+positions ``(n, t)`` for cross-entropy (those whose target is not
+``ignore_index``), output entries for ``MSELoss`` and ``BCEWithLogitsLoss``
+(whose mean also divides by ``C``); :math:`\tilde\ell` is the negative
+log-likelihood (``MSELoss``: :math:`(f-y)^2`, a Gaussian of variance :math:`1/2`).
+After the rescaling of each batch to the data set, :math:`c = 1/(NT)`
+(cross-entropy) or :math:`c = 1/(NTC)` (MSE, BCE); :math:`c = 1` for ``"sum"``.
+The MC Fisher is :math:`c\sum_{n,t} J_{nt}^\top \frac1M\sum_m
+\nabla\tilde\ell(f_{nt},\hat y_{ntm}) \nabla\tilde\ell(f_{nt},\hat y_{ntm})^\top
+J_{nt}` with labels drawn independently per position, one outer product per
+position (curvlinops flattens the positions into the batch); its expectation is
+the GGN.
 
 Empirical Fisher scaling (MATH.md): :math:`R\sum_n \nabla\ell_n\nabla\ell_n^\top`
 with :math:`\ell_n` the user's loss on example :math:`n` alone, so
@@ -24,7 +31,10 @@ with :math:`\ell_n` the user's loss on example :math:`n` alone, so
 this :math:`\ell_n` includes the :math:`1/C` of the mean over outputs, and the
 result is :math:`1/C` times curvlinops' ``EFLinearOperator`` (which uses
 :math:`c\sum_n \nabla\tilde\ell_n\nabla\tilde\ell_n^\top`); the two agree
-for cross-entropy and for ``"sum"``.
+for cross-entropy and for ``"sum"`` on ``[N, C]`` outputs. With extra dimensions
+:math:`\ell_n` is the whole example's (sequence's) share of the loss, so the
+gradients of its positions are summed before the outer product; curvlinops'
+``EFLinearOperator`` instead takes one outer product per position.
 """
 
 from __future__ import annotations
@@ -35,8 +45,13 @@ from math import sqrt
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import ShapeError, UnsupportedLossError
-from curvkit.extraction.losses import LIKELIHOOD_LOSSES, check_likelihood_options, sample_labels
+from curvkit.errors import ConfigError, ShapeError, UnsupportedLossError
+from curvkit.extraction.losses import (
+    LIKELIHOOD_LOSSES,
+    check_likelihood_options,
+    output_layout,
+    sample_labels,
+)
 
 OutputCurvature = Callable[[Tensor], Tensor]
 
@@ -59,31 +74,63 @@ def check_likelihood_loss(loss_func, what: str) -> None:
     check_likelihood_options(loss_func, what)
 
 
-def term_scale(loss_func, f: Tensor, scale: float) -> float:
+def term_scale(loss_func, f: Tensor, scale: float, y: Tensor | None = None) -> float:
     r"""The factor :math:`c` multiplying the sum of per-term negative log-likelihoods.
 
     Args:
         loss_func: A loss from :data:`LIKELIHOOD_LOSSES`.
         f: The batch's output.
         scale: The batch's rescaling to the data set (``N_b / N`` or 1).
+        y: Cross-entropy targets (positions equal to ``ignore_index`` are not terms).
     """
     if loss_func.reduction == "sum":
         return 1.0
-    terms = f.shape[0] if isinstance(loss_func, nn.CrossEntropyLoss) else f.numel()
+    if isinstance(loss_func, nn.CrossEntropyLoss):
+        terms = f.numel() // f.shape[1] if y is None else int(_valid(loss_func, y).sum())
+    else:
+        terms = f.numel()
     return scale / terms
 
 
+def _valid(loss_func, y: Tensor) -> Tensor:
+    return y != loss_func.ignore_index
+
+
+def _is_class_index_target(f: Tensor, y: Tensor) -> bool:
+    return (
+        f.ndim >= 2
+        and y.shape == (f.shape[0], *f.shape[2:])
+        and not y.is_floating_point()
+        and y.dtype != torch.bool
+    )
+
+
 def _check_ce_output(f: Tensor, y: Tensor, what: str) -> None:
-    if f.ndim != 2 or y.ndim != 1 or y.is_floating_point():
+    if not _is_class_index_target(f, y):
         raise ShapeError(
-            f"{what}: CrossEntropyLoss needs logits [N, C] and class indices [N]; got output "
-            f"{tuple(f.shape)} and target {tuple(y.shape)} ({y.dtype})."
+            f"{what}: CrossEntropyLoss needs logits [N, C] with class indices [N], or "
+            f"[N, C, d1, ...] with class indices [N, d1, ...]; got output {tuple(f.shape)} "
+            f"and target y of shape {tuple(y.shape)} ({y.dtype})."
         )
 
 
 def _per_example(U: Tensor) -> Tensor:
     """``[k, N, ...]`` to ``[k, N, C]``."""
     return U.reshape(U.shape[0], U.shape[1], -1)
+
+
+def _per_position(loss_func, f: Tensor):
+    """``[k, *f.shape]`` <-> ``[k, N*T, C]`` (one row per position, curvlinops' order)."""
+    ce = isinstance(loss_func, nn.CrossEntropyLoss)
+    C = f.shape[1] if ce else f.shape[-1]
+
+    def to_terms(U: Tensor) -> Tensor:
+        return (U.movedim(2, -1) if ce else U).reshape(U.shape[0], -1, C)
+
+    def back(Z: Tensor) -> Tensor:
+        return output_layout(loss_func, Z.reshape(Z.shape[0], f.shape[0], -1, C), f.shape)
+
+    return to_terms, back
 
 
 # -- GGN (= type-2 Fisher for the likelihood losses) ---------------------------------
@@ -114,16 +161,14 @@ def ggn_curvature(loss_func, f: Tensor, y: Tensor, scale: float) -> OutputCurvat
         type(loss_func) is nn.CrossEntropyLoss
         and plain
         and loss_func.label_smoothing == 0
-        and f.ndim == 2
-        and y.ndim == 1
-        and not y.is_floating_point()
+        and _is_class_index_target(f, y)
     ):
-        p = torch.softmax(f, dim=1)
-        valid = (y != loss_func.ignore_index).to(f.dtype)
-        # torch's mean averages over the examples whose label is not ignored
+        p = torch.softmax(f, dim=1)  # [N, C, d1, ...]
+        valid = _valid(loss_func, y).to(f.dtype)
+        # torch's mean averages over the positions whose label is not ignored
         w = valid * (scale / valid.sum()) if loss_func.reduction == "mean" else valid
         w = w.unsqueeze(1)
-        return lambda U: w * (p * U - p * (p * U).sum(-1, keepdim=True))
+        return lambda U: w * (p * U - p * (p * U).sum(2, keepdim=True))
     return _autograd_curvature(loss_func, f, y, scale)
 
 
@@ -157,8 +202,9 @@ def sample_scores(
     in order), so both give the same matrix for the same seed.
 
     - ``MSELoss``: :math:`\hat y \sim \mathcal N(f, \tfrac12 I)`, score :math:`2(f-\hat y)`.
-    - ``CrossEntropyLoss``: :math:`\hat y \sim \operatorname{Cat}(\operatorname{softmax} f)`,
-      score :math:`p - e_{\hat y}`.
+    - ``CrossEntropyLoss``: :math:`\hat y \sim \operatorname{Cat}(\operatorname{softmax} f)`
+      per position, score :math:`p - e_{\hat y}` (zero where the target is
+      ``ignore_index``: that position is no loss term).
     - ``BCEWithLogitsLoss``: :math:`\hat y \sim \operatorname{Bernoulli}(\sigma(f))`,
       score :math:`\sigma(f) - \hat y`.
     """
@@ -171,19 +217,30 @@ def sample_scores(
         return 2 * draws.mul_(std)  # 2 (f - y_hat), y_hat = f + std * eps
     if isinstance(loss_func, nn.CrossEntropyLoss):
         p = torch.softmax(f, dim=1)
-        onehot = nn.functional.one_hot(draws, num_classes=f.shape[1]).to(f.dtype)
-        return p.unsqueeze(0) - onehot
+        onehot = nn.functional.one_hot(draws, num_classes=f.shape[1]).to(f.dtype).movedim(-1, 2)
+        return (p.unsqueeze(0) - onehot) * _valid(loss_func, y).unsqueeze(1).to(f.dtype)
     return torch.sigmoid(f).unsqueeze(0) - draws
 
 
-def factored_curvature(S: Tensor, c: float) -> OutputCurvature:
-    r""":math:`\Lambda_n = \frac{c}{M} \sum_m s_{nm} s_{nm}^\top` for scores ``S`` [M, N, ...]."""
+def factored_curvature(S: Tensor, c: float, terms=None) -> OutputCurvature:
+    r""":math:`\Lambda_n = \frac{c}{M} \sum_m s_{nm} s_{nm}^\top` for scores ``S`` [M, N, ...].
+
+    Args:
+        S: Scores ``[M, *f.shape]``.
+        c: The scale.
+        terms: ``(to_terms, back)`` mapping ``[k, *f.shape]`` to ``[k, P, C]`` loss
+            terms and back (default: one term per example, all its entries).
+    """
     M = S.shape[0]
-    S2 = S.reshape(M, S.shape[1], -1)
+    if terms is None:
+        to_terms, back = _per_example, lambda Z, shape: Z.reshape(shape)
+    else:
+        to_terms, back = terms[0], lambda Z, shape: terms[1](Z)
+    S2 = to_terms(S)
 
     def apply(U: Tensor) -> Tensor:
-        coeff = torch.einsum("mnc,knc->kmn", S2, _per_example(U))
-        return (c / M) * torch.einsum("kmn,mnc->knc", coeff, S2).reshape(U.shape)
+        coeff = torch.einsum("mnc,knc->kmn", S2, to_terms(U))
+        return back((c / M) * torch.einsum("kmn,mnc->knc", coeff, S2), U.shape)
 
     return apply
 
@@ -193,7 +250,22 @@ def mc_fisher_curvature(
 ) -> OutputCurvature:
     """Monte Carlo Fisher output curvature (draws from ``generator``)."""
     S = sample_scores(loss_func, f, y, mc_samples, generator)
-    return factored_curvature(S, term_scale(loss_func, f, scale))
+    _check_terms(loss_func, y)
+    c = term_scale(loss_func, f, scale, y)
+    return factored_curvature(S, c, _per_position(loss_func, f))
+
+
+def _check_terms(loss_func, y: Tensor) -> None:
+    """Raise if a mean cross-entropy batch has no counted target (its loss is NaN)."""
+    if (
+        isinstance(loss_func, nn.CrossEntropyLoss)
+        and loss_func.reduction == "mean"
+        and not bool(_valid(loss_func, y).any())
+    ):
+        raise ConfigError(
+            f"Monte Carlo Fisher: every target in y equals ignore_index={loss_func.ignore_index}, "
+            "so CrossEntropyLoss(reduction='mean') of this batch is 0/0 (NaN)."
+        )
 
 
 # -- empirical Fisher -----------------------------------------------------------------

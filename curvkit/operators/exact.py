@@ -25,6 +25,13 @@ the curvature over their concatenation. Flat order: concatenation of
 - Empirical Fisher: :math:`R\sum_n \nabla\ell_n\nabla\ell_n^\top`, per-example
   gradient outer products at the true labels.
 
+Outputs with extra dimensions are accepted in PyTorch's layouts (cross-entropy
+logits ``[N, C, d1, ...]`` with targets ``[N, d1, ...]``, e.g. a language model's
+``[N, V, T]``; MSE/BCE outputs ``[N, d1, ..., C]``); ``N`` counts examples
+(sequences), the normalisation is PyTorch's (``ignore_index`` included), and the
+Monte Carlo Fisher draws one label per position (docs/conventions.md, "Outputs
+with extra dimensions").
+
 See :mod:`curvkit.operators._output_curvature` for the scaling of the Monte
 Carlo Fisher and of the empirical Fisher for ``MSELoss``/``BCEWithLogitsLoss``
 with ``"mean"`` (where the latter differs from curvlinops by the factor ``C``).

@@ -11,9 +11,9 @@ from torch.func import functional_call, hessian, jacrev
 
 import curvkit as ck
 from curvkit.errors import (
+    ConfigError,
     CurvkitError,
     ShapeError,
-    UnsupportedLossError,
     UnsupportedModuleError,
 )
 from curvkit.extraction import extract
@@ -539,7 +539,7 @@ def test_errors_before_any_change():
     cnn, cl, Xc, yc = make_problem("cnn", "ce", "mean")
     with pytest.raises(BackpackError, match="KFRA.*Conv2d"):
         extract_backpack(cnn, cl, Xc, yc, ("kfra",))
-    with pytest.raises(UnsupportedLossError, match="class indices"):
+    with pytest.raises(ConfigError, match="class indices"):  # out of range: a bad value
         extract_backpack(net, loss_func, X, y + 3, ("kflr",))
     with pytest.raises(ShapeError, match="targets shaped like the output"):
         extract_backpack(net, nn.MSELoss(), X, y, ("kflr",))

@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from curvkit.errors import CurvkitError, ShapeError, UnsupportedLossError, UnsupportedModuleError
+from curvkit.errors import (
+    ConfigError,
+    CurvkitError,
+    ShapeError,
+    UnsupportedLossError,
+    UnsupportedModuleError,
+)
 from curvkit.extraction import extract
 from tests.reference import make_problem
 
@@ -59,7 +65,6 @@ BAD_LOSSES = [
     pytest.param(nn.MSELoss(reduction="none"), "reduction='none'", id="none"),
     pytest.param(nn.CrossEntropyLoss(weight=torch.ones(3)), "weights", id="ce-weight"),
     pytest.param(nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing", id="ce-smooth"),
-    pytest.param(nn.CrossEntropyLoss(ignore_index=0), "ignore_index", id="ce-ignore"),
     pytest.param(nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), "pos_weight", id="bce-pos"),
 ]
 
@@ -75,9 +80,11 @@ def test_ce_bad_targets():
     net, loss_func, X, y = make_problem("mlp", "ce")
     with pytest.raises(UnsupportedLossError, match="class-index"):
         extract(net, loss_func, X, torch.rand(6, 3, dtype=torch.float64))
-    y[0] = -100
-    with pytest.raises(UnsupportedLossError, match="ignore"):
+    y[0] = 3  # a class index out of range (ignored targets, -100, are supported)
+    with pytest.raises(ConfigError, match=r"class indices in \[0, 3\)"):
         extract(net, loss_func, X, y)
+    with pytest.raises(ConfigError, match="every target in y equals ignore_index"):
+        extract(net, loss_func, X, torch.full_like(y, -100))
 
 
 BAD_ARGUMENTS = [
