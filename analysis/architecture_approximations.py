@@ -17,7 +17,11 @@ Problems (float64, small enough that the GGN is a dense matrix):
   running statistics, a fixed affine map; every approximation).
 - ``transformer``: ``char_transformer`` with context 8, d = 8, one block, two
   heads on ``pydoc_data.topics`` (``--n`` sequences; logits ``[N, V, T]``,
-  targets ``[N, T]``, one cross-entropy term per position).
+  targets ``[N, T]``, one cross-entropy term per position). The position
+  embedding of ``CharTransformer`` is looked up with positions ``[T]`` shared by
+  all examples, which leaves its per-example gradients undefined (EKFAC, the
+  diagonal GGN); :class:`BatchedPositions` computes the same function with the
+  positions expanded to ``[N, T]``, and is the model compared here.
 
 Checkpoints: initialisation and after ``--steps`` Adam steps (lr 3e-3, batch
 64). Every approximation that can be built is compared with
@@ -34,7 +38,7 @@ figures ``arch_cmp_<problem>_<metric>.png``/``.pdf``; ``--docs DIR`` copies
 Usage::
 
     python analysis/architecture_approximations.py [--quick] [--problems resnet transformer]
-        [--n 256] [--steps 200] [--threads 1] [--out DIR] [--docs docs/figures]
+        [--n 128] [--steps 200] [--threads 1] [--out DIR] [--docs docs/figures]
 """
 
 from __future__ import annotations
@@ -53,19 +57,59 @@ import curvkit as ck
 from curvkit import plotting
 from curvkit.app import train as T
 from curvkit.errors import CurvkitError
+from curvkit.problems.architectures import CharTransformer
 
 NAME = "architecture_approximations"
 METRICS = ("frobenius", "cosine", "spectral", "overlap", "directional", "preconditioning")
-#: Name -> builder ``(model, loss_func, data) -> CurvatureOperator``.
+#: Name -> builder ``(model, loss_func, data, params) -> CurvatureOperator`` (``params``:
+#: the parameters covered, ``None`` for all).
 APPROXIMATIONS = {
-    "K-FAC-expand (MC)": lambda m, lf, d: ck.kfac(m, lf, d, kind="kfac", kfac_approx="expand"),
-    "K-FAC-reduce (MC)": lambda m, lf, d: ck.kfac(m, lf, d, kind="kfac", kfac_approx="reduce"),
-    "KFLR-expand": lambda m, lf, d: ck.kfac(m, lf, d, kind="kflr", kfac_approx="expand"),
-    "KFLR-reduce": lambda m, lf, d: ck.kfac(m, lf, d, kind="kflr", kfac_approx="reduce"),
-    "EKFAC": lambda m, lf, d: ck.ekfac(m, lf, d),
-    "diag GGN": lambda m, lf, d: ck.diag_ggn(m, lf, d),
+    "K-FAC-expand (MC)": lambda m, lf, d, p: ck.kfac(
+        m, lf, d, kind="kfac", kfac_approx="expand", params=p
+    ),
+    "K-FAC-reduce (MC)": lambda m, lf, d, p: ck.kfac(
+        m, lf, d, kind="kfac", kfac_approx="reduce", params=p
+    ),
+    "KFLR-expand": lambda m, lf, d, p: ck.kfac(
+        m, lf, d, kind="kflr", kfac_approx="expand", params=p
+    ),
+    "KFLR-reduce": lambda m, lf, d, p: ck.kfac(
+        m, lf, d, kind="kflr", kfac_approx="reduce", params=p
+    ),
+    "EKFAC (empirical)": lambda m, lf, d, p: ck.ekfac(m, lf, d, params=p),
+    "diag GGN": lambda m, lf, d, p: diag_ggn(m, lf, d, p),
 }
+
+
+def diag_ggn(model, loss_func, data, params):
+    """``ck.diag_ggn``, which covers every parameter.
+
+    Raises:
+        TypeError: For a subset of the parameters.
+    """
+    if params is not None:
+        raise TypeError("ck.diag_ggn has no params argument (it covers every parameter).")
+    return ck.diag_ggn(model, loss_func, data)
+
+
 FIGURE_METRICS = ("frobenius", "overlap")
+
+
+class BatchedPositions(CharTransformer):
+    """``CharTransformer`` with the position ids expanded over the batch (``[N, T]``).
+
+    The same function and parameters; the position embedding's rows then belong to
+    single examples, so per-example quantities are defined for it.
+    """
+
+    def forward(self, tokens):
+        """Logits ``[N, V, T]`` of token ids ``[N, T]``."""
+        N, T = tokens.shape
+        positions = torch.arange(T, device=tokens.device).expand(N, T)
+        h = self.tok(tokens) + self.pos(positions)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln(h)).transpose(1, 2)
 
 
 def build_problem(key: str, quick: bool, n: int):
@@ -73,7 +117,7 @@ def build_problem(key: str, quick: bool, n: int):
     f64 = torch.float64
     if key == "resnet":
         return ck.problems.digits_resnet(width=1 if quick else 2, n_train=n, n_test=64, dtype=f64)
-    return ck.problems.char_transformer(
+    problem = ck.problems.char_transformer(
         context=4 if quick else 8,
         d_model=4 if quick else 8,
         n_layers=1,
@@ -82,6 +126,13 @@ def build_problem(key: str, quick: bool, n: int):
         n_test=32,
         dtype=f64,
     )
+    old = problem.model
+    model = BatchedPositions(
+        old.head.out_features, old.pos.num_embeddings, old.ln.normalized_shape[0], 1, 2
+    )
+    model.load_state_dict(old.state_dict())
+    problem.model = model.to(f64)
+    return problem
 
 
 def train(problem, steps: int) -> None:
@@ -101,21 +152,25 @@ def train(problem, steps: int) -> None:
 
 
 def compare_at(problem, checkpoint: str, mode: str, metrics, missing: list) -> pd.DataFrame:
-    """Every buildable approximation against the dense GGN, in ``mode`` (train/eval)."""
+    """Every buildable approximation against the dense GGN, in ``mode``.
+
+    ``mode``: ``"train"`` or ``"eval"`` (the model's mode).
+    """
     model = copy.deepcopy(problem.model).train(mode == "train")
+    params = None
     loss_func, data = problem.loss_func, problem.train
     batch_statistics = mode == "train" and any(
         isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()
     )
     t0 = time.perf_counter()
-    reference = ck.ggn(model, loss_func, data)
+    reference = ck.ggn(model, loss_func, data, params=params)
     _, grad = reference.loss_and_gradient()
     approxes = {}
     for name, build in APPROXIMATIONS.items():
         if batch_statistics and not name.startswith(("K-FAC", "KFLR")):
             continue  # per-example quantities are undefined under batch statistics
         try:
-            A = build(model, loss_func, data)
+            A = build(model, loss_func, data, params)
         except (CurvkitError, TypeError) as err:
             why = f"{type(err).__name__}: {err}"
             missing.append(dict(checkpoint=checkpoint, mode=mode, approx=name, reason=why))
@@ -166,7 +221,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = set(args.problems) - {"resnet", "transformer"}
     if bad:
         parser.error(f"unknown problems {sorted(bad)}; choose from resnet, transformer")
-    args.n = args.n or (32 if args.quick else 256)
+    args.n = args.n or (32 if args.quick else 128)
     args.steps = args.steps if args.steps is not None else (3 if args.quick else 200)
     return args
 

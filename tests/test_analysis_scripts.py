@@ -228,4 +228,4 @@ def test_architecture_approximations_quick(tmp_path):
     np.testing.assert_allclose(wide["frobenius"] ** 2 + wide["cosine"] ** 2, 1.0, rtol=1e-8)
     # the ResNet's BatchNorm in train mode: per-example approximations are not attempted
     train_bn = df[(df["problem"] == "resnet") & (df["mode"] == "train")]
-    assert not set(train_bn["approx"]) & {"EKFAC", "diag GGN"}
+    assert not set(train_bn["approx"]) & {"EKFAC (empirical)", "diag GGN"}
