@@ -33,6 +33,8 @@ of every module on the way and stay on the sweep.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
@@ -304,6 +306,81 @@ def extract_graph(
             for b, saved in buffers:
                 b.copy_(saved)
         raise
+
+
+@dataclass
+class GraphForward:
+    """A forward pass of the graph path, kept for :func:`backward_graph`.
+
+    Attributes:
+        model: The model.
+        X: Its input.
+        output: The model output (with its autograd graph).
+        quantities: The quantities the pass was planned for.
+        plan: Handlers and gradient-only modules.
+        state: ``(handlers, order, calls, versions)`` of the hooks.
+    """
+
+    model: nn.Module
+    X: object
+    output: Tensor
+    quantities: set
+    plan: _Plan
+    state: tuple = field(default_factory=tuple)
+
+
+def check_model(model: nn.Module, quantities, unsupported: str = "error") -> None:
+    """Raise now what the graph path would raise for ``model`` before its forward pass.
+
+    Unsupported module types (qualified name and type), Kronecker quantities of tied
+    parameters, per-example quantities with a ``BatchNorm`` in train mode.
+
+    Raises:
+        UnsupportedModuleError: See above.
+    """
+    _Plan(model, set(quantities), unsupported)
+
+
+def forward_graph(model: nn.Module, X, quantities, unsupported: str = "error") -> GraphForward:
+    """The forward half of :func:`extract_graph`: ``model(X)`` with the hooks.
+
+    Lets a caller use the output (e.g. an optimiser's closure computing the loss)
+    before :func:`backward_graph` turns the pass into records.
+
+    Raises:
+        UnsupportedModuleError, ShapeError: As :func:`extract_graph`.
+    """
+    q = set(quantities)
+    plan = _Plan(model, q, unsupported)
+    if not plan.handlers:
+        raise ShapeError("The model has no trainable parameters in factored modules.")
+    out, handlers, order, calls, versions = _forward(model, X, plan)
+    return GraphForward(model, X, out, q, plan, (handlers, order, calls, versions))
+
+
+def backward_graph(
+    fwd: GraphForward,
+    loss_func: nn.Module,
+    y: Tensor,
+    mc_samples: int = 1,
+    separate_bias: bool = False,
+    kfac_approx: str = "expand",
+    generator: torch.Generator | None = None,
+    factor_dtype: torch.dtype | None = None,
+    unsupported: str = "error",
+) -> Records:
+    """The backward half of :func:`extract_graph` for a :func:`forward_graph` pass.
+
+    Returns:
+        The records (and ``p.grad`` accumulated), as :func:`extract_graph`.
+    """
+    q = check_graph_arguments(loss_func, y, fwd.quantities, mc_samples, kfac_approx, unsupported)
+    fdt = factor_dtype_of(fwd.model, factor_dtype)
+    handlers, order, calls, versions = fwd.state
+    return _backward(
+        fwd.output, handlers, order, calls, versions, fwd.plan, fwd.X, loss_func, y, q,
+        mc_samples, separate_bias, kfac_approx, generator, fdt, unsupported, True,
+    )  # fmt: skip
 
 
 def _forward(model, X, plan):

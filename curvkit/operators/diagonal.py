@@ -9,6 +9,7 @@ Monte Carlo estimate, and :math:`\operatorname{diag}(\nabla^2_\theta L)`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -18,6 +19,20 @@ from curvkit.extraction.batches import extract_batches
 from curvkit.operators import kron_math as km
 from curvkit.operators.base import CurvatureOperator
 from curvkit.records import Records
+
+
+def in_model_order(model: torch.nn.Module, records: Records) -> Records:
+    """``records`` with the layers in ``model.parameters()`` order (graph path: call order).
+
+    Unchanged if a layer's parameters are not contiguous in the model's order.
+    """
+    pos = {id(p): k for k, p in enumerate(model.parameters())}
+    layers = sorted(records.layers, key=lambda r: pos.get(id(r.params[0]), len(pos)))
+    flat = [pos.get(id(p), len(pos)) for r in layers for p in r.params]
+    if flat != sorted(flat):
+        return records
+    return replace(records, layers=layers)
+
 
 #: Diagonal quantities of :class:`~curvkit.records.LayerRecord`.
 DIAGONALS = ("diag_ggn", "diag_ggn_mc", "diag_hessian")
@@ -126,7 +141,7 @@ def diag_ggn(
     """
     which = "diag_ggn" if exact else "diag_ggn_mc"
     records = extract_batches(model, loss_func, data, (which,), seed=seed, mc_samples=mc_samples)
-    return DiagonalOperator.from_records(records, which)
+    return DiagonalOperator.from_records(in_model_order(model, records), which)
 
 
 def diag_hessian(model: torch.nn.Module, loss_func: torch.nn.Module, data) -> DiagonalOperator:
@@ -140,5 +155,5 @@ def diag_hessian(model: torch.nn.Module, loss_func: torch.nn.Module, data) -> Di
     Returns:
         A :class:`DiagonalOperator` with one block per layer.
     """
-    records = extract_batches(model, loss_func, data, ("diag_hessian",))
+    records = in_model_order(model, extract_batches(model, loss_func, data, ("diag_hessian",)))
     return DiagonalOperator.from_records(records, "diag_hessian")

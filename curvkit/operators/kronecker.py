@@ -226,11 +226,23 @@ def check_selection(params, unsupported: str) -> None:
 
 
 def select(model: torch.nn.Module, records: Records, params) -> Records:
-    """``records`` restricted to ``params`` (all of them for ``None``)."""
-    if params is None:
-        return records
+    """``records`` restricted to ``params``; for ``None`` all of them in the model's order.
+
+    The graph path orders records by the modules' first calls; the operators follow
+    ``model.parameters()`` instead (the order of the exact operators such as
+    :func:`curvkit.ggn`), unless a layer's parameters are not contiguous there.
+    """
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    return restrict_records(records, list(params), names)
+    if params is not None:
+        return restrict_records(records, list(params), names)
+    covered = {id(p) for p in records.params}
+    ordered = [p for p in model.parameters() if id(p) in covered]
+    if [id(p) for p in ordered] == [id(p) for p in records.params]:
+        return records
+    try:
+        return restrict_records(records, ordered, names)
+    except ConfigError:  # a layer's parameters interleaved with another's: call order
+        return records
 
 
 def kfac(
@@ -280,7 +292,10 @@ def kfac(
             ``KFACLinearOperator``); default: every parameter with curvature. A
             layer's weight and bias must be next to each other, weight first; one of
             them alone gets its sub-block (see
-            :func:`~curvkit.operators.kron_base.restrict_records`). Block-diagonal only.
+            :func:`~curvkit.operators.kron_base.restrict_records`); the tri-diagonal
+            chain then couples only pairs of whole layers that stay consecutive.
+            ``None``: every parameter with curvature, in ``model.parameters()`` order
+            (the graph path's records are in call order; see :func:`select`).
         unsupported: ``"error"`` (default) or ``"gradient"``: modules without a
             curvature rule are skipped (their parameters are not covered), passed to
             :func:`curvkit.extract`.
@@ -290,8 +305,7 @@ def kfac(
 
     Raises:
         ShapeError: On an unknown ``kind`` or ``structure``.
-        ConfigError: On bad ``params`` or ``unsupported`` (see :func:`check_selection`),
-            or ``params`` with the tri-diagonal structure.
+        ConfigError: On bad ``params`` or ``unsupported`` (see :func:`check_selection`).
         UnsupportedModuleError: For a weight tied between two modules (see
             :func:`check_untied`), or from the extraction.
         UnsupportedLossError: From the extraction.
@@ -301,11 +315,6 @@ def kfac(
         raise ShapeError(f"structure={structure!r} is not supported; use one of {STRUCTURES}.")
     check_selection(params, unsupported)
     tridiagonal = structure == "tridiagonal"
-    if tridiagonal and params is not None:
-        raise ConfigError(
-            "params= is supported with structure='block-diagonal' only (the tri-diagonal "
-            "chain couples whole consecutive layers)."
-        )
     records = extract_batches(
         model,
         loss_func,
@@ -318,6 +327,7 @@ def kfac(
         factor_dtype=factor_dtype,
         unsupported=unsupported,
     )
+    records = select(model, records, params)
     if tridiagonal:
         return TriDiagonalKFAC.from_records(records, kind)
-    return BlockDiagonalKFAC.from_records(select(model, records, params), kind)
+    return BlockDiagonalKFAC.from_records(records, kind)

@@ -63,9 +63,14 @@ def capture_forward(
     """
     seen: dict[str, list] = {"X": [], "y": [], "state": []}
 
+    original = net.__dict__.get("forward")  # an instance forward of the user's, if any
+
     def patched(X):
         seen["X"].append(X)
-        state, out = forward(net, X)
+        # ``forward`` may call ``net(X)`` itself (the graph path's hooks): with the
+        # model's own forward, not this one
+        with _instance_forward(net, original):
+            state, out = forward(net, X)
         seen["state"].append(state)
         return out
 
@@ -88,17 +93,21 @@ def capture_forward(
 
 
 @contextmanager
-def _instance_forward(net: nn.Module, forward: Callable):
+def _instance_forward(net: nn.Module, forward: Callable | None):
+    """``net.forward = forward`` for the block (``None``: the class's forward)."""
     had = "forward" in net.__dict__
     old = net.__dict__.get("forward")
-    net.forward = forward
+    if forward is None:
+        net.__dict__.pop("forward", None)
+    else:
+        net.forward = forward
     try:
         yield
     finally:
         if had:
             net.forward = old
         else:
-            del net.forward
+            net.__dict__.pop("forward", None)
 
 
 @contextmanager

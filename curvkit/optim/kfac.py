@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import ShapeError
+from curvkit.errors import ShapeError, UnsupportedModuleError
 from curvkit.operators.kron_base import check_untied
 from curvkit.optim import damping as dm
 from curvkit.optim.capture import capture_forward, preserved_buffers
@@ -80,16 +80,22 @@ def _check_number(
 
 
 class KFAC(torch.optim.Optimizer):
-    r"""K-FAC for ``nn.Sequential`` models of Linear / Conv layers.
+    r"""K-FAC for any model the extraction supports (``docs/optimizer.md``).
+
+    A plain ``nn.Sequential`` chain runs through the sweep, any other ``nn.Module``
+    through the graph path (every block layout of
+    :class:`~curvkit.operators.kron_base.KronLayer`: Linear/Conv, grouped and
+    transposed convolutions, embeddings, exact dense blocks of normalisation layers).
 
     Args:
-        model: The model (an ``nn.Sequential`` the extraction supports).
+        model: The model (any ``nn.Module`` :func:`curvkit.extract` supports).
         loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``.
         params: Parameters or parameter groups (default: the model's trainable
             parameters). A layer's weight and bias must sit in the same group. A
             parameter listed twice raises; so does a weight tied between two modules
             (Kronecker factors are per module).
-        structure: ``"block-diagonal"`` or ``"tridiagonal"``.
+        structure: ``"block-diagonal"`` or ``"tridiagonal"`` (coupled pairs of
+            consecutive ``Linear`` layers; every other layer block-diagonal).
         kind: Statistics: ``"kfac"`` (sampled labels; M&G), ``"kflr"`` (exact
             GGN square root), ``"empirical"`` (true labels).
         lr: ``None`` selects M&G §7's automatic step (:math:`\alpha`, :math:`\mu`
@@ -139,10 +145,11 @@ class KFAC(torch.optim.Optimizer):
             ``G[kind]`` (sampled labels for ``"kfac"``: George et al.'s EKFAC of the
             Fisher; ``Linear`` layers only).
         seed: Seed of the label sampling.
-        fallback: First-order rule for parameters of modules without Kronecker
-            factors (BatchNorm, LayerNorm, grouped conv, ...): ``"adam"`` (default),
-            ``"sgd"`` (with the group's momentum), or ``None`` to raise instead. It is
-            announced once and applied outside the quadratic model.
+        fallback: First-order rule for parameters of modules without curvature
+            (custom modules; BatchNorm/LayerNorm in a chain the sweep runs):
+            ``"adam"`` (default), ``"sgd"`` (with the group's momentum), or ``None``
+            to raise instead (at construction). It is announced once and applied
+            outside the quadratic model.
         fallback_lr: Learning rate of the fallback rule.
         comm: Where processes agree in data-parallel training (averaged gradients,
             statistics and curvature products; see :mod:`curvkit.distributed.kfac`).
@@ -153,7 +160,10 @@ class KFAC(torch.optim.Optimizer):
         ShapeError: For an argument out of its range (NaN, infinite, negative where a
             positive number is due), a parameter listed twice, or parameter groups
             mixing ``lr=None`` with a fixed ``lr``.
-        UnsupportedModuleError: For a weight tied between two modules.
+        UnsupportedModuleError: For a weight tied between two modules, a module
+            without a curvature rule with ``fallback=None`` (named by path and type),
+            or per-example statistics (``kind="empirical"``, ``ekfac``) with a
+            BatchNorm in train mode.
 
     Example:
         >>> import torch, curvkit as ck
@@ -273,6 +283,7 @@ class KFAC(torch.optim.Optimizer):
             structure, kind, damping_mode, ema_max, factor_dtype, ekfac, ekfac_correction
         )
         self.fallback, self.fallback_lr = fallback, fallback_lr
+        _check_model(net, self.preconditioner.quantities, fallback)
         self._announced = False
         if comm is None and self.net is not model:
             raise ShapeError(
@@ -503,13 +514,26 @@ class KFAC(torch.optim.Optimizer):
             without statistics, ``scale`` rescales a subset's sum-reduced factors.
         """
         from curvkit.extraction import extract
-        from curvkit.extraction.engine import backward_sweep, forward_pass
+        from curvkit.extraction.engine import backward_sweep, choose_backend, forward_pass
+        from curvkit.extraction.graph import backward_graph, forward_graph
 
         unsupported = "error" if self.fallback is None else "gradient"
+        quantities = set(self.preconditioner.quantities) if stats else set()
 
         def forward(net, X):
-            fwd = forward_pass(net, X, unsupported=unsupported)
+            if choose_backend(net, X, quantities, unsupported) == "graph":
+                n = X.shape[0]  # statistics of a subset come from a second pass
+                whole = max(1, int(round(self.stats_fraction * n))) == n
+                fwd = forward_graph(net, X, quantities if whole else set(), unsupported)
+            else:
+                fwd = forward_pass(net, X, unsupported=unsupported)
             return fwd, fwd.output
+
+        def backward(fwd, y, quantities, **kwargs):
+            if hasattr(fwd, "plan"):  # a graph-path pass
+                kwargs.pop("loss_value", None)
+                return backward_graph(fwd, self.loss_func, y, unsupported=unsupported, **kwargs)
+            return backward_sweep(fwd, self.loss_func, y, quantities, **kwargs)
 
         with self._timer("extraction"):
             X, y, fwd, value = capture_forward(self.net, self.loss_func, closure, forward)
@@ -528,12 +552,11 @@ class KFAC(torch.optim.Optimizer):
             for p in self._all_params():
                 p.grad = None
             n_stats = max(1, int(round(self.stats_fraction * N)))
-            quantities = set(self.preconditioner.quantities) if stats else set()
             kwargs = dict(mc_samples=self.mc_samples, generator=self.generator)
             if not stats or n_stats == N:
-                rec = backward_sweep(fwd, self.loss_func, y, quantities, loss_value=value, **kwargs)
+                rec = backward(fwd, y, quantities, loss_value=value, **kwargs)
                 return rec, (rec if stats else None), 1.0, X, y
-            full = backward_sweep(fwd, self.loss_func, y, set(), loss_value=value)
+            full = backward(fwd, y, set(), loss_value=value)
             grads = [p.grad for p in self._all_params()]
             for p in self._all_params():
                 p.grad = None
@@ -797,6 +820,52 @@ class _Timer:
 
     def __exit__(self, *exc):
         self.timers[self.phase] += time.perf_counter() - self.t0
+
+
+def _sweep_runs(net: nn.Module, unsupported: str) -> bool:
+    """Whether the extraction will run ``net`` by the sweep (a tensor input assumed)."""
+    from curvkit.extraction.checks import check_module, flatten_sequential, sweep_reason
+
+    if sweep_reason(net) is not None:
+        return False
+    if unsupported == "gradient":
+        return True
+    try:
+        for pos, (name, module) in enumerate(flatten_sequential(net)):
+            check_module(name, pos, module, False, "error")
+    except UnsupportedModuleError:
+        return False
+    return True
+
+
+def _check_model(net: nn.Module, quantities, fallback) -> None:
+    """Raise at construction what the first step's extraction would raise for ``net``.
+
+    Raises:
+        UnsupportedModuleError: For a module without a curvature rule with
+            ``fallback=None`` (its qualified name and type), or per-example statistics
+            (``kind="empirical"``, EKFAC) with a ``BatchNorm`` in train mode.
+    """
+    from curvkit.extraction.graph import check_model
+
+    unsupported = "error" if fallback is None else "gradient"
+    if _sweep_runs(net, unsupported):
+        return
+    try:
+        check_model(net, quantities, unsupported)
+    except UnsupportedModuleError as err:
+        if "train mode" in str(err):
+            hint = (
+                "KFAC needs per-example gradients for kind='empirical' and for EKFAC; use "
+                "kind='kfac' or 'kflr' without ekfac, or put the BatchNorm in eval mode."
+            )
+        else:
+            hint = (
+                "With fallback='adam' (default) or 'sgd' such a module's parameters are "
+                "updated by that first-order rule instead (the extraction's "
+                "unsupported='gradient')."
+            )
+        raise UnsupportedModuleError(f"KFAC: {err} {hint}") from None
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -20,7 +20,12 @@ from curvkit.operators.ekfac import (
     eigenbases,
     record_eigenvalues,
 )
-from curvkit.operators.kron_base import KronEigenOperator, KronLayer, check_factors
+from curvkit.operators.kron_base import (
+    KronEigenOperator,
+    KronLayer,
+    check_factors,
+    record_factors,
+)
 from curvkit.operators.kronecker import BlockDiagonalKFAC
 from curvkit.records import Records
 
@@ -131,8 +136,9 @@ class KroneckerPreconditioner:
         layers = [KronLayer.from_record(r) for r in records]
         if self.layers and layers != self.layers:
             raise ShapeError("The layers of this extraction differ from the earlier ones.")
-        new_A = [scale * r.A.to(self.factor_dtype) for r in records]
-        new_G = [r.G[self.kind].to(self.factor_dtype) for r in records]
+        factors = [record_factors(r, self.kind) for r in records]  # every block layout
+        new_A = [scale * a.to(self.factor_dtype) for a, _ in factors]
+        new_G = [g.to(self.factor_dtype) for _, g in factors]
         new_cA, new_cG = [], []
         if self.structure == "tridiagonal":
             for r in records:

@@ -307,8 +307,6 @@ def test_params_errors():
         ck.kfac(model, loss_func, data, params=[])
     with pytest.raises(ConfigError, match="list of the model's parameters"):
         ck.kfac(model, loss_func, data, params=model.q.weight)
-    with pytest.raises(ConfigError, match="block-diagonal"):
-        ck.kfac(model, loss_func, data, structure="tridiagonal", params=[model.q.weight])
     with pytest.raises(ConfigError, match="unsupported="):
         ck.kfac(model, loss_func, data, unsupported="skip")
     with pytest.raises(ConfigError, match="unsupported="):
@@ -479,3 +477,61 @@ def test_diag_ggn_on_graph_models(name):
     flat = flat_index(model, rec.params)
     expected = dense_ggn(model, loss_func, X, y).diagonal()[flat]
     assert_allclose_report(d.to_dense().diagonal(), expected, **TOL)
+
+
+def test_tridiagonal_with_params_keeps_the_pairs_that_stay_consecutive():
+    model, loss_func, X, y = make("gpt")
+    chosen = [model.q.weight, model.q.bias, model.k.weight, model.k.bias, model.mlp.weight]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = ck.kfac(model, loss_func, (X, y), kind="kflr", structure="tridiagonal")
+        sub = ck.kfac(model, loss_func, (X, y), kind="kflr", structure="tridiagonal", params=chosen)
+    assert [(a, b) for a, b, _ in sub.fallback_pairs] == [("k", "mlp")]
+    offsets, off = {}, 0
+    for p in model.parameters():
+        offsets[id(p)] = off
+        off += p.numel()
+    idx = torch.cat([torch.arange(offsets[id(p)], offsets[id(p)] + p.numel()) for p in chosen])
+    F, S = full.to_dense()[idx][:, idx], sub.to_dense()
+    qk = torch.arange(0, 40)  # q and k with biases: the coupled pair, F̆ = F̃ on its blocks
+    assert_allclose_report(S[qk][:, qk], F[qk][:, qk], rtol=1e-8, atol=1e-11)
+    mlp = torch.arange(40, 56)  # the weight alone: G ⊗ A_WW
+    B = ck.kfac(model, loss_func, (X, y), kind="kflr", params=[model.mlp.weight]).to_dense()
+    assert_allclose_report(S[mlp][:, mlp], B, rtol=1e-8, atol=1e-11)
+
+
+class OutOfOrder(nn.Module):
+    """Modules defined in another order than they are called."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(5, 2)
+        self.norm = nn.LayerNorm(5)
+        self.body = nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.body(x))))
+
+
+def test_operators_follow_the_model_parameter_order():
+    """Records come in call order; ck.kfac / ck.ekfac / ck.diag_ggn in model.parameters() order."""
+    torch.manual_seed(0)
+    model = OutOfOrder().to(DT)
+    X, y = torch.randn(1, 3, dtype=DT), torch.randn(1, 2, dtype=DT)
+    loss_func = nn.MSELoss()
+    assert [r.name for r in extract(model, loss_func, X, y, ("kflr",))] == ["body", "norm", "head"]
+    K = ck.kfac(model, loss_func, (X, y), kind="kflr")
+    assert K.block_names == ["head", "norm", "body"]
+    assert ck.ekfac(model, loss_func, (X, y)).block_names == ["head", "norm", "body"]
+    ggn = ck.ggn(model, loss_func, (X, y)).to_dense()
+    D = K.to_dense()
+    # one datum: every block (Linear G ⊗ A, the exact LayerNorm block) is the GGN's
+    for block in (torch.arange(0, 12), torch.arange(12, 22), torch.arange(22, 42)):
+        assert_allclose_report(D[block][:, block], ggn[block][:, block], **TOL)
+    d = ck.diag_ggn(model, loss_func, (X, y))
+    assert d.block_names == ["head", "norm", "body"]
+    assert_allclose_report(d.to_dense().diagonal(), ggn.diagonal(), **TOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        T = ck.kfac(model, loss_func, (X, y), kind="kflr", structure="tridiagonal")
+    assert T.block_names == ["head", "norm", "body"]

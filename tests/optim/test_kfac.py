@@ -510,13 +510,26 @@ def test_unsupported_layers_fall_back_to_first_order_rule(rule):
         opt.step(lambda: loss_func(model(X), y))
 
 
-def test_fallback_none_raises_on_unsupported_layers():
+class _Scale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_fallback_none_raises_on_unsupported_layers_at_construction():
+    model = nn.Sequential(nn.Linear(4, 5), _Scale(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with pytest.raises(ck.UnsupportedModuleError, match="_Scale '1'.*fallback='adam'"):
+        ck.optim.KFAC(model, nn.CrossEntropyLoss(), fallback=None)
+    # BatchNorm has a curvature block (graph path): no fallback needed
     model = _bn_model()
     loss_func = nn.CrossEntropyLoss()
     X, y = _data(N=16, d_in=4)
     opt = ck.optim.KFAC(model, loss_func, fallback=None)
-    with pytest.raises(ck.UnsupportedModuleError, match="BatchNorm1d"):
-        opt.step(lambda: loss_func(model(X), y))
+    opt.step(lambda: loss_func(model(X), y))
+    assert [layer.block for layer in opt.preconditioner.layers][:2] == ["kron", "dense"]
 
 
 def test_one_forward_pass_per_step():
