@@ -13,8 +13,9 @@ b. Decoder-only character transformer (``char_transformer``: 2 blocks, d = 64,
    against steps and seconds.
 
 Protocol: every method sees the same mini-batches (``Problem.loader`` seeded
-per run). Learning rates are tuned on seed 0 over a small grid (``GRIDS``; the
-lowest final training loss wins, ties to the smaller value), then every method
+per run). Learning rates are tuned on seed 0 over a small grid (``GRIDS``, and
+for K-FAC every lr with each damping of ``DAMPINGS``; the lowest final
+training loss wins, ties to the smaller value), then every method
 runs with its tuned value on ``--seeds`` seeds. The training loss is evaluated
 on the whole training split every ``--eval-every`` steps, outside the timed
 region (the models are in training mode: BatchNorm normalises with the
@@ -66,13 +67,13 @@ GRIDS = {
     "resnet": {
         "sgd": (0.03, 0.1, 0.3, 1.0),
         "adam": (1e-3, 3e-3, 1e-2, 3e-2),
-        "kfac-expand": (0.03, 0.1, 0.3),
-        "kfac-reduce": (0.03, 0.1, 0.3),
+        "kfac-expand": (0.01, 0.03, 0.1),
+        "kfac-reduce": (0.01, 0.03, 0.1),
     },
     "transformer": {
         "adam": (3e-3, 1e-2, 3e-2),
-        "kfac-expand": (0.03, 0.1, 0.3),
-        "kfac-reduce": (0.03, 0.1, 0.3),
+        "kfac-expand": (0.01, 0.03, 0.1),
+        "kfac-reduce": (0.01, 0.03, 0.1),
     },
 }
 #: Steps, batch size and evaluation interval per problem (full, --quick).
@@ -81,6 +82,8 @@ SIZES = {
     "transformer": {"steps": 250, "batch": 32, "eval_every": 25},
 }
 QUICK = {"steps": 6, "eval_every": 3}
+#: Damping values tried with every K-FAC learning rate (fixed, no adaptation).
+DAMPINGS = (1e-2, 1e-1)
 LABELS = {
     "sgd": "SGD (Nesterov 0.9)",
     "adam": "Adam",
@@ -108,7 +111,7 @@ class Captured:
     def __init__(self):
         self.model = None
 
-    def method(self, name: str) -> T.Method:
+    def method(self, name: str, damping: float | None = None) -> T.Method:
         """A :class:`curvkit.app.train.Method` for ``name`` that records its model."""
 
         def build(model, loss_func, lr):
@@ -117,18 +120,18 @@ class Captured:
                 return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
             if name == "adam":
                 return torch.optim.Adam(model.parameters(), lr=lr)
-            return ck.optim.KFAC(model, loss_func, **kfac_options(name, lr))
+            return ck.optim.KFAC(model, loss_func, **kfac_options(name, lr, damping))
 
         return T.Method(LABELS[name], build, first_order=not name.startswith("kfac"))
 
 
-def kfac_options(name: str, lr: float) -> dict:
+def kfac_options(name: str, lr: float, damping: float | None = None) -> dict:
     """Keyword arguments of ``ck.optim.KFAC`` for a K-FAC variant.
 
     Raises:
         TypeError: When the optimiser has no ``kfac_approx`` argument (reduce variant).
     """
-    options = {"lr": lr, "momentum": 0.9, "damping": 1e-2}
+    options = {"lr": lr, "momentum": 0.9, "damping": DAMPINGS[0] if damping is None else damping}
     approx = name.split("-", 1)[1]
     if "kfac_approx" in inspect.signature(ck.optim.KFAC).parameters:
         options["kfac_approx"] = approx
@@ -181,19 +184,28 @@ def run_problem(key: str, args, out: Path) -> dict[str, Path]:
             print(f"[{key}] {name} left out: {why[:300]}")
     tuning, finals_rows, best = [], [], {}
     for name in names:
-        grid = GRIDS[key][name][:2] if args.quick else GRIDS[key][name]
+        lrs = GRIDS[key][name][:2] if args.quick else GRIDS[key][name]
+        dampings = (None,) if not name.startswith("kfac") else DAMPINGS[: 1 if args.quick else None]
+        grid = [(lr, d) for lr in lrs for d in dampings]
         cap = Captured()
         finals = {}
-        for lr in grid:
+        for lr, damping in grid:
             rows = T.train_run(
                 problem, name, lr, sizes["steps"], sizes["batch"], 0, sizes["eval_every"],
-                method=cap.method(name),
+                method=cap.method(name, damping),
             )  # fmt: skip
-            finals[lr] = T.final_loss(rows)
-            finals_rows.append({"optimizer": name, "lr": lr, "final_train_loss": finals[lr]})
+            finals[lr, damping] = T.final_loss(rows)
+            finals_rows.append(
+                {
+                    "optimizer": name,
+                    "lr": lr,
+                    "damping": damping,
+                    "final_train_loss": finals[lr, damping],
+                }
+            )
             tuning += rows
-        best[name] = min(grid, key=lambda lr: (finals[lr], lr))
-        print(f"[{key}] {name}: final loss per lr {finals} -> lr {best[name]}", flush=True)
+        best[name] = min(grid, key=lambda g: (finals[g], g[0], g[1] or 0.0))
+        print(f"[{key}] {name}: final loss per (lr, damping) {finals} -> {best[name]}", flush=True)
     curves, tests = [], []
     for seed in range(args.seeds):
         problem = build_problem(key, seed, args.quick)
@@ -201,8 +213,8 @@ def run_problem(key: str, args, out: Path) -> dict[str, Path]:
             cap = Captured()
             t0 = time.perf_counter()
             rows = T.train_run(
-                problem, name, best[name], sizes["steps"], sizes["batch"], seed,
-                sizes["eval_every"], method=cap.method(name),
+                problem, name, best[name][0], sizes["steps"], sizes["batch"], seed,
+                sizes["eval_every"], method=cap.method(name, best[name][1]),
             )  # fmt: skip
             curves += rows
             tests.append({"optimizer": name, "seed": seed, **test_metrics(cap.model, problem)})
@@ -219,6 +231,7 @@ def run_problem(key: str, args, out: Path) -> dict[str, Path]:
         test_loss=("test_loss", "mean"),
     )
     summary = summary.join(agg, on="optimizer")
+    summary.insert(2, "damping", [best[n][1] for n in summary["optimizer"]])
     files = {
         "curves": out / f"{key}_curves.csv",
         "tuning": out / f"{key}_tuning.csv",
