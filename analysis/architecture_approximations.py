@@ -15,7 +15,7 @@ Problems (float64, small enough that the GGN is a dense matrix):
   per-example rows) are undefined there; the comparison is therefore made
   twice: ``mode="train"`` (K-FAC only) and ``mode="eval"`` (BatchNorm with its
   running statistics, a fixed affine map; every approximation).
-- ``transformer``: ``char_transformer`` with context 8, d = 8, one block, two
+- ``transformer``: ``char_transformer`` with context 8, d = 4, one block, two
   heads on ``pydoc_data.topics`` (``--n`` sequences; logits ``[N, V, T]``,
   targets ``[N, T]``, one cross-entropy term per position). The position
   embedding of ``CharTransformer`` is looked up with positions ``[T]`` shared by
@@ -31,9 +31,12 @@ the gradient, preconditioned-gradient quality for damping 1e-3..1). An
 approximation that raises a curvkit error is listed in ``missing.csv`` with
 the reason.
 
-Outputs (in ``--out``): ``metrics.csv`` (every compare row), ``missing.csv``,
-figures ``arch_cmp_<problem>_<metric>.png``/``.pdf``; ``--docs DIR`` copies
-``metrics.csv`` (as ``arch_cmp_metrics.csv``), ``missing.csv`` and the figures.
+Outputs (in ``--out``): ``metrics.csv`` (every compare row) and
+``metrics_<problem>.csv`` (written as soon as that problem is done),
+``missing.csv``, figures ``arch_cmp_<problem>_<mode>_<metric>_<all|blocks>.png``
+/ ``.pdf``; ``--docs DIR`` copies ``metrics_<problem>.csv`` (as
+``arch_cmp_<problem>_metrics.csv``), ``missing.csv`` (as
+``arch_cmp_<problems>_missing.csv``) and the figures.
 
 Usage::
 
@@ -119,7 +122,7 @@ def build_problem(key: str, quick: bool, n: int):
         return ck.problems.digits_resnet(width=1 if quick else 2, n_train=n, n_test=64, dtype=f64)
     problem = ck.problems.char_transformer(
         context=4 if quick else 8,
-        d_model=4 if quick else 8,
+        d_model=4,
         n_layers=1,
         n_heads=2,
         n_train=n,
@@ -248,8 +251,12 @@ def main(argv=None) -> dict:
                 missing += [dict(m, problem=key) for m in miss]
         df = pd.concat(rows, ignore_index=True)
         frames.append(df)
+        df.to_csv(out / f"metrics_{key}.csv", index=False)  # per problem, as soon as it is done
         if len(df):
             paths += figures(df, key, out)
+        if args.docs:
+            docs = T.check_out_dir(Path(args.docs), "--docs")
+            shutil.copy(out / f"metrics_{key}.csv", docs / f"arch_cmp_{key}_metrics.csv")
     metrics_df = pd.concat(frames, ignore_index=True)
     missing_df = pd.DataFrame(
         missing, columns=["problem", "checkpoint", "mode", "approx", "reason"]
@@ -262,8 +269,8 @@ def main(argv=None) -> dict:
         print(whole[whole["damping"].isna()].pivot_table("value", cols[:4], "metric").round(4))
     if args.docs:
         docs = T.check_out_dir(Path(args.docs), "--docs")
-        shutil.copy(out / "metrics.csv", docs / "arch_cmp_metrics.csv")
-        shutil.copy(out / "missing.csv", docs / "arch_cmp_missing.csv")
+        name = "_".join(args.problems)
+        shutil.copy(out / "missing.csv", docs / f"arch_cmp_{name}_missing.csv")
         for p in paths:
             for ext in (".png", ".pdf"):
                 shutil.copy(p.with_suffix(ext), docs / p.with_suffix(ext).name)

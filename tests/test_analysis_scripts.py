@@ -208,7 +208,9 @@ def test_architecture_approximations_quick(tmp_path):
     script = load("architecture_approximations")
     res = script.main(["--quick", "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "d")])
     df, missing = res["metrics"], res["missing"]
-    assert (tmp_path / "d" / "arch_cmp_metrics.csv").is_file()
+    for key in ("resnet", "transformer"):
+        assert (tmp_path / "d" / f"arch_cmp_{key}_metrics.csv").is_file()
+    assert (tmp_path / "d" / "arch_cmp_resnet_transformer_missing.csv").is_file()
     for p in res["figures"]:
         assert p.is_file() and p.with_suffix(".pdf").is_file()
     # every approximation was either compared or listed with its reason, per setting
