@@ -6,7 +6,7 @@ import torch
 
 from curvkit.data import as_batches, num_data
 from curvkit.errors import UnsupportedModuleError
-from curvkit.extraction.engine import extract
+from curvkit.extraction.engine import choose_backend, extract
 from curvkit.records import LayerRecord, Records
 
 
@@ -118,10 +118,16 @@ def extract_batches(model, loss_func, data, quantities, seed: int = 0, **kwargs)
 
     Raises:
         UnsupportedModuleError: For a weight tied between two modules (see
-            :func:`check_untied`), or from the extraction.
+            :func:`check_untied`; on the graph path with ``unsupported="gradient"`` the
+            tied modules get gradients only), or from the extraction.
     """
-    check_untied(model, "Kronecker and diagonal extraction")
     batches = as_batches(data)
+    unsupported, backend = kwargs.get("unsupported", "error"), kwargs.get("backend", "auto")
+    if backend == "auto" and batches:
+        backend = choose_backend(model, batches[0][0], quantities, unsupported)
+    if not (unsupported == "gradient" and backend == "graph"):
+        # the graph path with unsupported="gradient" leaves tied parameters gradient-only
+        check_untied(model, "Kronecker and diagonal extraction")
     total = num_data(batches)
     mean = getattr(loss_func, "reduction", "mean") == "mean"
     generator = None

@@ -100,7 +100,7 @@ def corrected_eigenvalues(
         mats = layer.split(flat.T)
         out.append(
             [
-                weight * km.sandwich(U_G.T, M, U_A).square().sum(0)
+                weight * km.sandwich(km.transpose(U_G), M, U_A).square().sum(0)
                 for (U_G, U_A), M in zip(basis, mats)
             ]
         )

@@ -298,10 +298,12 @@ def kron_pairs(
 
     A separate bias block :math:`G \cdot s` is the pair ``(G, [[s]])``; a grouped
     block has one pair (or two) per group; an embedding's pair is
-    :math:`(\operatorname{diag}(A_\text{diag}), G)`, a dense block's ``(D, [[1]])``.
+    :math:`(\operatorname{diag}(A_\text{diag}), G)` with the diagonal factor kept as
+    the vector :math:`A_\text{diag}` (see :func:`kron_math.eigh_psd`), a dense
+    block's ``(D, [[1]])``.
     """
-    if layer.block == "embedding":
-        return [(torch.diag(A), G)]
+    if layer.block == "embedding":  # the vector A_diag stands for diag(A_diag)
+        return [(A, G)]
     if layer.block == "dense":
         return [(G, A)]
     if layer.block == "kron":

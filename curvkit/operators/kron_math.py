@@ -30,6 +30,16 @@ def _pinv_cutoff(values: Tensor, size: int) -> Tensor:
     return size * torch.finfo(values.dtype).eps * scale
 
 
+def transpose(M: Tensor) -> Tensor:
+    """``M.mT``; a diagonal factor (a vector, see :func:`eigh_psd`) is its own transpose."""
+    return M if M.dim() == 1 else M.mT
+
+
+def trace(M: Tensor) -> Tensor:
+    """Trace of a factor (a vector stands for the diagonal matrix it holds)."""
+    return M.sum() if M.dim() == 1 else torch.trace(M)
+
+
 def eigh_psd(M: Tensor, psd: bool = True) -> tuple[Tensor, Tensor]:
     r"""Robust eigendecomposition :math:`M = U \operatorname{diag}(e) U^\top` of a symmetric factor.
 
@@ -46,9 +56,16 @@ def eigh_psd(M: Tensor, psd: bool = True) -> tuple[Tensor, Tensor]:
     Returns:
         ``(e, U)``, eigenvalues ascending and orthonormal eigenvectors, in ``M``'s dtype.
 
+    A vector ``d`` stands for the diagonal factor :math:`\operatorname{diag}(d)` (an
+    embedding's input factor): its eigenvalues are ``d`` and its basis, the
+    identity, is returned as the vector of ones (every function of this module
+    reads a vector factor or basis as that diagonal matrix, never forming it).
+
     Raises:
         torch.linalg.LinAlgError: If even the shifted float64 decomposition fails.
     """
+    if M.dim() == 1:
+        return (M.clamp_min(0.0) if psd else M), torch.ones_like(M)
     M = symmetrize(M)
     dtype = M.dtype
     try:
@@ -88,8 +105,8 @@ def factored_pi(A: Tensor, G: Tensor) -> float:
     Returns:
         :math:`\pi` as a Python float.
     """
-    mean_a = float(torch.trace(A)) / A.shape[0]
-    mean_g = float(torch.trace(G)) / G.shape[0]
+    mean_a = float(trace(A)) / A.shape[0]
+    mean_g = float(trace(G)) / G.shape[0]
     if mean_a <= 0.0 or mean_g <= 0.0 or not math.isfinite(mean_a / mean_g):
         return 1.0
     return math.sqrt(mean_a / mean_g)
@@ -115,7 +132,11 @@ def sandwich(L: Tensor, M: Tensor, R: Tensor) -> Tensor:
     the intermediate and result rows a length that is a multiple of 8 more often:
     joint weight-and-bias blocks have an odd width (``in + 1``), and BLAS
     kernels run up to 1.4x slower on such rows (``analysis/bench_kronecker.py``).
+    A vector ``L`` or ``R`` is a diagonal matrix (scales rows or columns).
     """
+    if L.dim() == 1 or R.dim() == 1:
+        out = L[:, None] * M if L.dim() == 1 else L @ M
+        return out * R if R.dim() == 1 else out @ R
     if M.device.type == "cpu" and _misaligned(M.shape[-1], R.shape[-1]) > _misaligned(
         L.shape[-1], L.shape[-2]
     ):
@@ -128,7 +149,7 @@ def sandwich(L: Tensor, M: Tensor, R: Tensor) -> Tensor:
 
 def kron_matmat(G: Tensor, A: Tensor, M: Tensor) -> Tensor:
     r"""Apply :math:`G \otimes A` to ``M`` ``[..., d_G, d_A]``: :math:`\mathrm{vec}(G M A^\top)`."""
-    return sandwich(G, M, A.mT)
+    return sandwich(G, M, transpose(A))
 
 
 def eigenbasis_matmat(U_G: Tensor, U_A: Tensor, scale: Tensor, M: Tensor) -> Tensor:
@@ -147,7 +168,7 @@ def eigenbasis_matmat(U_G: Tensor, U_A: Tensor, scale: Tensor, M: Tensor) -> Ten
     Returns:
         The product, shaped like ``M``.
     """
-    return sandwich(U_G, sandwich(U_G.T, M, U_A) * scale, U_A.T)
+    return sandwich(U_G, sandwich(transpose(U_G), M, U_A) * scale, transpose(U_A))
 
 
 def safe_reciprocal(values: Tensor, pseudo: bool = True) -> Tensor:
@@ -195,6 +216,8 @@ def kron_inverse_scale(
 
 def psd_inverse(evals: Tensor, evecs: Tensor, shift: float = 0.0) -> Tensor:
     r""":math:`(M + cI)^{-1}` from an eigendecomposition of ``M`` (pseudo-inverse if singular)."""
+    if evecs.dim() == 1:  # a diagonal factor
+        return safe_reciprocal(evals + shift, pseudo=shift == 0)
     return (evecs * safe_reciprocal(evals + shift, pseudo=shift == 0)) @ evecs.T
 
 
@@ -207,6 +230,8 @@ def shifted_inverse(M: Tensor, shift: float, cache: dict | None = None) -> Tenso
     """
     if shift <= 0:
         raise ValueError(f"shifted_inverse needs a positive shift, got {shift}.")
+    if M.dim() == 1:  # a diagonal factor
+        return 1.0 / (M + shift)
     L = shifted_cholesky(M, shift, cache)
     if L is not None:
         return torch.cholesky_inverse(L)
@@ -253,8 +278,10 @@ class KronDifferenceInverse(NamedTuple):
     def logdet(self) -> Tensor:
         r""":math:`\log\det` of the inverse (``W`` have :math:`|\det| = \det B^{-1/2}` etc.)."""
         d1, d2 = self.W1.shape[0], self.W2.shape[0]
-        _, ld1 = torch.linalg.slogdet(self.W1)
-        _, ld2 = torch.linalg.slogdet(self.W2)
+        ld1, ld2 = (
+            W.abs().log().sum() if W.dim() == 1 else torch.linalg.slogdet(W)[1]
+            for W in (self.W1, self.W2)
+        )
         if self.scale is None:
             return d2 * ld1 + d1 * ld2
         return torch.log(self.scale).sum() + 2 * d2 * ld1 + 2 * d1 * ld2

@@ -197,9 +197,7 @@ class BlockDiagonalKFAC(LayeredOperator):
     def trace(self) -> Tensor:
         r""":math:`\sum_l \operatorname{tr} G_l \operatorname{tr} A_l` (and bias blocks)."""
         return sum(
-            torch.trace(G) * torch.trace(A)
-            for i in range(len(self.layers))
-            for G, A in self.pairs(i)
+            km.trace(G) * km.trace(A) for i in range(len(self.layers)) for G, A in self.pairs(i)
         )
 
 

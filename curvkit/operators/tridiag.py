@@ -40,7 +40,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from curvkit.errors import ShapeError
@@ -305,9 +304,7 @@ class TriDiagonalKFAC(LayeredOperator):
     def trace(self) -> Tensor:
         r""":math:`\sum_l \operatorname{tr} G_l \operatorname{tr} A_l` (exact diagonal blocks)."""
         return sum(
-            torch.trace(G) * torch.trace(A)
-            for i in range(len(self.layers))
-            for G, A in self.pairs(i)
+            km.trace(G) * km.trace(A) for i in range(len(self.layers)) for G, A in self.pairs(i)
         )
 
 

@@ -89,7 +89,18 @@ def capture_forward(
         finally:
             hook.remove()
         _check(seen)
-    return seen["X"][0].detach(), seen["y"][0].detach(), seen["state"][0], value
+    return _detach(seen["X"][0]), seen["y"][0].detach(), seen["state"][0], value
+
+
+def _detach(X):
+    """A model input detached: a tensor, or a dict/tuple/list of them."""
+    if isinstance(X, Tensor):
+        return X.detach()
+    if isinstance(X, dict):
+        return {k: _detach(v) for k, v in X.items()}
+    if isinstance(X, (tuple, list)):
+        return type(X)(_detach(v) for v in X)
+    return X
 
 
 @contextmanager

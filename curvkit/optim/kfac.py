@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import ShapeError, UnsupportedModuleError
+from curvkit.errors import ConfigError, ShapeError, UnsupportedModuleError
 from curvkit.operators.kron_base import check_untied
 from curvkit.optim import damping as dm
 from curvkit.optim.capture import capture_forward, preserved_buffers
@@ -225,11 +225,16 @@ class KFAC(torch.optim.Optimizer):
         if T2 is not None and (int(T2) != T2 or T2 < 1):
             raise ShapeError(f"KFAC: T2 must be a positive integer or None, got {T2!r}.")
         if ekfac and ekfac_correction == "kind":
-            convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
-            if convs:
+            others = [
+                f"{type(m).__name__} {n!r}"
+                for n, m in model.named_modules()
+                if type(m) is not nn.Linear
+                and any(p.requires_grad for p in m.parameters(recurse=False))
+            ]
+            if others:
                 raise ShapeError(
                     f"KFAC: ekfac_correction='kind' supports Linear layers only; the model has "
-                    f"conv layers {convs}. Use ekfac_correction='empirical'."
+                    f"{', '.join(others)}. Use ekfac_correction='empirical'."
                 )
         if not 0.0 < stats_fraction <= 1.0:
             raise ShapeError(f"KFAC: stats_fraction must lie in (0, 1], got {stats_fraction}.")
@@ -522,7 +527,7 @@ class KFAC(torch.optim.Optimizer):
 
         def forward(net, X):
             if choose_backend(net, X, quantities, unsupported) == "graph":
-                n = X.shape[0]  # statistics of a subset come from a second pass
+                n = _batch_size(X)  # statistics of a subset come from a second pass
                 whole = max(1, int(round(self.stats_fraction * n))) == n
                 fwd = forward_graph(net, X, quantities if whole else set(), unsupported)
             else:
@@ -537,7 +542,7 @@ class KFAC(torch.optim.Optimizer):
 
         with self._timer("extraction"):
             X, y, fwd, value = capture_forward(self.net, self.loss_func, closure, forward)
-            N = X.shape[0]
+            N = _batch_size(X)
             if N == 0:
                 raise ShapeError(
                     "KFAC.step: the closure's batch is empty (0 examples); K-FAC needs at "
@@ -556,13 +561,20 @@ class KFAC(torch.optim.Optimizer):
             if not stats or n_stats == N:
                 rec = backward(fwd, y, quantities, loss_value=value, **kwargs)
                 return rec, (rec if stats else None), 1.0, X, y
+            if not isinstance(X, Tensor) or y.shape[0] % N:
+                raise ShapeError(
+                    "KFAC: stats_fraction < 1 needs a tensor input and a whole number of "
+                    f"target rows per example (got {y.shape[0]} rows for {N} examples)."
+                )
+            rows = y.shape[0] // N  # e.g. tokens of a sequence output flattened to [N*T, C]
             full = backward(fwd, y, set(), loss_value=value)
             grads = [p.grad for p in self._all_params()]
             for p in self._all_params():
                 p.grad = None
             with preserved_buffers(self.net):  # the closure's pass moved them already
                 sub = extract(
-                    self.net, self.loss_func, X[:n_stats], y[:n_stats], quantities=quantities,
+                    self.net, self.loss_func, X[:n_stats], y[: n_stats * rows],
+                    quantities=quantities,
                     unsupported=unsupported, **kwargs,
                 )  # fmt: skip
             for p, g in zip(self._all_params(), grads):
@@ -671,6 +683,12 @@ class KFAC(torch.optim.Optimizer):
     def _quadratic(self, X, y, params, vecs) -> Tensor:
         """``VᵀGV`` for the exact GGN ``G`` on the batch, by forward-mode products only."""
         from curvkit.operators.exact import ggn
+
+        if not isinstance(X, Tensor):
+            raise ConfigError(
+                "KFAC: the automatic step (lr=None) evaluates the exact GGN on the batch, "
+                f"which needs a tensor model input, got a {type(X).__name__}; use a fixed lr."
+            )
 
         # the closure's forward pass moved the buffers (BatchNorm statistics) once; the
         # model's passes here must not move them again
@@ -820,6 +838,14 @@ class _Timer:
 
     def __exit__(self, *exc):
         self.timers[self.phase] += time.perf_counter() - self.t0
+
+
+def _batch_size(X) -> int:
+    """Examples of a model input: leading dimension of a tensor, or of a dict/tuple's first."""
+    if isinstance(X, Tensor):
+        return X.shape[0]
+    first = next(iter(X.values())) if isinstance(X, dict) else X[0]
+    return _batch_size(first)
 
 
 def _sweep_runs(net: nn.Module, unsupported: str) -> bool:

@@ -145,9 +145,11 @@ class KroneckerPreconditioner:
                 ok = r.cross_A is not None and self.kind in r.cross_G
                 new_cA.append(scale * r.cross_A.to(self.factor_dtype) if ok else None)
                 new_cG.append(r.cross_G[self.kind].to(self.factor_dtype) if ok else None)
-        tensors = new_A + new_G + [t for t in new_cA + new_cG if t is not None]
+        square = [t for t in new_A + new_G if t.dim() == 2]
+        others = [t for t in new_A + new_G if t.dim() != 2]  # diagonal (embedding) factors
+        tensors = square + others + [t for t in new_cA + new_cG if t is not None]
         if comm is not None:  # A and G are symmetric: their upper triangles suffice
-            comm.average_(tensors, symmetric=len(new_A) + len(new_G))
+            comm.average_(tensors, symmetric=len(square))
         if not all_finite(tensors):
             raise FloatingPointError("Non-finite Kronecker factors in this batch.")
         self.updates += 1

@@ -267,9 +267,10 @@ def test_matches_curvlinops_on_its_layers(name, approx, separate):
 # -- params= ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pattern", [0, 1])
 @pytest.mark.parametrize("separate", [False, True], ids=["joint", "separate"])
 @pytest.mark.parametrize("name", MODELS)
-def test_params_subset_is_the_sub_block(name, separate):
+def test_params_subset_is_the_sub_block(name, separate, pattern):
     model, loss_func, X, y = make(name)
     rec = extract(model, loss_func, X, y, ("kflr",))
     full = ck.kfac(model, loss_func, (X, y), kind="kflr", separate_bias=separate)
@@ -281,7 +282,7 @@ def test_params_subset_is_the_sub_block(name, separate):
     # the last layer first, then every other layer's weight alone, biases alone elsewhere
     chosen = list(rec[-1].params)
     for k, r in enumerate(rec.layers[:-1]):
-        chosen += r.params[:1] if k % 2 == 0 or len(r.params) == 1 else r.params[1:]
+        chosen += r.params[:1] if (k + pattern) % 2 == 0 or len(r.params) == 1 else r.params[1:]
     sub = ck.kfac(model, loss_func, (X, y), kind="kflr", separate_bias=separate, params=chosen)
     idx = torch.cat([torch.arange(offsets[id(p)], offsets[id(p)] + p.numel()) for p in chosen])
     assert sub.shape == (len(idx), len(idx))
@@ -360,23 +361,30 @@ def _layer_basis(E, i):
     triples = E.blocks[i]
     cols, scales = [], []
     for p, (U_G, U_A, S) in enumerate(triples):
+        if U_G.dim() == 1:  # a diagonal factor's basis (the identity) is a vector of ones
+            assert torch.equal(U_G, torch.ones_like(U_G))
+            U_G = torch.diag(U_G)
         basis = torch.einsum("ai,bj->ijab", U_G, U_A).reshape(-1, U_G.shape[0], U_A.shape[0])
         k = basis.shape[0]
-        mats = [torch.zeros(k, t[0].shape[0], t[1].shape[0], dtype=DT) for t in triples]
+        mats = [torch.zeros(k, len(t[0]), len(t[1]), dtype=DT) for t in triples]
         mats[p] = basis
         cols.append(layer.merge(mats, torch.empty(layer.numel, k, dtype=DT)))
         scales.append(S.reshape(-1))
     return torch.cat(cols, 1), torch.cat(scales)
 
 
+@pytest.mark.parametrize("subset", [False, True], ids=["all", "params"])
 @pytest.mark.parametrize("name", MODELS)
-def test_ekfac_eigenvalues_are_the_empirical_fisher_in_its_basis(name):
+def test_ekfac_eigenvalues_are_the_empirical_fisher_in_its_basis(name, subset):
     """George et al.: S = diag(Qᵀ F_emp Q) per layer, Q the Kronecker eigenbasis."""
     model, loss_func, X, y = make(name)
     rec = extract(model, loss_func, X, y, ("empirical",))
-    E = ck.ekfac(model, loss_func, (X, y), kind="kflr")
+    chosen = rec.params
+    if subset:  # weights alone and biases alone (factored per-example rows of Linear layers)
+        chosen = [r.params[k % len(r.params)] for k, r in enumerate(rec)]
+    E = ck.ekfac(model, loss_func, (X, y), kind="kflr", params=chosen if subset else None)
     ef = dense_ef(model, loss_func, X, y)
-    flat = flat_index(model, rec.params)
+    flat = flat_index(model, chosen)
     off = 0
     for i, layer in enumerate(E.layers):
         Q, S = _layer_basis(E, i)
@@ -535,3 +543,66 @@ def test_operators_follow_the_model_parameter_order():
         warnings.simplefilter("ignore")
         T = ck.kfac(model, loss_func, (X, y), kind="kflr", structure="tridiagonal")
     assert T.block_names == ["head", "norm", "body"]
+
+
+def test_large_vocabulary_embedding_keeps_its_factor_diagonal():
+    """V = 50 000: diag(A_diag) is never formed; products and inverses row by row."""
+    torch.manual_seed(0)
+
+    class EmbLin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50_000, 3)
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, idx):
+            return self.lin(torch.tanh(self.emb(idx)))
+
+    model = EmbLin().to(DT)
+    X, y = torch.randint(0, 50_000, (64,)), torch.randn(64, 2, dtype=DT)
+    X[:8] = 7  # one token used often
+    loss_func = nn.MSELoss()
+    rec, lin = extract(model, loss_func, X, y, ("kflr",))
+    a, G = rec.A_diag, rec.G["kflr"]
+    lin_trace = torch.trace(lin.G["kflr"]) * torch.trace(lin.A)
+    lam = 1e-3
+    pi = float((G.diagonal().mean() / a.mean()).sqrt())  # M&G §6.3 for the pair (diag(a), G)
+    eye = torch.eye(3, dtype=DT)
+    rows = (7, int(X[9]), 12345)  # a frequent token, a rare one, most likely an unseen one
+    B = ck.kfac(model, loss_func, (X, y), kind="kflr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        T = ck.kfac(model, loss_func, (X, y), kind="kflr", structure="tridiagonal")
+    v = torch.randn(B.shape[0], dtype=DT)
+    W = v[:150_000].reshape(50_000, 3)
+    for K in (B, T):
+        assert_allclose_report((K @ v)[:150_000].reshape(50_000, 3), a[:, None] * (W @ G), **TOL)
+        assert_allclose_report(K.trace(), a.sum() * torch.trace(G) + lin_trace, **TOL)
+    inverses = {
+        "exact": B.inverse(lam),
+        "factored": B.inverse(lam, damping_mode="factored"),
+        "tridiagonal": T.inverse(lam),
+    }
+    for name, inv in inverses.items():
+        out = (inv @ v)[:150_000].reshape(50_000, 3)
+        for r in rows:
+            if name == "exact":
+                expected = torch.linalg.solve(a[r] * G + lam * eye, W[r])
+            else:  # (diag(a) + λ^½/π)⁻¹ ⊗ (G + π λ^½)⁻¹
+                expected = torch.linalg.solve(G + pi * lam**0.5 * eye, W[r])
+                expected = expected / (a[r] + lam**0.5 / pi)
+            assert_allclose_report(out[r], expected, rtol=1e-9, atol=1e-12, msg=f"{name} {r}")
+    E = ck.ekfac(model, loss_func, (X, y), kind="kflr")
+    assert E.blocks[0][0][0].shape == (50_000,)  # the identity basis, as a vector
+
+
+def test_tied_weights_with_unsupported_gradient_are_left_out():
+    """Graph path: a weight tied between two Linear layers is gradient-only, the rest K-FAC."""
+    model, loss_func, X, y = problem("tied", "ce", n=5)
+    with pytest.raises(ck.UnsupportedModuleError, match="tied"):
+        ck.kfac(model, loss_func, (X, y))
+    K = ck.kfac(model, loss_func, (X, y), kind="kflr", unsupported="gradient")
+    assert K.block_names == ["inp", "out"]
+    rec = extract(model, loss_func, X, y, ("kflr",), unsupported="gradient")
+    assert [r.name for r in rec] == ["inp", "out"]
+    assert_allclose_report(K.to_dense(), reference(rec, "kflr"), **TOL)

@@ -149,3 +149,29 @@ def test_unsupported_module_named_at_construction_and_fallback_way_out():
     with pytest.warns(UserWarning, match="no Kronecker factors for Scale 'block.scale'"):
         opt.step(lambda: loss_func(model(X), y))
     assert not torch.equal(before, model.block["scale"].s)
+
+
+def test_dict_input_and_statistics_of_a_subset():
+    model, loss_func, X, y = problem("dict", "ce", n=16)
+    opt = ck.optim.KFAC(model, loss_func, fallback=None, lr=0.1)
+    losses = _steps(opt, model, loss_func, X, y, 6)
+    assert losses[-1] < losses[0]
+    auto = ck.optim.KFAC(model, loss_func, fallback=None)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ck.ConfigError, match="automatic step.*tensor model input.*dict"):
+        auto.step(lambda: loss_func(model(X), y))
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert auto.state["kfac"]["step"] == 0
+    # a sequence output [N*T, C]: the statistics subset takes the rows of its examples
+    model, loss_func, X, y = problem("gpt", "ce", n=16)
+    opt = ck.optim.KFAC(model, loss_func, fallback=None, stats_fraction=0.5)
+    losses = _steps(opt, model, loss_func, X, y, 8)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_ekfac_correction_kind_names_the_non_linear_layers():
+    model, loss_func, _, _ = problem("gpt", "ce", n=4)
+    with pytest.raises(
+        ck.ShapeError, match="Linear layers only.*Embedding .tok., Embedding .pos., LayerNorm .ln1."
+    ):
+        ck.optim.KFAC(model, loss_func, ekfac=True, ekfac_correction="kind")
