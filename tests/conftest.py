@@ -52,6 +52,9 @@ SLOW = {
     "tests/test_analysis_scripts.py::test_spectra_quick",
     "tests/test_analysis_scripts.py::test_kfac_expand_vs_reduce_quick",
     "tests/test_analysis_scripts.py::test_bench_spectral_quick",
+    "tests/test_analysis_scripts.py::test_bench_graph_tiny",
+    "tests/test_analysis_scripts.py::test_train_architectures_quick",
+    "tests/test_analysis_scripts.py::test_architecture_approximations_quick",
     "tests/distributed/test_launch.py::test_docs_example_through_launch",
     "tests/distributed/test_kfac_distributed.py::"
     "test_exception_on_one_process_fails_the_other_in_bounded_time",

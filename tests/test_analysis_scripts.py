@@ -169,3 +169,76 @@ def test_peer_coverage_counts_one_setting(tmp_path):
     assert set(rows["backend"]) == {"auto", "graph"}  # a Sequential chain: both backends
     assert set(rows["status"]) <= {"ok", "peer_failed"}
     assert f"ok {int((rows['status'] == 'ok').sum())}," in res["summary"]
+
+
+def test_bench_graph_tiny():
+    script = load("bench_graph")
+    res = script.main(["--tiny", "--reps", "1"])
+    assert set(res) == {"autoencoder", "resnet", "transformer"}
+    for key, r in res.items():
+        assert all(t > 0 for t in r["medians"].values()), key
+        assert "graph grad+kfac" in r["peaks"], key
+        # no D x D matrix: every curvkit call peaks far below one dense float32 D x D
+        for name, peak in r["peaks"].items():
+            assert 0 < peak < 4 * r["D"] ** 2 / 100, (key, name, peak)
+    ae = res["autoencoder"]
+    # per-example gradients hold N x D floats: the peak is at least that
+    assert ae["peaks"]["graph grad+batch_grad"] >= 8 * 4 * ae["D"]
+
+
+def test_train_architectures_quick(tmp_path):
+    script = load("train_architectures")
+    docs = tmp_path / "docs"
+    written = script.main(
+        ["--quick", "--seeds", "2", "--out", str(tmp_path / "out"), "--docs", str(docs)]
+    )
+    for key in ("resnet", "transformer"):
+        files = written[key]
+        for f in files.values():
+            assert f.is_file(), f
+        for name in ("summary", "grid", "missing"):
+            assert (docs / f"arch_{files[name].name}").is_file()
+        assert (docs / f"arch_{key}_curves.pdf").is_file()
+        curves = pd.read_csv(files["curves"])
+        summary = pd.read_csv(files["summary"])
+        missing = pd.read_csv(files["missing"])
+        ran = set(summary["optimizer"])
+        # every method of the grid either ran or is listed as missing with a reason
+        assert ran | set(missing["method"]) == set(script.GRIDS[key])
+        assert not ran & set(missing["method"])
+        assert (missing["reason"].str.len() > 0).all()
+        assert "adam" in ran
+        # same seed, same initial model: every method starts from the same training loss
+        start = curves[curves["step"] == 0].groupby("seed")["train_loss"]
+        np.testing.assert_allclose(start.max(), start.min(), rtol=1e-6)
+        assert set(curves["seed"]) == {0, 1}
+        assert summary["test_accuracy"].between(0, 1).all()
+
+
+def test_architecture_approximations_quick(tmp_path):
+    script = load("architecture_approximations")
+    res = script.main(["--quick", "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "d")])
+    df, missing = res["metrics"], res["missing"]
+    for key in ("resnet", "transformer"):
+        assert (tmp_path / "d" / f"arch_cmp_{key}_metrics.csv").is_file()
+    assert (tmp_path / "d" / "arch_cmp_resnet_transformer_missing.csv").is_file()
+    for p in res["figures"]:
+        assert p.is_file() and p.with_suffix(".pdf").is_file()
+    # every approximation was either compared or listed with its reason, per setting
+    settings = df.groupby(["problem", "checkpoint", "mode"])["approx"].apply(set)
+    for (problem, checkpoint, mode), names in settings.items():
+        left = missing[
+            (missing["problem"] == problem)
+            & (missing["checkpoint"] == checkpoint)
+            & (missing["mode"] == mode)
+        ]
+        assert names | set(left["approx"]) <= set(script.APPROXIMATIONS)
+        assert not names & set(left["approx"])
+    # exact case: A = diag(B) gives <A, B> = |A|^2, so frobenius^2 + cosine^2 = 1
+    diag = df[(df["approx"] == "diag GGN") & df["metric"].isin(["frobenius", "cosine"])]
+    assert len(diag)
+    wide = diag.pivot_table("value", ["problem", "checkpoint", "mode", "block"], "metric")
+    np.testing.assert_allclose(wide["frobenius"] ** 2 + wide["cosine"] ** 2, 1.0, rtol=1e-8)
+    # the ResNet's BatchNorm in train mode: per-example approximations are not attempted
+    train_bn = df[(df["problem"] == "resnet") & (df["mode"] == "train")]
+    assert not set(train_bn["approx"]) & {"EKFAC (empirical)", "diag GGN"}
