@@ -128,6 +128,7 @@ class KFACConfig:
     seed: int = 0
     fallback: str | None = "adam"
     fallback_lr: float = 1e-3
+    kfac_approx: str = "expand"
 
     def __post_init__(self):
         self.validate()
@@ -192,6 +193,11 @@ class KFACConfig:
         if self.adapt_damping not in (None, True, False):
             raise ConfigError(
                 f"KFAC: adapt_damping must be True, False or None, got {self.adapt_damping!r}."
+            )
+        if self.kfac_approx not in ("expand", "reduce"):
+            raise ConfigError(
+                f"KFAC: kfac_approx={self.kfac_approx!r} is not supported; use 'expand' or "
+                "'reduce'."
             )
         for name in ("T_cov", "T_inv", "T1", "mc_samples"):
             _positive_int(name, getattr(self, name))

@@ -102,6 +102,9 @@ class KFAC(torch.optim.Optimizer):
             :math:`\gamma = \sqrt{\lambda + \eta}` always.
         ema_max: Largest moving-average decay (M&G: 0.95).
         mc_samples: Sampled labels per example for ``kind="kfac"``.
+        kfac_approx: ``"expand"`` (default) or ``"reduce"``: how a weight shared over
+            locations (convolutions, ``Linear`` on ``[N, T, d]``) is factored
+            (Eschenhagen et al. 2023; see :func:`curvkit.extract`).
         stats_fraction: Fraction of the batch the statistics come from (for large
             batches, e.g. 1/8); the gradient always uses the whole batch.
         l2: :math:`\eta`, an :math:`\ell_2` term added to the objective (M&G §6.1).
@@ -494,7 +497,11 @@ class KFAC(torch.optim.Optimizer):
             for p in self._all_params():
                 p.grad = None
             n_stats = max(1, int(round(self.stats_fraction * N)))
-            kwargs = dict(mc_samples=self.mc_samples, generator=self.generator)
+            kwargs = dict(
+                mc_samples=self.mc_samples,
+                generator=self.generator,
+                kfac_approx=self.config.kfac_approx,
+            )
             if not stats or n_stats == N:
                 rec = backward(fwd, y, quantities, loss_value=value, **kwargs)
                 return rec, (rec if stats else None), 1.0, X, y

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import curvkit as ck
+from curvkit.errors import ConfigError
 from tests.extraction.graph_models import problem
 from tests.operators.test_graph_kfac import make
 from tests.reference import assert_allclose_report
@@ -175,3 +176,33 @@ def test_ekfac_correction_kind_names_the_non_linear_layers():
         ck.ShapeError, match="Linear layers only.*Embedding .tok., Embedding .pos., LayerNorm .ln1."
     ):
         ck.optim.KFAC(model, loss_func, ekfac=True, ekfac_correction="kind")
+
+
+@pytest.mark.parametrize("name", ["gpt", "transposed"])
+def test_kfac_approx_reduce_direction_is_a_damped_solve(name):
+    """kfac_approx='reduce' reaches the extraction: Δθ = -(K_reduce + λI)⁻¹ g, and differs
+    from the expand direction (weights shared over locations)."""
+    model, loss_func, X, y = make(name, n=6)
+    lam = 1e-2
+    reference = copy.deepcopy(model)
+    rec = ck.extract(reference, loss_func, X, y, ("kflr",))
+    params = rec.params
+    g = _flat_grad(reference, loss_func, X, y, params)
+    directions = {}
+    for approx in ("expand", "reduce"):
+        op = ck.kfac(reference, loss_func, (X, y), kind="kflr", kfac_approx=approx)
+        D = op.to_dense()
+        solve = torch.linalg.solve(D + lam * torch.eye(D.shape[0], dtype=DT), g)
+        kwargs = dict(kind="kflr", damping=lam, damping_mode="exact", kfac_approx=approx)
+        got = _direction(kwargs, copy.deepcopy(model), loss_func, X, y)
+        assert_allclose_report(
+            got, _to_model_order(model, reference, list(params), solve), rtol=1e-8, atol=1e-11
+        )
+        directions[approx] = got
+    assert not torch.allclose(directions["expand"], directions["reduce"], rtol=1e-3)
+
+
+def test_kfac_approx_is_checked():
+    model, loss_func, _, _ = make("gpt", n=2)
+    with pytest.raises(ConfigError, match="kfac_approx"):
+        ck.optim.KFAC(model, loss_func, kfac_approx="mean")
