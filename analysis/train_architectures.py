@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import shutil
 import time
 import warnings
@@ -126,18 +125,9 @@ class Captured:
 
 
 def kfac_options(name: str, lr: float, damping: float | None = None) -> dict:
-    """Keyword arguments of ``ck.optim.KFAC`` for a K-FAC variant.
-
-    Raises:
-        TypeError: When the optimiser has no ``kfac_approx`` argument (reduce variant).
-    """
-    options = {"lr": lr, "momentum": 0.9, "damping": DAMPINGS[0] if damping is None else damping}
-    approx = name.split("-", 1)[1]
-    if "kfac_approx" in inspect.signature(ck.optim.KFAC).parameters:
-        options["kfac_approx"] = approx
-    elif approx != "expand":
-        raise TypeError("ck.optim.KFAC has no kfac_approx argument (only K-FAC-expand).")
-    return options
+    """Keyword arguments of ``ck.optim.KFAC`` for ``kfac-expand`` or ``kfac-reduce``."""
+    damping = DAMPINGS[0] if damping is None else damping
+    return {"lr": lr, "momentum": 0.9, "damping": damping, "kfac_approx": name.split("-", 1)[1]}
 
 
 def kfac_missing(problem, name: str) -> str | None:
