@@ -111,3 +111,15 @@ def test_no_import_cycle():
 
 def test_at_most_eight_modules_at_the_top():
     assert len(list(PACKAGE.glob("*.py"))) <= 8
+
+
+def test_every_module_is_named_in_the_architecture_notes():
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    missing = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "__init__.py"
+        and f"`{path.name}`" not in text
+        and f"`curvkit/{path.relative_to(PACKAGE)}`" not in text
+    ]
+    assert not missing, f"docs/architecture.md does not name {missing}"
