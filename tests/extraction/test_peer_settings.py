@@ -25,7 +25,7 @@ import warnings
 import pytest
 import torch
 
-from curvkit.errors import ShapeError, UnsupportedModuleError
+from curvkit.errors import UnsupportedModuleError
 from tests.extraction import peer_compare
 from tests.extraction.peer_cases import SETTINGS, PeerSetting
 from tests.extraction.peer_compare import References, backends, run_setting
@@ -42,13 +42,6 @@ ALL = (
     "cross",
 )
 
-_OUTPUT = (
-    ShapeError,
-    "The model output must be [N, C]",
-    "the output keeps extra axes ([N, T, C] or CrossEntropyLoss's [N, C, d1, ...]); "
-    "curvkit's losses take [N, C] (flatten to [N*T, C])",
-)
-
 
 def _module(kind: str, name: str) -> tuple:
     return (
@@ -60,31 +53,6 @@ def _module(kind: str, name: str) -> tuple:
 
 #: Settings curvkit refuses: ``id -> (error class, message fragment, reason, quantities)``.
 EXPECTED_REFUSALS: dict[str, tuple] = {
-    **{
-        sid: (*_OUTPUT, ALL)
-        for sid in (
-            "bp1-one-additional-mse",
-            "bp1-two-additional-mse",
-            "bp1-three-additional-mse-sum",
-            "bp-multi-d-ce",
-            "bp1-bn1d",
-            "bp1-bn2d",
-            "bp1-bn3d",
-            "bp1-bn3d-linear",
-            "conv-PermuteNet",
-            "conv-TransposeNet",
-            "cl-weightshare-ce-mean",
-            "cl-weightshare-ce-sum",
-            "cl-bce-seq-mean",
-            "cl-bce-seq-sum",
-            "cl-mse-seq-mean",
-            "cl-mse-seq-sum",
-            "cl-ws-deeplinear-expand-mean",
-            "cl-ws-deeplinear-expand-sum",
-            "cl-ws-conv2d-expand-mean",
-            "cl-ws-conv2d-expand-sum",
-        )
-    },
     "bp1-rnn-ce": (*_module("RNN", "0"), ALL),
     "bp-rnn-mse": (*_module("RNN", "0"), ALL),
     "bp2-rnn-linear-ce": (*_module("RNN", "0"), ALL),
