@@ -764,7 +764,14 @@ class Runner:
         R = rec.reduction_factor
         self.recs[approx] = rec
         covered: set[str] = set()
-        sharing = any(_shares_weights(layer, r, R) for layer in rec if layer.block != "dense")
+        # weight sharing is read off the "expand" record: a "reduce" record's bias scale is
+        # R·N whether or not the layer is applied at several locations
+        shares = {
+            x.name: _shares_weights(x, r, R)
+            for x in self.recs.get("expand", rec)
+            if x.block != "dense"
+        }
+        sharing = any(shares.values())
         if approx == "reduce" and not sharing:
             return False
         # curvlinops' empirical K-FAC with "mean" is ``empirical_scale`` times ours: T
@@ -861,7 +868,7 @@ class Runner:
         exact = [
             layer for layer in rec
             if self.setting.kflr_exact and isinstance(layer.module, nn.Linear)
-            and not _shares_weights(layer, r, R)
+            and not shares.get(layer.name, True)
         ]  # fmt: skip
         dense_layers = [layer for layer in rec if layer.block == "dense"]
         if exact or dense_layers:
