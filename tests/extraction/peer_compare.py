@@ -12,6 +12,15 @@ References (all float64):
 - ``curvlinops``: ``KFACLinearOperator`` (``fisher_type`` "type-2"/"empirical",
   ``kfac_approx`` "expand"/"reduce") on the ``Linear``/``Conv2d`` layers.
 
+Outputs with extra axes (``[N, C, d...]`` cross-entropy, ``[N, ..., C]`` MSE/BCE): the
+GGN is taken over the whole flattened output (:func:`_dense_ggn_whole_output`);
+``kflr`` spans all positions with one square-root column per class (curvlinops' type-2
+convention, not the exact GGN where a layer feeds several positions), so it is compared
+with curvlinops and, on dense blocks, with :func:`_shared_root_ggn`; ``kfac`` (labels
+independent per position) with curvlinops' MC K-FAC and the exact GGN of dense blocks;
+the empirical factor with curvlinops' divided by ``T`` or ``T·C``
+(:meth:`References.empirical_scale`).
+
 Each comparison is one :class:`Row`. ``status``: ``"ok"`` (agrees), ``"mismatch"``,
 ``"crash"`` (``extract`` raised something that is not a ``CurvkitError``),
 ``"refused"`` (a ``CurvkitError``; whether it is expected is the caller's table),
