@@ -12,6 +12,15 @@ References (all float64):
 - ``curvlinops``: ``KFACLinearOperator`` (``fisher_type`` "type-2"/"empirical",
   ``kfac_approx`` "expand"/"reduce") on the ``Linear``/``Conv2d`` layers.
 
+Outputs with extra axes (``[N, C, d...]`` cross-entropy, ``[N, ..., C]`` MSE/BCE): the
+GGN is taken over the whole flattened output (:func:`_dense_ggn_whole_output`);
+``kflr`` spans all positions with one square-root column per class (curvlinops' type-2
+convention, not the exact GGN where a layer feeds several positions), so it is compared
+with curvlinops and, on dense blocks, with :func:`_shared_root_ggn`; ``kfac`` (labels
+independent per position) with curvlinops' MC K-FAC and the exact GGN of dense blocks;
+the empirical factor with curvlinops' divided by ``T`` or ``T·C``
+(:meth:`References.empirical_scale`).
+
 Each comparison is one :class:`Row`. ``status``: ``"ok"`` (agrees), ``"mismatch"``,
 ``"crash"`` (``extract`` raised something that is not a ``CurvkitError``),
 ``"refused"`` (a ``CurvkitError``; whether it is expected is the caller's table),
@@ -23,16 +32,19 @@ Each comparison is one :class:`Row`. ``status``: ``"ok"`` (agrees), ``"mismatch"
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import hessian, jacrev
 
 from curvkit.errors import CurvkitError
 from curvkit.extraction import extract
 from curvkit.extraction.engine import choose_backend
 from tests.extraction.peer_cases import PeerSetting, build
 from tests.reference import (
+    _flat_loss_fn,
     brute_force_factors,
     dense_ef,
     dense_ggn,
@@ -47,6 +59,8 @@ QUANTITIES = ("batch_grad", "diag_ggn", "diag_ggn_mc", "kfac", "kflr", "empirica
 RTOL = 1e-8
 #: Monte Carlo samples and the relative error allowed against the exact value.
 MC_SAMPLES, MC_RTOL = 500, 0.3
+#: curvlinops' Monte Carlo samples where its MC K-FAC is the reference of ``kfac``.
+CL_MC_SAMPLES = 5000
 #: ``(setting, quantity) -> reason`` where curvkit is known to differ from the reference
 #: with the peers doing the same (status ``"differs"``).
 KNOWN_DIFFERENCES = {
@@ -238,6 +252,8 @@ class References:
         with torch.no_grad():
             out = self.model(self.X)
         self.out_shape = tuple(out.shape)
+        #: Whether the output keeps axes beyond ``[N, C]`` (positions).
+        self.extra_axes = out.dim() > 2
         return int(out.shape[0])
 
     def _tensor_model(self):
@@ -255,6 +271,19 @@ class References:
             return _DictInput(model), self.X["x"]
         return model, self.X
 
+    def empirical_scale(self) -> float:
+        """curvlinops' empirical K-FAC over ours: ``T`` (CE "mean"), ``T·C`` (MSE/BCE "mean").
+
+        ``T`` is the number of positions per example (``1`` for ``[N, C]`` outputs), ``C``
+        the number of classes/features; ``1`` for ``"sum"``.
+        """
+        if self.loss_func.reduction != "mean":
+            return 1.0
+        shape = self.out_shape
+        if isinstance(self.loss_func, nn.CrossEntropyLoss):
+            return float(math.prod(shape[2:]))  # [N, C, d1, ..., dK]: T
+        return float(math.prod(shape[1:]))  # [N, d1, ..., dK, C]: T·C
+
     def _cached(self, key, fn):
         if key not in self._cache:
             try:
@@ -270,7 +299,16 @@ class References:
 
     def ggn(self):
         m, X = self._tensor_model()
+        if len(self.out_shape) > 2:
+            return self._cached(
+                "ggn", lambda: _dense_ggn_whole_output(m, self.loss_func, X, self.y)
+            )
         return self._cached("ggn", lambda: dense_ggn(m, self.loss_func, X, self.y))
+
+    def shared_root_ggn(self):
+        """:func:`_shared_root_ggn`: ``kflr``'s convention on outputs with positions."""
+        m, X = self._tensor_model()
+        return self._cached("sggn", lambda: _shared_root_ggn(m, self.loss_func, X, self.y))
 
     def ef(self):
         m, X = self._tensor_model()
@@ -314,10 +352,12 @@ class References:
         model = copy.deepcopy(self.model)
         copied = [p for p in model.parameters() if p.requires_grad]
         params = [copied[self.index[id(p)]] for p in params]
+        mc = {"mc_samples": CL_MC_SAMPLES, "seed": 1} if fisher_type == "mc" else {}
         K = KFACLinearOperator(
             model, self.loss_func, params, [(self.X, self.y)], fisher_type=fisher_type,
             kfac_approx=approx, separate_weight_and_bias=True, check_deterministic=False,
             batch_size_fn=(lambda X: X["x"].shape[0]) if isinstance(self.X, dict) else None,
+            **mc,
         )  # fmt: skip
         return K @ torch.eye(K.shape[0], dtype=torch.float64)
 
@@ -411,6 +451,66 @@ class References:
         """Flat indices of a record's ``[W | b]`` in joint row-major order."""
         base = torch.cat([self.flat(p) for p in rec.params])
         return base[joint_permutation(rec.out_features, rec.in_features, rec.joint)]
+
+
+def _dense_ggn_whole_output(model: nn.Module, loss_func: nn.Module, X: Tensor, y: Tensor):
+    r"""Exact GGN :math:`J^\top (\nabla^2_f L) J` over the whole output ``f``, ``[D, D]``.
+
+    ``J`` is the Jacobian of the full output (all examples, all positions, flattened) and
+    ``\nabla^2_f L`` the Hessian of the reduced batch loss with respect to it: no per-example
+    or per-position split, so it holds for any output layout (``[N, C, d...]`` with
+    cross-entropy, ``[N, ..., C]`` with MSE/BCE) and any reduction.
+    """
+    theta0, output = _flat_loss_fn(model, loss_func, X, y)
+    out = output(theta0, X).detach()
+    J = jacrev(lambda t: output(t, X))(theta0).reshape(out.numel(), -1)
+    H = hessian(lambda f: loss_func(f.reshape(out.shape), y))(out.flatten())
+    return J.T @ H @ J
+
+
+def _shared_root_ggn(model: nn.Module, loss_func: nn.Module, X: Tensor, y: Tensor):
+    r"""curvlinops' type-2 convention on outputs with positions, as a dense ``[D, D]`` matrix.
+
+    :math:`\sum_n \sum_c v_{nc} v_{nc}^\top` with
+    :math:`v_{nc} = \sum_t \sqrt{\kappa} J_{nt}^\top S_{nt} e_c`: one column per class
+    spanning all positions ``t`` of example ``n`` at once. ``J_{nt}`` is the autograd
+    Jacobian of position ``t``'s ``C`` outputs, ``S_{nt}`` the loss Hessian's square root
+    whose columns are the rows of curvlinops' ``loss_hessian_matrix_sqrt`` (cross-entropy
+    :math:`\mathrm{diag}(\sqrt p) - p \sqrt p^\top`, column ``c`` is
+    :math:`\sqrt{p_c}(e_c - p)`; MSE :math:`\sqrt 2 I`; BCE
+    :math:`\mathrm{diag}(\sqrt{\sigma(1-\sigma)})`), and ``κ`` the reduction's weight of one
+    position's loss: ``1/(N·T)`` (cross-entropy "mean"), ``1/(N·T·C)`` (MSE/BCE "mean"),
+    ``1`` ("sum"). Without positions (``T = 1``) it is the exact GGN; with them it keeps
+    the cross terms :math:`S_{nt} S_{nt'}^\top` that the exact GGN lacks. It is the
+    dense-block analogue of ``kflr`` (docs/conventions.md), which has no curvlinops
+    reference on normalisation layers.
+    """
+    theta0, output = _flat_loss_fn(model, loss_func, X, y)
+    out = output(theta0, X).detach()
+    J = jacrev(lambda t: output(t, X))(theta0)  # [N, *out, D]
+    N, D = out.shape[0], theta0.numel()
+    if isinstance(loss_func, nn.CrossEntropyLoss):
+        C = out.shape[1]
+        f = out.movedim(1, -1).reshape(N, -1, C)  # [N, T, C]
+        J = J.movedim(1, -2).reshape(N, -1, C, D)
+        p = f.softmax(-1)
+        # column c: the transpose of row c of curvlinops' diag(√p) − √p pᵀ, √p_c (e_c − p)
+        S = torch.diag_embed(p.sqrt()) - p[..., :, None] * p.sqrt()[..., None, :]
+    else:
+        C = out.shape[-1]
+        f = out.reshape(N, -1, C)
+        J = J.reshape(N, -1, C, D)
+        if isinstance(loss_func, nn.MSELoss):
+            S = torch.diag_embed(torch.full_like(f, 2.0).sqrt())
+        else:
+            sig = f.sigmoid()
+            S = torch.diag_embed((sig * (1 - sig)).sqrt())
+    T = f.shape[1]
+    mean = loss_func.reduction == "mean"
+    kappa = 1.0 / (N * T) if isinstance(loss_func, nn.CrossEntropyLoss) else 1.0 / (N * T * C)
+    kappa = kappa if mean else 1.0
+    v = math.sqrt(kappa) * torch.einsum("ntkd,ntkc->ncd", J, S)  # [N, C, D]
+    return torch.einsum("ncd,nce->de", v, v)
 
 
 def _per_param(rec, got: list[Tensor], ref_all: list[Tensor], refs: References) -> str | None:
@@ -561,6 +661,9 @@ class Runner:
             if not all(ok):
                 bad.append(layer.name)
         self.row(q, "shape", "mismatch" if bad else "ok", ", ".join(bad))
+        if q == "kfac" and self.refs.extra_axes:
+            self.kfac_positions()
+            return
         exact = self.extract(q, (exact_q,))
         if exact is None:
             return
@@ -581,6 +684,76 @@ class Runner:
             status = "differs"
         self.row(q, f"{exact_q} (M={MC_SAMPLES})", status, f"{where}: rel. error {worst:.3f}")
 
+    def kfac_positions(self) -> None:
+        """``kfac`` on outputs with extra axes, against what it estimates.
+
+        Its labels are drawn independently at every position, so the cross terms between
+        positions that ``kflr``'s shared square root keeps (docs/conventions.md) vanish in
+        expectation: ``kfac`` is not an estimate of ``kflr`` where a layer feeds several
+        positions. It is unbiased for the exact GGN block of a dense (normalisation) layer,
+        compared with the autograd GGN, and for curvlinops' Monte Carlo K-FAC (labels drawn
+        per position of the flattened ``[N·T, C]`` output) on ``Linear``/``Conv2d``,
+        compared with ``CL_MC_SAMPLES`` of curvlinops' samples.
+        """
+        r = self.refs
+        gen = torch.Generator().manual_seed(0)
+        rec = self.extract("kfac", ("kfac",), mc_samples=MC_SAMPLES, generator=gen,
+                           separate_bias=True)  # fmt: skip
+        if rec is None:
+            return
+        ref = f"kfac (M={MC_SAMPLES})"
+
+        def rel(x, y):
+            return float((x - y).norm() / y.norm()) if float(y.norm()) > 0 else float(x.norm())
+
+        def verdict(worst, where):
+            return ("ok" if worst <= MC_RTOL else "mismatch"), f"{where}: rel. error {worst:.3f}"
+
+        dense = [layer for layer in rec if layer.block == "dense"]
+        if dense:
+
+            def check_dense(ggn):
+                worst, where = 0.0, ""
+                for layer in dense:
+                    idx = torch.cat([r.flat(p) for p in layer.params])
+                    err = rel(layer.dense["kfac"], ggn[idx][:, idx])
+                    if err > worst:
+                        worst, where = err, layer.name
+                status, detail = verdict(worst, where)
+                return None if status == "ok" else detail
+
+            self.compare("kfac", f"autograd GGN, {ref}", r.ggn(), check_dense)
+        cl_layers = [
+            layer for layer in rec
+            if layer.block == "kron" and type(layer.module) in (nn.Linear, nn.Conv2d)
+        ]  # fmt: skip
+        if cl_layers:
+            params = [p for layer in cl_layers for p in layer.params]
+
+            def check_cl(mat):
+                worst, where, off = 0.0, "", 0
+                for layer in cl_layers:
+                    n_w = layer.params[0].numel()
+                    W = mat[off : off + n_w, off : off + n_w]
+                    err = rel(kron_block(layer.G["kfac"], layer.A), W)
+                    if layer.has_bias:
+                        nb = layer.params[1].numel()
+                        B = mat[off + n_w : off + n_w + nb, off + n_w : off + n_w + nb]
+                        err = max(err, rel(layer.G["kfac"] * layer.bias_scale, B))
+                    if err > worst:
+                        worst, where = err, layer.name
+                    off += layer.numel
+                status, detail = verdict(worst, where)
+                return None if status == "ok" else detail
+
+            self.compare(
+                "kfac", f"curvlinops MC (M={CL_MC_SAMPLES}), {ref}",
+                r.curvlinops(params, "mc", "expand"), check_cl,
+            )  # fmt: skip
+        rest = [layer for layer in rec if layer not in dense and layer not in cl_layers]
+        if rest:
+            self.row("kfac", "none", "unchecked", ", ".join(x.name for x in rest))
+
     def kron(self, approx: str) -> set[str] | bool | None:
         """Compare ``kflr``/``empirical`` with ``approx``; the names of the layers compared.
 
@@ -600,17 +773,21 @@ class Runner:
         R = rec.reduction_factor
         self.recs[approx] = rec
         covered: set[str] = set()
-        sharing = any(_shares_weights(layer, r, R) for layer in rec if layer.block != "dense")
+        # weight sharing is read off the "expand" record: a "reduce" record's bias scale is
+        # R·N whether or not the layer is applied at several locations
+        shares = {
+            x.name: _shares_weights(x, r, R)
+            for x in self.recs.get("expand", rec)
+            if x.block != "dense"
+        }
+        sharing = any(shares.values())
         if approx == "reduce" and not sharing:
             return False
-        # curvlinops' empirical Fisher of an element-wise loss with "mean" is C times ours
-        # (its per-example gradients are of the loss averaged over the batch only;
-        # docs/conventions.md)
-        elementwise_mean = (
-            isinstance(r.loss_func, (nn.MSELoss, nn.BCEWithLogitsLoss))
-            and r.loss_func.reduction == "mean"
-        )
-        C = r.out_shape[1]
+        # curvlinops' empirical K-FAC with "mean" is ``empirical_scale`` times ours: T
+        # (cross-entropy over [N, C, d...], T = d1⋯dK positions) or T·C (MSE/BCE over
+        # [N, ..., C]); its gradients are of the loss averaged over examples only, ours of
+        # the loss itself (docs/conventions.md, "Outputs with extra dimensions")
+        ef_scale = r.empirical_scale()
         # curvlinops on Linear/Conv2d Kronecker records
         cl_layers = [
             layer for layer in rec
@@ -619,7 +796,7 @@ class Runner:
         if cl_layers:
             params = [p for layer in cl_layers for p in layer.params]
             for fisher, kind in (("type-2", "kflr"), ("empirical", "empirical"))[: len(kinds)]:
-                scale = C if (kind == "empirical" and elementwise_mean) else 1.0
+                scale = ef_scale if kind == "empirical" else 1.0
 
                 def check(dense, kind=kind, scale=scale):
                     off = 0
@@ -650,7 +827,7 @@ class Runner:
         ]  # fmt: skip
         if split:
             for fisher, kind in (("type-2", "kflr"), ("empirical", "empirical"))[: len(kinds)]:
-                scale = C if (kind == "empirical" and elementwise_mean) else 1.0
+                scale = ef_scale if kind == "empirical" else 1.0
 
                 def check_split(blocks, kind=kind, scale=scale):
                     for layer in split:
@@ -675,7 +852,7 @@ class Runner:
         emb = [layer for layer in rec if layer.block == "embedding"]
         if emb and approx == "expand":
             for fisher, kind in (("type-2", "kflr"), ("empirical", "empirical"))[: len(kinds)]:
-                scale = C if (kind == "empirical" and elementwise_mean) else 1.0
+                scale = ef_scale if kind == "empirical" else 1.0
 
                 def check_emb(blocks, kind=kind, scale=scale):
                     for layer in emb:
@@ -700,7 +877,7 @@ class Runner:
         exact = [
             layer for layer in rec
             if self.setting.kflr_exact and isinstance(layer.module, nn.Linear)
-            and not _shares_weights(layer, r, R)
+            and not shares.get(layer.name, True)
         ]  # fmt: skip
         dense_layers = [layer for layer in rec if layer.block == "dense"]
         if exact or dense_layers:
@@ -724,9 +901,18 @@ class Runner:
                         return f"{layer.name} dense: {msg}"
                 return None
 
-            self.compare(
-                f"kflr/{approx}", "autograd GGN", r.ggn(), lambda g: check_exact(g, "kflr")
-            )
+            if r.extra_axes:
+                # kflr's shared square root spans all positions at once (curvlinops'
+                # type-2 convention): not the exact GGN where a layer feeds several
+                # positions, so the reference keeps the same cross-position terms
+                self.compare(
+                    f"kflr/{approx}", "autograd shared-root GGN", r.shared_root_ggn(),
+                    lambda g: check_exact(g, "kflr"),
+                )  # fmt: skip
+            else:
+                self.compare(
+                    f"kflr/{approx}", "autograd GGN", r.ggn(), lambda g: check_exact(g, "kflr")
+                )
             if (r.N == 1 or dense_layers) and "empirical" in kinds:
                 self.compare(
                     f"empirical/{approx}", "autograd EF", r.ef(),

@@ -25,7 +25,7 @@ import warnings
 import pytest
 import torch
 
-from curvkit.errors import ShapeError, UnsupportedModuleError
+from curvkit.errors import UnsupportedModuleError
 from tests.extraction import peer_compare
 from tests.extraction.peer_cases import SETTINGS, PeerSetting
 from tests.extraction.peer_compare import References, backends, run_setting
@@ -42,13 +42,6 @@ ALL = (
     "cross",
 )
 
-_OUTPUT = (
-    ShapeError,
-    "The model output must be [N, C]",
-    "the output keeps extra axes ([N, T, C] or CrossEntropyLoss's [N, C, d1, ...]); "
-    "curvkit's losses take [N, C] (flatten to [N*T, C])",
-)
-
 
 def _module(kind: str, name: str) -> tuple:
     return (
@@ -60,31 +53,6 @@ def _module(kind: str, name: str) -> tuple:
 
 #: Settings curvkit refuses: ``id -> (error class, message fragment, reason, quantities)``.
 EXPECTED_REFUSALS: dict[str, tuple] = {
-    **{
-        sid: (*_OUTPUT, ALL)
-        for sid in (
-            "bp1-one-additional-mse",
-            "bp1-two-additional-mse",
-            "bp1-three-additional-mse-sum",
-            "bp-multi-d-ce",
-            "bp1-bn1d",
-            "bp1-bn2d",
-            "bp1-bn3d",
-            "bp1-bn3d-linear",
-            "conv-PermuteNet",
-            "conv-TransposeNet",
-            "cl-weightshare-ce-mean",
-            "cl-weightshare-ce-sum",
-            "cl-bce-seq-mean",
-            "cl-bce-seq-sum",
-            "cl-mse-seq-mean",
-            "cl-mse-seq-sum",
-            "cl-ws-deeplinear-expand-mean",
-            "cl-ws-deeplinear-expand-sum",
-            "cl-ws-conv2d-expand-mean",
-            "cl-ws-conv2d-expand-sum",
-        )
-    },
     "bp1-rnn-ce": (*_module("RNN", "0"), ALL),
     "bp-rnn-mse": (*_module("RNN", "0"), ALL),
     "bp2-rnn-linear-ce": (*_module("RNN", "0"), ALL),
@@ -316,3 +284,57 @@ def test_batchnorm_train_kfac_agrees_with_curvlinops_mc_not_kflr():
     assert first.weight.shape == (5, 10)
     assert float((kfac - mc).norm() / mc.norm()) < 0.1
     assert float((kflr - mc).norm() / mc.norm()) > 0.9  # kflr is far smaller there
+
+
+@pytest.mark.parametrize("sid", ["cl-ce-mean", "cl-ce-sum", "cl-mse-mean", "bp-bce-soft-mean"])
+def test_shared_root_ggn_is_the_ggn_on_outputs_without_positions(sid):
+    """With one position per example the shared square root loses nothing: the exact GGN."""
+    refs = References(BY_ID[sid])
+    m, X = refs._tensor_model()
+    shared = peer_compare._shared_root_ggn(m, refs.loss_func, X, refs.y)
+    ggn, failure = refs.ggn()
+    assert failure is None
+    assert peer_compare._close(shared, ggn) is None
+
+
+@pytest.mark.parametrize("sid", ["bp1-bn1d", "bp-multi-d-ce", "cl-weightshare-ce-mean"])
+def test_whole_output_ggn_and_shared_root_differ_with_positions(sid):
+    """Both references of outputs with positions are symmetric; they differ by cross terms.
+
+    The whole-output GGN is the sum over positions of the per-position GGNs; the shared
+    root adds the cross terms between positions (docs/conventions.md).
+    """
+    refs = References(BY_ID[sid])
+    assert refs.extra_axes
+    m, X = refs._tensor_model()
+    whole = peer_compare._dense_ggn_whole_output(m, refs.loss_func, X, refs.y)
+    shared = peer_compare._shared_root_ggn(m, refs.loss_func, X, refs.y)
+    for M in (whole, shared):
+        assert peer_compare._close(M, M.T) is None
+        assert float(torch.linalg.eigvalsh(M).min()) > -1e-10 * float(M.abs().max())
+    assert float((whole - shared).norm() / whole.norm()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "sid,scale",
+    [
+        ("cl-weightshare-ce-mean", 5.0),  # CE [N, C, T] = [3, 3, 5], "mean": T
+        ("cl-weightshare-ce-sum", 1.0),
+        ("cl-mse-seq-mean", 15.0),  # MSE [N, T, C] = [2, 5, 3], "mean": T·C
+        ("cl-bce-seq-mean", 10.0),  # BCE [N, T, C] = [3, 5, 2], "mean": T·C
+        ("cl-mse-seq-sum", 1.0),
+        ("cl-ws-conv2d-expand-mean", 162.0),  # MSE [2, 9, 9, 2]: T·C = 81·2
+        ("cl-mse-mean", None),  # [N, C]: C
+        ("cl-ce-mean", 1.0),
+    ],
+)
+def test_curvlinops_empirical_scale(sid, scale):
+    """curvlinops' empirical K-FAC over ours (docs/conventions.md), asserted where compared."""
+    refs = References(BY_ID[sid])
+    expected = float(refs.out_shape[1]) if scale is None else scale
+    assert refs.empirical_scale() == expected
+    rows = run_setting(BY_ID[sid], "auto", refs)
+    assert any(
+        r.quantity == "empirical/expand" and r.reference == "curvlinops" and r.status == "ok"
+        for r in rows
+    )
