@@ -761,8 +761,9 @@ def _block_diagonal(M: torch.Tensor, slices) -> bool:
 def _top_and_solve(M, slices, k, g, lambdas, seed, tri=None):
     """Top-``k`` eigenvectors of ``M`` and ``(M + λI)^{-1} g`` for every λ.
 
-    Exact eigendecompositions for small or block-diagonal ``M`` (block by
-    block); otherwise, on the CPU, one Householder reduction ``M = Q T Q^T``
+    Exact eigendecompositions for small ``M``; block by block for a block-diagonal
+    one (on the CPU the top ``k`` of each block's Householder reduction, and its
+    solves); otherwise, on the CPU, one Householder reduction ``M = Q T Q^T``
     (``tri``, a :class:`_Tridiagonal`, if already computed) for the exact top
     eigenvectors and the solves; elsewhere Lanczos on the dense matrix
     (residual-checked) and one linear solve per λ.
@@ -771,18 +772,28 @@ def _top_and_solve(M, slices, k, g, lambdas, seed, tri=None):
 
     D = M.shape[0]
     if D <= _EIGH_ALL or _block_diagonal(M, slices):
-        parts = [(s, torch.linalg.eigh(M[s, s])) for _, s in slices] if D > _EIGH_ALL else [
-            (slice(0, D), torch.linalg.eigh(M))
-        ]  # fmt: skip
+        if D <= _EIGH_ALL:
+            parts = [(slice(0, D), torch.linalg.eigh(M))]
+        elif M.device.type == "cpu":  # per block: its top k (all a top k can use) and solves
+            parts, solved = [], []
+            for _, s in slices:
+                block = _Tridiagonal(M[s, s])
+                parts.append((s, block.top(min(k, s.stop - s.start))))
+                solved.append(block.solve(g[s], lambdas))
+        else:
+            parts = [(s, torch.linalg.eigh(M[s, s])) for _, s in slices]
         vals = torch.cat([v for _, (v, _) in parts])
         order = torch.argsort(vals, descending=True)[:k]
         V = M.new_zeros(D, k)
         d = M.new_zeros(D, len(lambdas))
         offsets, start = [], 0
-        for s, (v, U) in parts:
+        for i, (s, (v, U)) in enumerate(parts):
             offsets.append((s, start, start + v.numel(), U))
             start += v.numel()
-            d[s] = U @ ((U.T @ g[s])[:, None] / (v[:, None] + lambdas[None, :]))
+            if D > _EIGH_ALL and M.device.type == "cpu":
+                d[s] = solved[i]
+            else:
+                d[s] = U @ ((U.T @ g[s])[:, None] / (v[:, None] + lambdas[None, :]))
         for col, idx in enumerate(order.tolist()):
             for s, lo, hi, U in offsets:
                 if lo <= idx < hi:
@@ -875,6 +886,11 @@ def _compare_dense(dense, ref_op, g, grid, k, seed, tridiagonal=None):
     return pd.DataFrame(rows, columns=COLUMNS) if rows else None
 
 
+def _same(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether two matrices are equal entry for entry (diagonals first, the cheap test)."""
+    return torch.equal(A.diagonal(), B.diagonal()) and torch.equal(A, B)
+
+
 def _spectra_dense(run, dense, ref_op, seed, k, tridiagonal=None):
     """Dense eigenvalues, Lanczos checked against them, SLQ densities, a summary per matrix.
 
@@ -888,7 +904,12 @@ def _spectra_dense(run, dense, ref_op, seed, k, tridiagonal=None):
     tri = {} if tridiagonal is None else tridiagonal
     eigs, summary, lanczos, densities, top = {}, [], [], {}, {}
     for name, M in run.bar(dense.items(), desc="eigenvalues"):
-        if M.device.type == "cpu" and not _block_diagonal(M, slices):
+        same = next((n for n in eigs if _same(dense[n], M)), None)
+        if same is not None:  # e.g. block-tri-diagonal K-FAC without off-diagonal blocks
+            if same in tri:
+                tri[name] = tri[same]
+            lam = eigs[same]
+        elif M.device.type == "cpu" and not _block_diagonal(M, slices):
             tri[name] = _Tridiagonal(M)
             lam = tri[name].eigenvalues()
         else:
@@ -922,6 +943,10 @@ def _spectra_dense(run, dense, ref_op, seed, k, tridiagonal=None):
     for name in run.bar([n for n in names if n in dense], desc="densities"):
         log = name != "Hessian"
         if log and float(eigs[name].max()) <= 0:
+            continue
+        same = next((n for n in densities if _same(dense[n], dense[name])), None)
+        if same is not None and densities[same].log == log:  # the same matrix, seed and probes
+            densities[name] = densities[same]
             continue
         if dense[name].device.type == "cpu":
             if name not in tri:
