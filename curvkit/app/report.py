@@ -351,8 +351,8 @@ def _hessian_dense(op, chunk: int = 32):
     more than that layer; the rows :math:`i < j` follow by symmetry,
     :math:`H_{ij} = H_{ji}^\top`. Exact for any ordering of the parameters
     (only the saving depends on it). ``chunk`` columns share one ``vmap``: 32 ran
-    1.6-1.9 times faster than 64 on ``digits_cnn`` (float64 convolutions), with
-    the same matrix to the last bit.
+    faster than 64 on ``digits_cnn`` (float64 convolutions; 1.6-1.9 times alone,
+    6-20 % inside the report), with the same matrix to the last bit.
     """
     from torch.func import functional_call, grad, jvp, vmap
 
