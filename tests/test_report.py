@@ -480,7 +480,7 @@ def test_headline_never_ranks_exact_matrices_or_calls_a_loss_a_reduction():
     assert "no approximation&#x27;s step reduces" in head or "no approximation's step" in head
 
 
-@pytest.mark.parametrize("eigh_all", [1000, 10], ids=["eigh", "lanczos"])
+@pytest.mark.parametrize("eigh_all", [1000, 10], ids=["eigh", "householder"])
 def test_dense_comparison_matches_compare(monkeypatch, eigh_all):
     """The report's dense comparison gives the rows of ck.compare (exact or via Lanczos)."""
     import curvkit as ck
@@ -548,3 +548,42 @@ def test_dense_hessian_by_parameter_columns_matches_reference():
     expected = dense_hessian(model, loss_func, X, y)
     torch.testing.assert_close(H, expected, rtol=1e-10, atol=1e-12)
     assert op.matvecs == op.dim
+
+
+def test_householder_reduction_gives_the_dense_spectrum_solves_and_density():
+    """Eigenvalues, top eigenpairs, damped solves and the SLQ density from ``M = Q T Q^T``.
+
+    Checked against ``eigh``, dense solves and ``ck.spectral_density`` on the
+    matrix itself (the same probes; Lanczos on ``T`` from the rotated probes).
+    """
+    import curvkit as ck
+
+    gen = torch.Generator().manual_seed(0)
+    D = 90
+    U = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))[0]
+    lam = torch.cat([torch.logspace(-3, 1, 60, dtype=torch.float64), -torch.rand(30, generator=gen,
+                     dtype=torch.float64)])  # fmt: skip
+    M = (U * lam) @ U.T
+    M = (M + M.T) / 2
+    tri = report._Tridiagonal(M)
+    exact, vecs = torch.linalg.eigh(M)
+    torch.testing.assert_close(tri.eigenvalues(), exact, rtol=0, atol=1e-13)
+    w, V = tri.top(4)
+    torch.testing.assert_close(w, exact.flip(0)[:4], rtol=0, atol=1e-13)
+    torch.testing.assert_close(M @ V, V * w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(V.T @ V, torch.eye(4, dtype=M.dtype), rtol=0, atol=1e-12)
+    g = torch.randn(D, generator=gen, dtype=torch.float64)
+    lambdas = [2.0, 5.0]
+    expected = torch.stack([torch.linalg.solve(M + c * torch.eye(D, dtype=M.dtype), g)
+                            for c in lambdas], dim=1)  # fmt: skip
+    torch.testing.assert_close(tri.solve(g, lambdas), expected, rtol=1e-11, atol=1e-12)
+    ref = ck.DenseOperator(M)
+    for log in (False, True):
+        A = (U * lam.abs()) @ U.T if log else M
+        got = report._tridiagonal_density(report._Tridiagonal(A), ref, log, seed=3, steps=30)
+        want = ck.spectral_density(ck.DenseOperator(A), num_probes=10, lanczos_steps=30,
+                                   log=log, seed=3)  # fmt: skip
+        assert got.matvecs == want.matvecs == 300
+        torch.testing.assert_close(got.grid, want.grid, rtol=1e-10, atol=0)
+        scale = float(want.density.max())
+        torch.testing.assert_close(got.density, want.density, rtol=0, atol=1e-9 * scale)

@@ -368,8 +368,12 @@ class SpectralDensity:
         return Estimate(float(samples.mean()), stderr, self.matvecs, "slq")
 
 
-def _probe_quadrature(op, num_probes, lanczos_steps, seed) -> tuple[Tensor, Tensor]:
-    """Nodes and weights ``[num_probes, m]`` of one Lanczos run per Rademacher probe."""
+def _probe_quadrature(op, num_probes, lanczos_steps, seed, rotate=None) -> tuple[Tensor, Tensor]:
+    r"""Nodes and weights ``[num_probes, m]`` of one Lanczos run per Rademacher probe.
+
+    ``rotate``: an orthogonal map applied to the probes first, for ``op`` given in
+    another orthonormal basis (:math:`Q^\top A Q` with ``rotate`` :math:`= Q^\top`).
+    """
     D = op.dim
     m = min(int(lanczos_steps), D)
     gen = make_generator(seed, op.device)
@@ -377,6 +381,7 @@ def _probe_quadrature(op, num_probes, lanczos_steps, seed) -> tuple[Tensor, Tens
     nodes, weights = [], []
     for start in range(0, num_probes, chunk):
         V0 = rademacher(D, min(chunk, num_probes - start), gen, op.dtype, op.device)
+        V0 = V0 if rotate is None else rotate(V0)
         theta, S = torch.linalg.eigh(tridiagonal(*lanczos(op, V0, m)))
         nodes.append(theta)
         weights.append(S[:, 0, :] ** 2)
@@ -463,6 +468,13 @@ def spectral_density(
         raise ConfigError(f"spectral_density: cutoff must be positive for log=True, got {cutoff}.")
     start = op.matvecs
     nodes, weights = _probe_quadrature(op, num_probes, lanczos_steps, seed)
+    return _smoothed(
+        nodes, weights, num_probes, op.matvecs - start, grid, kernel_width, log, cutoff
+    )
+
+
+def _smoothed(nodes, weights, num_probes, matvecs, grid, kernel_width, log, cutoff):
+    """The :class:`SpectralDensity` of SLQ nodes and weights (see :func:`spectral_density`)."""
     u, mass_below = nodes, 0.0
     if log:
         cut = 1e-6 * float(nodes.abs().max()) if cutoff is None else float(cutoff)
@@ -477,23 +489,21 @@ def spectral_density(
     span = float(u.max() - u.min()) or max(float(u.abs().max()), 1.0)
     sigma = span / 200 if kernel_width is None else float(kernel_width)
     if isinstance(grid, Tensor):
-        points = grid.to(device=op.device, dtype=op.dtype)
+        points = grid.to(device=nodes.device, dtype=nodes.dtype)
         x = torch.log10(points) if log else points
     else:
         x = torch.linspace(
             float(u.min()) - 5 * sigma,
             float(u.max()) + 5 * sigma,
             int(grid),
-            dtype=op.dtype,
-            device=op.device,
+            dtype=nodes.dtype,
+            device=nodes.device,
         )
         points = 10**x if log else x
     z = (x[:, None] - u.reshape(1, -1)) / sigma
     kernel = torch.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
     density = kernel @ weights.reshape(-1) / num_probes
-    return SpectralDensity(
-        points, density, nodes, weights, op.matvecs - start, sigma, log, cutoff, mass_below
-    )
+    return SpectralDensity(points, density, nodes, weights, matvecs, sigma, log, cutoff, mass_below)
 
 
 def logdet(
