@@ -2,7 +2,7 @@ r"""Exact curvature operators on data sharded over processes (``torch.distribute
 
 Each process builds an operator on its own shard of the data;
 :class:`DistributedOperator` sums the processes' products with the weights that
-make the result the operator of the whole data set (MATH.md, "Conventions"):
+make the result the operator of the whole data set (docs/conventions.md):
 with :math:`N_r` examples on process :math:`r` and :math:`N = \sum_r N_r`,
 
 .. math::

@@ -1,7 +1,7 @@
 """Curvature operators: exact matrices and their structured approximations.
 
 Every operator is a :class:`~curvkit.operators.base.CurvatureOperator` over the
-flat parameter vector (MATH.md order): ``@`` with vectors, matrices or lists of
+flat parameter vector (the order of docs/conventions.md): ``@`` with vectors, matrices or lists of
 parameter-shaped tensors, ``to_dense()``, ``to_scipy()``, ``inverse(damping)``.
 """
 

@@ -146,8 +146,8 @@ def batch_scales(loss_func, batch_sizes: Sequence[int]) -> list[float]:
 
     For ``reduction="mean"`` the batch loss averages over its :math:`N_b`
     examples; multiplying it by :math:`N_b / N` gives the contribution to
-    :math:`L = \frac1N \sum_n \ell_n` over all :math:`N` examples (MATH.md,
-    "Conventions"). For ``"sum"`` the factor is one.
+    :math:`L = \frac1N \sum_n \ell_n` over all :math:`N` examples (docs/conventions.md).
+    For ``"sum"`` the factor is one.
     """
     if reduction_of(loss_func) == "sum":
         return [1.0] * len(batch_sizes)

@@ -2,7 +2,7 @@ r"""Curvature of the loss with respect to the model output, one batch at a time.
 
 The GGN, the Fisher (type-2 and Monte Carlo) and the empirical Fisher share the
 form :math:`\sum_n J_n^\top \Lambda_n J_n` and differ only in the output-space
-matrix :math:`\Lambda_n` (MATH.md, "Exact matrices"). This module builds
+matrix :math:`\Lambda_n` (docs/operators.md, "Conventions"). This module builds
 :math:`\Lambda` for one batch as a function acting on ``U`` of shape
 ``[k, *f.shape]`` (``k`` output-space columns), with the batch's share of the
 data-set loss scaling already included.
@@ -25,7 +25,7 @@ J_{nt}` with labels drawn independently per position, one outer product per
 position (curvlinops flattens the positions into the batch); its expectation is
 the GGN.
 
-Empirical Fisher scaling (MATH.md): :math:`R\sum_n \nabla\ell_n\nabla\ell_n^\top`
+Empirical Fisher scaling (docs/conventions.md): :math:`R\sum_n \nabla\ell_n\nabla\ell_n^\top`
 with :math:`\ell_n` the user's loss on example :math:`n` alone, so
 :math:`L = R\sum_n \ell_n`. For ``MSELoss``/``BCEWithLogitsLoss`` with ``"mean"``
 this :math:`\ell_n` includes the :math:`1/C` of the mean over outputs, and the

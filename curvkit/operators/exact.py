@@ -7,7 +7,7 @@ does). They work for any differentiable model (BatchNorm in eval mode,
 LayerNorm, residual connections, BackPACK-``extend``-ed models) and evaluate
 the model at its *current* parameters at every product.
 
-Conventions (MATH.md): :math:`L(\theta) = R\sum_n \ell(f(x_n;\theta), y_n)` with
+Conventions (docs/conventions.md): :math:`L(\theta) = R\sum_n \ell(f(x_n;\theta), y_n)` with
 :math:`R = 1/N` (``reduction="mean"``) or :math:`1` (``"sum"``) over all
 :math:`N` examples of all batches, so the curvature over several batches equals
 the curvature over their concatenation. Flat order: concatenation of
@@ -424,7 +424,7 @@ def empirical_fisher(
     r"""The empirical Fisher :math:`R\sum_n \nabla_\theta\ell_n \nabla_\theta\ell_n^\top`.
 
     :math:`\ell_n` is the loss on example :math:`n` alone (with the true label),
-    :math:`L = R\sum_n\ell_n` (MATH.md). Works for any loss that is a mean or
+    :math:`L = R\sum_n\ell_n` (docs/conventions.md). Works for any loss that is a mean or
     sum over examples. Same arguments, returns and errors as :func:`hessian`.
     For ``MSELoss``/``BCEWithLogitsLoss`` with ``reduction="mean"`` it is
     :math:`1/C` times curvlinops' ``EFLinearOperator`` (``C`` outputs per example),

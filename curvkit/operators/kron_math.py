@@ -201,7 +201,7 @@ def kron_inverse_scale(
 
     Exact damping (``shifts=None``): :math:`S = 1/(\gamma\alpha^\top + \lambda)`, so
     that ``eigenbasis_matmat(U_G, U_A, S, ·)`` applies :math:`(G\otimes A+\lambda I)^{-1}`
-    (MATH.md; Grosse et al. 2023, eq. 21). Factored damping (``shifts=(δ_A, δ_G)``):
+    (docs/conventions.md; Grosse et al. 2023, eq. 21). Factored damping (``shifts=(δ_A, δ_G)``):
     :math:`S = 1/((\gamma+\delta_G)(\alpha+\delta_A)^\top)`, the inverse of
     :math:`(G+\delta_G I)\otimes(A+\delta_A I)` (M&G §6.3). Zero denominators
     (undamped singular factors) give zero: the Moore-Penrose pseudo-inverse.

@@ -132,7 +132,7 @@ class BlockDiagonalKFAC(LayeredOperator):
     def inverse(self, damping: float = 0.0, damping_mode: str = "exact") -> KronEigenOperator:
         r"""The damped inverse as an operator with cached eigenbases.
 
-        ``"exact"``: :math:`(G\otimes A + \lambda I)^{-1}` per block (MATH.md).
+        ``"exact"``: :math:`(G\otimes A + \lambda I)^{-1}` per block (docs/conventions.md).
         ``"factored"``:
         :math:`(G + \pi^{-1}\sqrt\lambda I)^{-1} \otimes (A + \pi\sqrt\lambda I)^{-1}`
         (M&G §6.3). Applying it costs four small matrix products per block

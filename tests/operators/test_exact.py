@@ -165,7 +165,7 @@ def test_ggn_and_type2_fisher_match_jacobian_reference(case):
 
 def test_empirical_fisher_matches_per_example_loop_and_curvlinops(case):
     E = ck.empirical_fisher(case.model, case.loss_func, case.batches).to_dense()
-    # MATH.md: R sum_n grad l_n grad l_n^T, l_n the user's loss on example n alone
+    # docs/conventions.md: R sum_n grad l_n grad l_n^T, l_n the user's loss on example n alone
     R = 1.0 / case.X.shape[0] if case.reduction == "mean" else 1.0
     assert_close(E, R * per_example_outer(case, [case.y], case.loss_func))
     # curvlinops sums the likelihood over outputs and keeps the mean's 1/C as a scale
