@@ -55,8 +55,7 @@ from torch import Tensor, nn
 from curvkit.errors import CurvkitError, ShapeError, UnsupportedModuleError
 from curvkit.extraction.checks import (
     CROSS_KINDS,
-    QUANTITIES,
-    UNSUPPORTED,
+    check_options,
     factor_dtype_of,
     flatten_sequential,
 )
@@ -114,22 +113,7 @@ def backpack_supports(model: nn.Module, quantities=("kflr",)) -> str | None:
 
 
 def _check(model, loss_func, X, y, quantities, mc_samples, kfac_approx, unsupported, converter):
-    if isinstance(quantities, str):
-        quantities = (quantities,)
-    q = set(quantities)
-    unknown = sorted(q - set(QUANTITIES))
-    if unknown:
-        raise ShapeError(f"Unknown quantities {unknown}; choose from {list(QUANTITIES)}.")
-    if "cross" in q and not q & set(CROSS_KINDS):
-        raise ShapeError(
-            f"'cross' needs at least one factor kind among {list(CROSS_KINDS)} in quantities."
-        )
-    if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
-        raise ShapeError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
-    if kfac_approx not in ("expand", "reduce"):
-        raise ShapeError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}.")
-    if unsupported not in UNSUPPORTED:
-        raise ShapeError(f"unsupported must be one of {UNSUPPORTED}, got {unsupported!r}.")
+    q = check_options(quantities, mc_samples, kfac_approx, unsupported)
     if unsupported == "gradient":
         raise BackpackError(
             "BackPACK cannot pass gradients through modules it does not support, so "

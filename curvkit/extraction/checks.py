@@ -152,6 +152,36 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
+def check_options(quantities, mc_samples, kfac_approx, unsupported) -> set[str]:
+    """Validate the options every extraction backend shares.
+
+    Returns:
+        The requested quantities as a set.
+
+    Raises:
+        ShapeError: For unknown quantities, ``"cross"`` without a factor kind,
+            ``mc_samples`` not an integer ``>= 1``, or unknown ``kfac_approx`` /
+            ``unsupported`` values.
+    """
+    if isinstance(quantities, str):
+        quantities = (quantities,)
+    q = set(quantities)
+    unknown = sorted(q - set(QUANTITIES))
+    if unknown:
+        raise ShapeError(f"Unknown quantities {unknown}; choose from {list(QUANTITIES)}.")
+    if "cross" in q and not q & set(CROSS_KINDS):
+        raise ShapeError(
+            f"'cross' needs at least one factor kind among {list(CROSS_KINDS)} in quantities."
+        )
+    if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
+        raise ShapeError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
+    if kfac_approx not in ("expand", "reduce"):
+        raise ShapeError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}.")
+    if unsupported not in UNSUPPORTED:
+        raise ShapeError(f"unsupported must be one of {UNSUPPORTED}, got {unsupported!r}.")
+    return q
+
+
 def check_arguments(
     model, loss_func, X, y, quantities, mc_samples, kfac_approx, unsupported="error"
 ) -> set[str]:
@@ -173,22 +203,7 @@ def check_arguments(
             f"The sweep (backend='sweep') needs a plain nn.Sequential chain (nested "
             f"Sequentials are flattened), but {reason}; use backend='graph' or 'auto'."
         )
-    if isinstance(quantities, str):
-        quantities = (quantities,)
-    q = set(quantities)
-    unknown = sorted(q - set(QUANTITIES))
-    if unknown:
-        raise ShapeError(f"Unknown quantities {unknown}; choose from {list(QUANTITIES)}.")
-    if "cross" in q and not q & set(CROSS_KINDS):
-        raise ShapeError(
-            f"'cross' needs at least one factor kind among {list(CROSS_KINDS)} in quantities."
-        )
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ShapeError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
-    if kfac_approx not in ("expand", "reduce"):
-        raise ShapeError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}.")
-    if unsupported not in UNSUPPORTED:
-        raise ShapeError(f"unsupported must be one of {UNSUPPORTED}, got {unsupported!r}.")
+    q = check_options(quantities, mc_samples, kfac_approx, unsupported)
     if X.shape[0] != y.shape[0]:
         raise ShapeError(f"X and y have different batch sizes: {X.shape[0]} and {y.shape[0]}.")
     check_input_dtype(model, X)

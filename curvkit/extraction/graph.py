@@ -41,9 +41,8 @@ from torch import Tensor, nn
 from curvkit.errors import ShapeError, UnsupportedModuleError
 from curvkit.extraction.checks import (
     CROSS_KINDS,
-    QUANTITIES,
-    UNSUPPORTED,
     check_input_dtype,
+    check_options,
     factor_dtype_of,
 )
 from curvkit.extraction.gram import gram, homogeneous_cross, homogeneous_gram
@@ -95,12 +94,7 @@ def check_graph_arguments(loss_func, y, quantities, mc_samples, kfac_approx, uns
         UnsupportedLossError: For an unsupported loss.
         ShapeError: For unknown quantities or bad options.
     """
-    if isinstance(quantities, str):
-        quantities = (quantities,)
-    q = set(quantities)
-    unknown = sorted(q - set(QUANTITIES))
-    if unknown:
-        raise ShapeError(f"Unknown quantities {unknown}; choose from {list(QUANTITIES)}.")
+    q = check_options(quantities, mc_samples, kfac_approx, unsupported)
     sweep_only = sorted(q & set(SWEEP_ONLY))
     if sweep_only:
         raise UnsupportedModuleError(
@@ -108,16 +102,6 @@ def check_graph_arguments(loss_func, y, quantities, mc_samples, kfac_approx, uns
             "every module between a layer and the output, which only the sweep over plain "
             "nn.Sequential chains provides (backend='sweep')."
         )
-    if "cross" in q and not q & set(CROSS_KINDS):
-        raise ShapeError(
-            f"'cross' needs at least one factor kind among {list(CROSS_KINDS)} in quantities."
-        )
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ShapeError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
-    if kfac_approx not in ("expand", "reduce"):
-        raise ShapeError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}.")
-    if unsupported not in UNSUPPORTED:
-        raise ShapeError(f"unsupported must be one of {UNSUPPORTED}, got {unsupported!r}.")
     if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] == 0:
         raise ShapeError("y must be a tensor of targets [N, ...] with N >= 1.")
     check_loss(loss_func)
