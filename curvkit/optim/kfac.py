@@ -482,6 +482,12 @@ class KFAC(torch.optim.Optimizer):
 
         with self._timer("extraction"):
             X, y, fwd, value = capture_forward(self.net, self.loss_func, closure, forward)
+            if self._automatic and not isinstance(X, Tensor):
+                raise ConfigError(
+                    "KFAC: the automatic step (lr=None) evaluates the exact GGN on the batch, "
+                    f"which needs a tensor model input, got a {type(X).__name__}; use a fixed "
+                    "lr."
+                )
             N = _batch_size(X)
             if N == 0:
                 raise ShapeError(
@@ -595,12 +601,6 @@ class KFAC(torch.optim.Optimizer):
     def _quadratic(self, X, y, params, vecs) -> Tensor:
         """``VᵀGV`` for the exact GGN ``G`` on the batch, by forward-mode products only."""
         from curvkit.operators.exact import ggn
-
-        if not isinstance(X, Tensor):
-            raise ConfigError(
-                "KFAC: the automatic step (lr=None) evaluates the exact GGN on the batch, "
-                f"which needs a tensor model input, got a {type(X).__name__}; use a fixed lr."
-            )
 
         # the closure's forward pass moved the buffers (BatchNorm statistics) once; the
         # model's passes here must not move them again

@@ -159,10 +159,19 @@ def test_dict_input_and_statistics_of_a_subset():
     assert losses[-1] < losses[0]
     auto = ck.optim.KFAC(model, loss_func, fallback=None)
     before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(auto.state_dict())
     with pytest.raises(ck.ConfigError, match="automatic step.*tensor model input.*dict"):
         auto.step(lambda: loss_func(model(X), y))
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert auto.state["kfac"]["step"] == 0
+    # the refused step changed no optimiser state (factor averages included)
+    after = auto.state_dict()
+    assert torch.utils._pytree.tree_structure(after) == torch.utils._pytree.tree_structure(state)
+    for a, b in zip(torch.utils._pytree.tree_leaves(after), torch.utils._pytree.tree_leaves(state)):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+        else:
+            assert a == b or (a != a and b != b), (a, b)  # NaN (no rho yet) equals NaN
     # a sequence output [N*T, C]: the statistics subset takes the rows of its examples
     model, loss_func, X, y = problem("gpt", "ce", n=16)
     opt = ck.optim.KFAC(model, loss_func, fallback=None, stats_fraction=0.5)
