@@ -111,6 +111,23 @@ def test_digits_standardised_on_train_and_cnn_uses_raw_images():
     assert row_set(cnn.train[0] * 16) <= row_set(torch.from_numpy(d.data.astype(np.float32)))
 
 
+def test_digits_arrays_are_load_digits(monkeypatch):
+    """Read from scikit-learn's file, or through ``load_digits`` where it is missing: the same."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for missing in (False, True):
+        _data.digits_arrays.cache_clear()
+        if missing:
+            monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+        X, y = _data.digits_arrays()
+        np.testing.assert_array_equal(X, d.data.astype(np.float32))
+        np.testing.assert_array_equal(y, d.target.astype(np.int64))
+        assert X.dtype == np.float32 and y.dtype == np.int64 and not X.flags.writeable
+    monkeypatch.undo()
+    _data.digits_arrays.cache_clear()
+
+
 def test_mnist1d_is_the_packages_dataset_and_restores_global_rng():
     from mnist1d.data import get_dataset_args, make_dataset
 

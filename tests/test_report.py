@@ -348,6 +348,17 @@ def test_dense_matrices_from_batched_products_equal_the_operators():
             assert how == method
             expected = build(model, loss_func, data).to_dense()
             torch.testing.assert_close(M, (expected + expected.T) / 2, rtol=1e-10, atol=1e-12)
+    # cross-entropy over positions ([N, C, T] logits): Λ per position, factored for MC and EF
+    gen = torch.Generator().manual_seed(1)
+    model = torch.nn.Conv1d(2, 3, 3, padding=1).double()
+    X = torch.randn(5, 2, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5, 4), generator=gen)
+    loss_func = torch.nn.CrossEntropyLoss()
+    for build in builders["jacobian"]:
+        M, how = report._dense_matrix(build(model, loss_func, (X, y)))
+        expected = build(model, loss_func, (X, y)).to_dense()
+        assert how == "jacobian"
+        torch.testing.assert_close(M, (expected + expected.T) / 2, rtol=1e-10, atol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -577,6 +588,36 @@ def test_householder_reduction_gives_the_dense_spectrum_solves_and_density():
     expected = torch.stack([torch.linalg.solve(M + c * torch.eye(D, dtype=M.dtype), g)
                             for c in lambdas], dim=1)  # fmt: skip
     torch.testing.assert_close(tri.solve(g, lambdas), expected, rtol=1e-11, atol=1e-12)
+    for n in (1, 2, D):  # Q from the blocked Householder products: orthogonal, M = Q T Q^T
+        A = M[:n, :n].contiguous()
+        red = report._Tridiagonal(A)
+        eye = torch.eye(n, dtype=A.dtype)
+        Q = red.q(eye)
+        torch.testing.assert_close(Q.T @ Q, eye, rtol=0, atol=1e-13)
+        torch.testing.assert_close(red.qt(eye), Q.T, rtol=0, atol=1e-13)
+        torch.testing.assert_close(Q @ red.matmat(Q.T), A, rtol=0, atol=1e-12)
+        torch.testing.assert_close(red.qt(g[:n]), Q.T @ g[:n], rtol=0, atol=1e-12)
+    # block-diagonal: each block reduced alone, T uncoupled between the blocks
+    blocks = [slice(0, 1), slice(1, 31), slice(31, D)]
+    B = torch.block_diag(*(M[s, s] for s in blocks))
+    named = [(str(i), s) for i, s in enumerate(blocks)]
+    assert report._block_diagonal(B, named) and not report._block_diagonal(B, named[:1])
+    for i, j in ((0, D - 1), (40, 2)):  # one entry outside the blocks, above or below them
+        C = B.clone()
+        C[i, j] = 1e-300
+        assert not report._block_diagonal(C, named)
+    red = report._Tridiagonal(B, blocks)
+    assert all(red.e[s.stop - 1] == 0 for s in blocks[:-1])
+    exact_B = torch.linalg.eigvalsh(B)
+    torch.testing.assert_close(red.eigenvalues(), exact_B, rtol=0, atol=1e-13)
+    w, V = red.top(5)
+    torch.testing.assert_close(w, exact_B.flip(0)[:5], rtol=0, atol=1e-13)
+    torch.testing.assert_close(B @ V, V * w, rtol=0, atol=1e-12)
+    expected = torch.stack([torch.linalg.solve(B + c * torch.eye(D, dtype=M.dtype), g)
+                            for c in lambdas], dim=1)  # fmt: skip
+    torch.testing.assert_close(red.solve(g, lambdas), expected, rtol=1e-11, atol=1e-12)
+    Q = red.q(torch.eye(D, dtype=M.dtype))
+    torch.testing.assert_close(Q @ red.matmat(Q.T), B, rtol=0, atol=1e-12)
     ref = ck.DenseOperator(M)
     for log in (False, True):
         A = (U * lam.abs()) @ U.T if log else M

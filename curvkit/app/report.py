@@ -332,7 +332,12 @@ def _gauss_newton_dense(op, cache: dict | None = None):
                 if cache is not None:
                     cache[key] = (f, J)
             lam = op._output_curvature(f.detach(), yb, scale)
-            term = J.reshape(D, -1) @ lam(J).reshape(D, -1).T
+            root = getattr(lam, "root", None)
+            if root is not None:  # Λ = R Rᵀ of low rank (Monte Carlo / empirical Fisher)
+                R = root(J).reshape(D, -1)
+                term = R @ R.T
+            else:
+                term = J.reshape(D, -1) @ lam(J).reshape(D, -1).T
             total = term if total is None else total + term
     op.matvecs += D
     return total
@@ -438,44 +443,63 @@ class _Tridiagonal:
     shifted solves :math:`(M + \lambda I)^{-1} g = Q (T + \lambda I)^{-1} Q^\top g`,
     and Lanczos runs: from the start vectors :math:`Q^\top V_0` on ``T`` they give
     the coefficients of the runs from :math:`V_0` on ``M`` (up to rounding).
+
+    ``blocks`` (contiguous slices covering ``0..D``): ``M`` is block-diagonal
+    with these blocks, each reduced alone; ``Q`` is then block-diagonal and
+    ``T`` has zero couplings between the blocks.
     """
 
-    def __init__(self, M: torch.Tensor):
+    def __init__(self, M: torch.Tensor, blocks=None):
         import numpy as np
         from scipy.linalg import lapack
 
         D = M.shape[0]
-        self.like = M
-        a = np.array(M.detach().to("cpu", torch.float64).numpy(), order="F")
-        lwork = int(lapack.dsytrd_lwork(D, lower=1)[0])
-        c, d, e, tau, info = lapack.dsytrd(a, lower=1, lwork=max(lwork, 1), overwrite_a=1)
-        if info != 0 or not (np.isfinite(d).all() and np.isfinite(e).all()):
-            raise torch.linalg.LinAlgError(f"Householder tridiagonalisation failed (info={info})")
-        self.dim, self.d, self.e, self.tau = D, d, e, tau
-        # column i: the Householder vector of step i (zero above row i + 1, one at it)
-        V = np.tril(c, -2)[:, : max(D - 1, 0)]
-        V[np.arange(1, D), np.arange(D - 1)] = 1.0
-        self.V = V
+        self.like, self.dim = M, D
+        blocks = [slice(0, D)] if blocks is None else list(blocks)
+        A = M.detach().to("cpu", torch.float64).numpy()
+        d, e, self.reflectors = np.zeros(D), np.zeros(max(D - 1, 0)), []
+        for s in blocks:
+            n = s.stop - s.start
+            a = np.array(A[s, s], order="F")
+            lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
+            c, d_s, e_s, tau, info = lapack.dsytrd(a, lower=1, lwork=max(lwork, 1), overwrite_a=1)
+            if info != 0 or not (np.isfinite(d_s).all() and np.isfinite(e_s).all()):
+                raise torch.linalg.LinAlgError(
+                    f"Householder tridiagonalisation failed (info={info})"
+                )
+            d[s], e[s.start : s.stop - 1] = d_s, e_s
+            # Q_s = H_0 ... H_{n-2} acts on the block's rows 1..n-1: the reflectors of a QR
+            # factorisation below the diagonal of c[1:, :n-1] (what LAPACK's ormtr hands ormqr)
+            if n > 1:
+                reflectors = np.asfortranarray(c[1:, : n - 1])
+                self.reflectors.append((s.start + 1, s.stop, reflectors, tau))
+        self.d, self.e = d, e
 
-    def _apply(self, X: torch.Tensor, steps) -> torch.Tensor:
+    def _apply(self, X: torch.Tensor, trans: bytes) -> torch.Tensor:
         import numpy as np
+        from scipy.linalg import lapack
 
         Y = np.array(X.detach().to("cpu", torch.float64).numpy(), dtype=np.float64)
         vector = Y.ndim == 1
         Y = Y.reshape(self.dim, -1)
-        for i in steps:  # H_i = I - tau_i v_i v_i^T
-            v = self.V[i + 1 :, i]
-            Y[i + 1 :] -= np.outer(self.tau[i] * v, v @ Y[i + 1 :])
+        for lo, hi, reflectors, tau in self.reflectors:  # blocked Householder products
+            C = np.asfortranarray(Y[lo:hi])
+            query = lapack.dormqr(b"L", trans, reflectors, tau, C, -1)
+            lwork = max(int(query[1][0]), C.shape[1], 1)
+            C, _, info = lapack.dormqr(b"L", trans, reflectors, tau, C, lwork)
+            if info != 0:
+                raise torch.linalg.LinAlgError(f"Householder product failed (info={info})")
+            Y[lo:hi] = C
         Y = Y[:, 0] if vector else Y
-        return torch.from_numpy(Y).to(self.like)
+        return torch.from_numpy(np.ascontiguousarray(Y)).to(self.like)
 
     def qt(self, X: torch.Tensor) -> torch.Tensor:
-        r""":math:`Q^\top X` (``Q = H_0 H_1 \cdots H_{D-2}``)."""
-        return self._apply(X, range(self.dim - 1))
+        r""":math:`Q^\top X`."""
+        return self._apply(X, b"T")
 
     def q(self, Y: torch.Tensor) -> torch.Tensor:
         """:math:`Q Y`."""
-        return self._apply(Y, range(self.dim - 2, -1, -1))
+        return self._apply(Y, b"N")
 
     def eigenvalues(self) -> torch.Tensor:
         """All eigenvalues, ascending (``sterf``)."""
@@ -541,10 +565,7 @@ def _tridiagonal_density(tri: _Tridiagonal, ref, log: bool, seed: int, steps: in
 
 def _eigvalsh(M: torch.Tensor, slices) -> torch.Tensor:
     """All eigenvalues; block by block when every off-diagonal block is exactly zero."""
-    mask = torch.ones_like(M, dtype=torch.bool)
-    for _, s in slices:
-        mask[s, s] = False
-    if len(slices) > 1 and not bool(M[mask].any()):
+    if _block_diagonal(M, slices):
         return torch.cat([torch.linalg.eigvalsh(M[s, s]) for _, s in slices])
     return torch.linalg.eigvalsh(M)
 
@@ -754,56 +775,47 @@ _EIGH_ALL = 600
 
 
 def _block_diagonal(M: torch.Tensor, slices) -> bool:
-    mask = torch.ones_like(M, dtype=torch.bool)
-    for _, s in slices:
-        mask[s, s] = False
-    return len(slices) > 1 and not bool(M[mask].any())
+    """Whether every entry outside the diagonal blocks ``slices`` is exactly zero.
+
+    Row block by row block, on views (a boolean mask of ``M`` copied the matrix).
+    """
+    if len(slices) < 2:
+        return False
+    return not any(bool(M[s, : s.start].any() or M[s, s.stop :].any()) for _, s in slices)
 
 
 def _top_and_solve(M, slices, k, g, lambdas, seed, tri=None):
     """Top-``k`` eigenvectors of ``M`` and ``(M + λI)^{-1} g`` for every λ.
 
-    Exact eigendecompositions for small ``M``; block by block for a block-diagonal
-    one (on the CPU the top ``k`` of each block's Householder reduction, and its
-    solves); otherwise, on the CPU, one Householder reduction ``M = Q T Q^T``
-    (``tri``, a :class:`_Tridiagonal`, if already computed) for the exact top
-    eigenvectors and the solves; elsewhere Lanczos on the dense matrix
-    (residual-checked) and one linear solve per λ.
+    Exact eigendecompositions for small ``M``; on the CPU otherwise one
+    Householder reduction ``M = Q T Q^T`` (``tri``, a :class:`_Tridiagonal`, if
+    already computed; block by block for a block-diagonal ``M``) for the exact
+    top eigenvectors and the solves; elsewhere per-block eigendecompositions of
+    a block-diagonal ``M``, else Lanczos on the dense matrix (residual-checked)
+    and one linear solve per λ.
     """
     import curvkit as ck
 
     D = M.shape[0]
+    if D > _EIGH_ALL and M.device.type == "cpu":
+        if tri is None:
+            tri = _Tridiagonal(M, [s for _, s in slices] if _block_diagonal(M, slices) else None)
+        return tri.top(k)[1], tri.solve(g, lambdas.tolist()), "dense"
     if D <= _EIGH_ALL or _block_diagonal(M, slices):
-        if D <= _EIGH_ALL:
-            parts = [(slice(0, D), torch.linalg.eigh(M))]
-        elif M.device.type == "cpu":  # per block: its top k (all a top k can use) and solves
-            parts, solved = [], []
-            for _, s in slices:
-                block = _Tridiagonal(M[s, s])
-                parts.append((s, block.top(min(k, s.stop - s.start))))
-                solved.append(block.solve(g[s], lambdas))
-        else:
-            parts = [(s, torch.linalg.eigh(M[s, s])) for _, s in slices]
-        vals = torch.cat([v for _, (v, _) in parts])
-        order = torch.argsort(vals, descending=True)[:k]
-        V = M.new_zeros(D, k)
+        parts = [slice(0, D)] if D <= _EIGH_ALL else [s for _, s in slices]
         d = M.new_zeros(D, len(lambdas))
-        offsets, start = [], 0
-        for i, (s, (v, U)) in enumerate(parts):
-            offsets.append((s, start, start + v.numel(), U))
-            start += v.numel()
-            if D > _EIGH_ALL and M.device.type == "cpu":
-                d[s] = solved[i]
-            else:
-                d[s] = U @ ((U.T @ g[s])[:, None] / (v[:, None] + lambdas[None, :]))
-        for col, idx in enumerate(order.tolist()):
-            for s, lo, hi, U in offsets:
-                if lo <= idx < hi:
-                    V[s, col] = U[:, idx - lo]
+        pairs = []
+        for s in parts:
+            v, U = torch.linalg.eigh(M[s, s])
+            d[s] = U @ ((U.T @ g[s])[:, None] / (v[:, None] + lambdas[None, :]))
+            pairs.append((s, v, U))
+        values = torch.cat([v for _, v, _ in pairs])
+        owner = [(s, U, i) for s, v, U in pairs for i in range(v.numel())]
+        V = M.new_zeros(D, k)
+        for col, idx in enumerate(torch.argsort(values, descending=True)[:k].tolist()):
+            s, U, i = owner[idx]
+            V[s, col] = U[:, i]
         return V, d, "dense"
-    if M.device.type == "cpu":
-        tri = _Tridiagonal(M) if tri is None else tri
-        return tri.top(k)[1], tri.solve(g, lambdas), "dense"
     op = ck.DenseOperator(M)
     _, V, _ = ck.eigenvectors(op, k=k, method="lanczos", tol=1e-10, seed=seed)
     eye = torch.eye(D, dtype=M.dtype, device=M.device)
@@ -821,8 +833,9 @@ def _compare_dense(dense, ref_op, g, grid, k, seed, tridiagonal=None):
     is not block-diagonal: there :math:`\|A - G\|_2` comes from Lanczos on the
     dense matrix (tolerance ``1e-10``, ``method="lanczos"``), and the top-``k``
     eigenvectors and damped solves from one Householder reduction per matrix
-    (:class:`_Tridiagonal`; reused from ``tridiagonal``, name -> reduction, where
-    the spectra made one) instead of ``D^3`` eigendecompositions of every matrix.
+    (:class:`_Tridiagonal`, per block where the matrix is block-diagonal; reused
+    from ``tridiagonal``, name -> reduction, where the spectra made one) instead
+    of ``D^3`` eigendecompositions of every matrix.
     Off the CPU, Lanczos gives the eigenvectors and dense solves the steps.
     """
     import pandas as pd
@@ -897,8 +910,8 @@ def _spectra_dense(run, dense, ref_op, seed, k, tridiagonal=None):
     """Dense eigenvalues, Lanczos checked against them, SLQ densities, a summary per matrix.
 
     ``tridiagonal``: a dict that receives the Householder reduction
-    (:class:`_Tridiagonal`) of every matrix that gets one (on the CPU: those
-    that are not block-diagonal, and those with a density), for the comparison.
+    (:class:`_Tridiagonal`, block by block for a block-diagonal matrix) of every
+    matrix on the CPU, for the comparison.
     """
     import curvkit as ck
 
@@ -911,8 +924,9 @@ def _spectra_dense(run, dense, ref_op, seed, k, tridiagonal=None):
             if same in tri:
                 tri[name] = tri[same]
             lam = eigs[same]
-        elif M.device.type == "cpu" and not _block_diagonal(M, slices):
-            tri[name] = _Tridiagonal(M)
+        elif M.device.type == "cpu":
+            blocks = [s for _, s in slices] if _block_diagonal(M, slices) else None
+            tri[name] = _Tridiagonal(M, blocks)
             lam = tri[name].eigenvalues()
         else:
             lam = _eigvalsh(M, slices)

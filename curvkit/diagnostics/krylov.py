@@ -1,8 +1,10 @@
 r"""Krylov-subspace kernels on curvature operators: Lanczos and restarted Lanczos.
 
 Everything runs in torch on the operator's device and dtype (no NumPy round
-trip), with full re-orthogonalisation (classical Gram-Schmidt applied twice,
-"twice is enough"; Parlett 1998, *The Symmetric Eigenvalue Problem*):
+trip), with full re-orthogonalisation (classical Gram-Schmidt; "twice is
+enough", Parlett 1998, *The Symmetric Eigenvalue Problem*; :func:`lanczos`
+skips the second pass when the first removed little, the test of Daniel,
+Gragg, Kaufman & Stewart 1976):
 
 - :func:`lanczos` runs independent Lanczos recurrences on the columns of a
   ``[D, b]`` start matrix at once (one ``[D, b]`` product per step): the kernel
@@ -39,6 +41,11 @@ def make_generator(seed: int, device) -> torch.Generator:
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
+#: A re-orthogonalisation pass that keeps at least this fraction of the vector's norm
+#: needs no second pass (Daniel, Gragg, Kaufman & Stewart 1976).
+_DGKS = 0.5**0.5
+
+
 def _masked_div(num: Tensor, den: Tensor, mask: Tensor) -> Tensor:
     """``num / den`` where ``mask`` holds (broadcast over rows), zero elsewhere."""
     return torch.where(
@@ -55,6 +62,18 @@ def _orthogonalise(w: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
     w = w - Q @ h
     h2 = Q.T @ w
     return w - Q @ h2, h + h2
+
+
+def _project(basis: Tensor, w: Tensor) -> Tensor:
+    """Column ``i`` of ``w`` projected onto the rows of ``basis[i]`` (``[b, j, D]``, ``[D, b]``).
+
+    One matrix-vector pair per column: a batched ``einsum`` over the strided
+    slices of the basis ran 4-5 times slower on the CPU.
+    """
+    out = torch.empty_like(w)
+    for i in range(w.shape[1]):
+        out[:, i] = (basis[i] @ w[:, i]) @ basis[i]
+    return out
 
 
 def lanczos(op: CurvatureOperator, V0: Tensor, steps: int) -> tuple[Tensor, Tensor]:
@@ -86,9 +105,15 @@ def lanczos(op: CurvatureOperator, V0: Tensor, steps: int) -> tuple[Tensor, Tens
         w = op.matmat(q)
         alpha[:, j] = (q * w).sum(0)
         wnorm = w.norm(dim=0)
+        w = w - alpha[:, j] * q  # the three-term recurrence, then the whole basis
+        if j > 0:
+            w = w - beta[:, j - 1] * Q[:, j - 1].T
         basis = Q[:, : j + 1]
-        for _ in range(2):
-            w = w - torch.einsum("bjd,bj->db", basis, torch.einsum("bjd,db->bj", basis, w))
+        for _ in range(2):  # a second pass only where the first cancelled (DGKS test)
+            before = w.norm(dim=0)
+            w = w - _project(basis, w)
+            if bool((w.norm(dim=0) >= _DGKS * before).all()):
+                break
         bnorm = w.norm(dim=0)
         alive = bnorm > eps**0.5 * wnorm
         beta[:, j] = torch.where(alive, bnorm, torch.zeros_like(bnorm))

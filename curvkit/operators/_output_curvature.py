@@ -225,6 +225,10 @@ def sample_scores(
 def factored_curvature(S: Tensor, c: float, terms=None) -> OutputCurvature:
     r""":math:`\Lambda_n = \frac{c}{M} \sum_m s_{nm} s_{nm}^\top` for scores ``S`` [M, N, ...].
 
+    The returned function also carries ``root``: the square-root factor's
+    coefficients, so that a dense :math:`\sum_n J_n^\top\Lambda_n J_n` is one
+    ``D x MP`` product with its transpose (``c >= 0``).
+
     Args:
         S: Scores ``[M, *f.shape]``.
         c: The scale.
@@ -242,6 +246,11 @@ def factored_curvature(S: Tensor, c: float, terms=None) -> OutputCurvature:
         coeff = torch.einsum("mnc,knc->kmn", S2, to_terms(U))
         return back((c / M) * torch.einsum("kmn,mnc->knc", coeff, S2), U.shape)
 
+    def root(U: Tensor) -> Tensor:
+        """``[k, M, P]`` with ``root(U1)·root(U2) = U1ᵀ Λ U2`` (summed over the last two)."""
+        return sqrt(c / M) * torch.einsum("mnc,knc->kmn", S2, to_terms(U))
+
+    apply.root = root  # Λ = R Rᵀ with M·P columns: dense forms from thin products
     return apply
 
 

@@ -29,11 +29,28 @@ def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 @functools.cache
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1797 digits, 64 pixels in ``0..16``, and labels."""
-    from sklearn.datasets import load_digits
+    """scikit-learn's 1797 digits, 64 pixels in ``0..16``, and labels.
 
-    d = load_digits()
-    return _read_only(np.asarray(d.data, dtype=np.float32), np.asarray(d.target, dtype=np.int64))
+    Read from the file scikit-learn ships (``datasets/data/digits.csv.gz``: 64
+    pixels and the label per row, what ``load_digits`` parses) without
+    importing scikit-learn, whose import takes about a second; ``load_digits``
+    where that file is not found.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    roots = [] if spec is None else list(spec.submodule_search_locations or [])
+    path = next((Path(r, "datasets", "data", "digits.csv.gz") for r in roots), None)
+    if path is not None and path.is_file():
+        table = np.loadtxt(path, delimiter=",")
+        X, y = table[:, :-1], table[:, -1]
+    else:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        X, y = d.data, d.target
+    return _read_only(np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.int64))
 
 
 @functools.cache
