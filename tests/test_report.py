@@ -344,7 +344,7 @@ def test_dense_matrices_from_batched_products_equal_the_operators():
     for method, fns in builders.items():
         for build in fns:
             op = build(model, loss_func, data)
-            M, how = report._dense_matrix(op)
+            M, how, _ = report._dense_matrix(op)
             assert how == method
             expected = build(model, loss_func, data).to_dense()
             torch.testing.assert_close(M, (expected + expected.T) / 2, rtol=1e-10, atol=1e-12)
@@ -355,7 +355,9 @@ def test_dense_matrices_from_batched_products_equal_the_operators():
     y = torch.randint(0, 3, (5, 4), generator=gen)
     loss_func = torch.nn.CrossEntropyLoss()
     for build in builders["jacobian"]:
-        M, how = report._dense_matrix(build(model, loss_func, (X, y)))
+        M, how, root = report._dense_matrix(build(model, loss_func, (X, y)))
+        if build is not ck.ggn:  # Monte Carlo and empirical Fisher: M = R Rᵀ
+            torch.testing.assert_close(root @ root.T, M, rtol=1e-10, atol=1e-12)
         expected = build(model, loss_func, (X, y)).to_dense()
         assert how == "jacobian"
         torch.testing.assert_close(M, (expected + expected.T) / 2, rtol=1e-10, atol=1e-12)
@@ -518,6 +520,43 @@ def test_dense_comparison_matches_compare(monkeypatch, eigh_all):
     merged = got.merge(expected, on=keys, suffixes=("", "_ref"), how="left")
     assert len(merged) == len(got) and merged.value_ref.notna().all()
     np.testing.assert_allclose(merged.value, merged.value_ref, rtol=1e-7, atol=1e-9)
+
+
+def test_low_rank_factor_gives_the_dense_results():
+    """``M = R Rᵀ`` from its thin factor: eigenvalues, top pairs, solves, products, density."""
+    import curvkit as ck
+
+    gen = torch.Generator().manual_seed(0)
+    D, r = 60, 12
+    R = torch.randn(D, r, generator=gen, dtype=torch.float64) * torch.logspace(-2, 1, r)
+    M = R @ R.T
+    low = report._LowRank(R, M)
+    exact, vecs = torch.linalg.eigh(M)
+    scale = float(exact[-1])
+    torch.testing.assert_close(low.eigenvalues(), exact, rtol=0, atol=1e-12 * scale)
+    assert (low.eigenvalues()[: D - r] == 0).all()
+    w, V = low.top(3)
+    torch.testing.assert_close(w, exact.flip(0)[:3], rtol=1e-12, atol=0)
+    torch.testing.assert_close(M @ V, V * w, rtol=0, atol=1e-11 * scale)
+    g = torch.randn(D, generator=gen, dtype=torch.float64)
+    lambdas = [1e-3 * scale, scale]
+    expected = torch.stack([torch.linalg.solve(M + c * torch.eye(D, dtype=M.dtype), g)
+                            for c in lambdas], dim=1)  # fmt: skip
+    torch.testing.assert_close(low.solve(g, lambdas), expected, rtol=1e-9, atol=1e-12)
+    with pytest.raises(torch.linalg.LinAlgError):
+        low.solve(g, [0.0])
+    ref = ck.DenseOperator(M)
+    X = torch.randn(D, 4, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(report._dense_op(M, ref, low).matmat(X), M @ X, rtol=1e-12, atol=0)
+    got = report._tridiagonal_density(low, ref, True, seed=3, steps=30)
+    want = ck.spectral_density(ref, num_probes=10, lanczos_steps=30, log=True, seed=3)
+    torch.testing.assert_close(
+        got.density, want.density, rtol=0, atol=1e-8 * float(want.density.max())
+    )
+    # used only where it is thin enough (2r <= D) and holds the k top pairs
+    assert set(report._low_rank({"EF": R, "wide": torch.randn(D, 31)}, {"EF": M, "wide": M}, 3)) \
+        == {"EF"}  # fmt: skip
+    assert report._low_rank({"EF": R}, {"EF": M}, r + 1) == {}
 
 
 def test_python_entry_point_docstring_example_runs():

@@ -305,7 +305,10 @@ def _gauss_newton_dense(op, cache: dict | None = None):
     ``J`` (``[D, N, C]``) from :func:`_per_example_jacobian`; one ``D x NC`` by
     ``NC x D`` product forms the matrix, with the operator's own output
     curvature :math:`\Lambda` (the same Monte Carlo samples as its products).
-    ``None`` when a batch's Jacobian would exceed :data:`_JACOBIAN_ENTRIES`.
+    Returns ``(matrix, root)``: ``root`` is ``R`` with ``matrix = R Rᵀ`` where
+    :math:`\Lambda` comes as a thin square-root factor (Monte Carlo and
+    empirical Fisher), else ``None``; ``(None, None)`` when a batch's Jacobian
+    would exceed :data:`_JACOBIAN_ENTRIES`.
 
     ``cache`` (a dict owned by the caller) keeps each batch's output and
     Jacobian for the next Gauss-Newton form of the same model, parameters and
@@ -316,7 +319,7 @@ def _gauss_newton_dense(op, cache: dict | None = None):
     from curvkit.operators._autodiff import forward_context
 
     D = op.dim
-    total = None
+    total, roots = None, []
     op._reset()
     with forward_context(op.model):
         for Xb, yb, scale in op._data():
@@ -327,7 +330,7 @@ def _gauss_newton_dense(op, cache: dict | None = None):
                 with torch.no_grad():
                     f = op.model(Xb)
                 if D * f.numel() > _JACOBIAN_ENTRIES:
-                    return None
+                    return None, None
                 J = _per_example_jacobian(op, Xb)
                 if cache is not None:
                     cache[key] = (f, J)
@@ -335,12 +338,15 @@ def _gauss_newton_dense(op, cache: dict | None = None):
             root = getattr(lam, "root", None)
             if root is not None:  # Λ = R Rᵀ of low rank (Monte Carlo / empirical Fisher)
                 R = root(J).reshape(D, -1)
+                roots.append(R)
                 term = R @ R.T
             else:
+                roots.append(None)
                 term = J.reshape(D, -1) @ lam(J).reshape(D, -1).T
             total = term if total is None else total + term
     op.matvecs += D
-    return total
+    factored = bool(roots) and all(R is not None for R in roots)
+    return total, (torch.cat(roots, dim=1) if factored else None)
 
 
 def _hessian_dense(op, chunk: int = 32):
@@ -403,34 +409,44 @@ def _hessian_dense(op, chunk: int = 32):
     return H
 
 
-def _dense_matrix(op, cache: dict | None = None) -> tuple[torch.Tensor, str]:
-    """``(matrix in float64, method)``: batched Jacobians/HVPs where they apply, else products.
+def _dense_matrix(op, cache: dict | None = None) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+    """``(matrix in float64, method, root)``: batched Jacobians/HVPs where they apply.
 
-    ``cache``: shared Jacobians of the Gauss-Newton forms (see :func:`_gauss_newton_dense`).
+    Column-by-column products elsewhere.
+
+    ``root``: a thin ``R`` with ``matrix = R Rᵀ`` (see :func:`_gauss_newton_dense`), or ``None``.
+    ``cache``: shared Jacobians of the Gauss-Newton forms.
     """
     from curvkit.operators.exact import HessianOperator, _GaussNewtonForm
 
-    M, method = None, "products"
+    M, method, R = None, "products", None
     try:
         if isinstance(op, _GaussNewtonForm):
-            M, method = _gauss_newton_dense(op, cache), "jacobian"
+            (M, R), method = _gauss_newton_dense(op, cache), "jacobian"
         elif isinstance(op, HessianOperator):
             M, method = _hessian_dense(op), "vmap-hvp"
     except RuntimeError:  # e.g. a model torch.func cannot transform: plain products
-        M = None
+        M, R = None, None
     if M is None:
         method = "products"
         M = op.to_dense(chunk_size=min(op.dim, 256))
     M = M.to(torch.float64)
-    return (M + M.T) / 2, method
+    return (M + M.T) / 2, method, None if R is None else R.to(torch.float64)
 
 
-def _dense_op(M, ref):
-    from curvkit.operators.base import DenseOperator
+def _dense_op(M, ref, factor=None):
+    """``M`` as an operator with ``ref``'s blocks (products through a ``factor``, if given)."""
+    from curvkit.operators.base import CurvatureOperator, DenseOperator
 
-    return DenseOperator(
-        M, ref.param_shapes, block_sizes=ref.block_sizes, block_names=ref.block_names
-    )
+    blocks = {"block_sizes": ref.block_sizes, "block_names": ref.block_names}
+    if not isinstance(factor, _LowRank):
+        return DenseOperator(M, ref.param_shapes, **blocks)
+
+    class _Factored(CurvatureOperator):
+        def _matmat(self, X):
+            return factor.matmat(X)
+
+    return _Factored(ref.param_shapes, M.dtype, M.device, **blocks)
 
 
 class _Tridiagonal:
@@ -541,6 +557,63 @@ class _Tridiagonal:
         Y[:-1] += e[:, None] * X[1:]
         Y[1:] += e[:, None] * X[:-1]
         return Y
+
+
+class _LowRank:
+    r"""A positive semi-definite :math:`M = R R^\top` from a thin ``R`` (``[D, r]``).
+
+    The thin SVD :math:`R = U \Sigma V^\top` (:math:`O(Dr^2)`) gives every
+    eigenpair: :math:`\Sigma^2` on :math:`U`, zero on its complement. So all
+    eigenvalues, the top-``k`` eigenpairs (``k <= r``), damped solves
+    :math:`(M + \lambda I)^{-1} g = U(\Sigma^2 + \lambda)^{-1}U^\top g +
+    (g - UU^\top g)/\lambda` and products :math:`R(R^\top X)` (:math:`O(Dr)`,
+    for Lanczos runs on ``M`` itself: ``qt`` is the identity) cost far less
+    than a reduction of the dense matrix. The interface of :class:`_Tridiagonal`.
+    """
+
+    def __init__(self, R: torch.Tensor, like: torch.Tensor):
+        self.like, self.dim = like, R.shape[0]
+        self.R = R.to(like)
+        U, S, _ = torch.linalg.svd(self.R, full_matrices=False)
+        self.U, self.values = U, S**2  # descending
+
+    def eigenvalues(self) -> torch.Tensor:
+        """All eigenvalues, ascending (``D - r`` exact zeros first)."""
+        return torch.cat(
+            [self.values.new_zeros(self.dim - self.values.numel()), self.values.flip(0)]
+        )
+
+    def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k <= r`` largest eigenvalues (descending) and their eigenvectors ``[D, k]``."""
+        return self.values[:k], self.U[:, :k]
+
+    def solve(self, g: torch.Tensor, lambdas) -> torch.Tensor:
+        r""":math:`(M + \lambda I)^{-1} g` for every :math:`\lambda > 0`, ``[D, len(lambdas)]``."""
+        c = self.U.T @ g
+        rest = g - self.U @ c
+        cols = []
+        for lam in lambdas:
+            if not lam > 0:
+                raise torch.linalg.LinAlgError(f"singular shifted system (lambda={lam})")
+            cols.append(self.U @ (c / (self.values + lam)) + rest / lam)
+        return torch.stack(cols, dim=1)
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        """``M X`` as ``R (Rᵀ X)``."""
+        return self.R @ (self.R.T @ X)
+
+    def qt(self, X: torch.Tensor) -> torch.Tensor:
+        return X
+
+
+def _low_rank(roots: dict, dense: dict, k: int) -> dict:
+    """Name -> :class:`_LowRank` of the matrices whose root has ``k`` to ``D/2`` columns."""
+    out = {}
+    for name, R in roots.items():
+        D, r = R.shape
+        if name in dense and k <= r and 2 * r <= D:
+            out[name] = _LowRank(R, dense[name])
+    return out
 
 
 def _tridiagonal_density(tri: _Tridiagonal, ref, log: bool, seed: int, steps: int = 80):
@@ -732,9 +805,13 @@ class _Run:
 
 # -- the phases ---------------------------------------------------------------------------
 def _build_operators(run, names, model, loss_func, data, seed, dense_mode):
-    """Build each operator (and, in the dense regime, its matrix); failures become rows."""
+    """Build each operator (and, in the dense regime, its matrix); failures become rows.
+
+    Returns ``(ops, dense, roots, rows)``; ``roots``: name -> thin ``R`` with
+    ``dense[name] = R Rᵀ`` where the matrix came in that form.
+    """
     builders = _builders(seed)
-    ops, dense, rows = {}, {}, []
+    ops, dense, roots, rows = {}, {}, {}, []
     jacobians: dict = {}  # one per-example Jacobian for the GGN, Fisher and empirical Fisher
     for name in run.bar(names, desc="operators"):
         build, description = builders[name]
@@ -747,7 +824,9 @@ def _build_operators(run, names, model, loss_func, data, seed, dense_mode):
                 row["build_s"] = time.perf_counter() - start
                 if dense_mode:
                     start = time.perf_counter()
-                    dense[name], row["dense_method"] = _dense_matrix(op, jacobians)
+                    dense[name], row["dense_method"], root = _dense_matrix(op, jacobians)
+                    if root is not None:
+                        roots[name] = root
                     row["dense_s"] = time.perf_counter() - start
             ops[name] = op
             row["matvecs"] = op.matvecs
@@ -761,13 +840,15 @@ def _build_operators(run, names, model, loss_func, data, seed, dense_mode):
         except _UNAVAILABLE as e:
             row["status"] = f"not available: {_message(e)}"
             dense.pop(name, None)
+            roots.pop(name, None)
         except Exception as e:  # noqa: BLE001 - recorded, the report goes on
             row["status"] = f"failed: {_message(e)}"
             dense.pop(name, None)
+            roots.pop(name, None)
             run.fail(f"operator {name}", e)
         rows.append(row)
         run.results["operators"] = rows
-    return ops, dense, rows
+    return ops, dense, roots, rows
 
 
 #: Largest ``D`` at which the dense comparison uses full eigendecompositions of every matrix.
@@ -787,17 +868,17 @@ def _block_diagonal(M: torch.Tensor, slices) -> bool:
 def _top_and_solve(M, slices, k, g, lambdas, seed, tri=None):
     """Top-``k`` eigenvectors of ``M`` and ``(M + λI)^{-1} g`` for every λ.
 
-    Exact eigendecompositions for small ``M``; on the CPU otherwise one
-    Householder reduction ``M = Q T Q^T`` (``tri``, a :class:`_Tridiagonal`, if
-    already computed; block by block for a block-diagonal ``M``) for the exact
-    top eigenvectors and the solves; elsewhere per-block eigendecompositions of
-    a block-diagonal ``M``, else Lanczos on the dense matrix (residual-checked)
-    and one linear solve per λ.
+    From ``tri`` where given (a :class:`_Tridiagonal` or :class:`_LowRank`
+    already computed); else exact eigendecompositions for small ``M``; on the
+    CPU otherwise one Householder reduction ``M = Q T Q^T`` (block by block for
+    a block-diagonal ``M``) for the exact top eigenvectors and the solves;
+    elsewhere per-block eigendecompositions of a block-diagonal ``M``, else
+    Lanczos on the dense matrix (residual-checked) and one linear solve per λ.
     """
     import curvkit as ck
 
     D = M.shape[0]
-    if D > _EIGH_ALL and M.device.type == "cpu":
+    if tri is not None or (D > _EIGH_ALL and M.device.type == "cpu"):
         if tri is None:
             tri = _Tridiagonal(M, [s for _, s in slices] if _block_diagonal(M, slices) else None)
         return tri.top(k)[1], tri.solve(g, lambdas.tolist()), "dense"
@@ -909,9 +990,10 @@ def _same(A: torch.Tensor, B: torch.Tensor) -> bool:
 def _spectra_dense(run, dense, ref_op, seed, k, tridiagonal=None):
     """Dense eigenvalues, Lanczos checked against them, SLQ densities, a summary per matrix.
 
-    ``tridiagonal``: a dict that receives the Householder reduction
+    ``tridiagonal``: name -> factorisation, used where given (a
+    :class:`_LowRank`); it receives the Householder reduction
     (:class:`_Tridiagonal`, block by block for a block-diagonal matrix) of every
-    matrix on the CPU, for the comparison.
+    other matrix on the CPU, for the comparison.
     """
     import curvkit as ck
 
@@ -924,6 +1006,8 @@ def _spectra_dense(run, dense, ref_op, seed, k, tridiagonal=None):
             if same in tri:
                 tri[name] = tri[same]
             lam = eigs[same]
+        elif name in tri:
+            lam = tri[name].eigenvalues()
         elif M.device.type == "cpu":
             blocks = [s for _, s in slices] if _block_diagonal(M, slices) else None
             tri[name] = _Tridiagonal(M, blocks)
@@ -943,7 +1027,7 @@ def _spectra_dense(run, dense, ref_op, seed, k, tridiagonal=None):
     D = ref_op.dim
     k_lanczos = min(k, max(1, (D - 2) // 3))
     for name in run.bar([n for n in ("Hessian", REFERENCE, "EF") if n in dense], desc="lanczos"):
-        op = _dense_op(dense[name], ref_op)
+        op = _dense_op(dense[name], ref_op, tri.get(name))
         vals, vecs, info = ck.eigenvectors(op, k=k_lanczos, method="lanczos", seed=seed)
         top[name] = (vals, vecs)
         exact = torch.sort(eigs[name], descending=True).values[:k_lanczos]
@@ -964,7 +1048,7 @@ def _spectra_dense(run, dense, ref_op, seed, k, tridiagonal=None):
         if same is not None and densities[same].log == log:  # the same matrix, seed and probes
             densities[name] = densities[same]
             continue
-        if dense[name].device.type == "cpu":
+        if dense[name].device.type == "cpu" or name in tri:
             if name not in tri:
                 tri[name] = _Tridiagonal(dense[name])
             densities[name] = _tridiagonal_density(tri[name], ref_op, log, seed)
@@ -1011,13 +1095,17 @@ def _spectra_matrix_free(run, ops, seed, k, probes, steps):
     return eigs, summary, lanczos, densities, top
 
 
-def _traces(run, ops, dense, ref_op, seed, budget):
-    """Trace estimates with standard errors (against the exact trace in the dense regime)."""
+def _traces(run, ops, dense, ref_op, seed, budget, factors=None):
+    """Trace estimates with standard errors (against the exact trace in the dense regime).
+
+    ``factors``: name -> :class:`_LowRank` of a dense matrix, whose products go through it.
+    """
     import curvkit as ck
 
+    factors = factors or {}
     rows, errors = [], []
     for name in run.bar([n for n in EXACT if n in ops], desc="traces"):
-        op = _dense_op(dense[name], ref_op) if name in dense else ops[name]
+        op = _dense_op(dense[name], ref_op, factors.get(name)) if name in dense else ops[name]
         exact = float(torch.trace(dense[name])) if name in dense else None
         for method in ("hutchinson", "hutch++") + (("xtrace",) if name in dense else ()):
             try:
@@ -1032,7 +1120,8 @@ def _traces(run, ops, dense, ref_op, seed, budget):
                 row["z"] = (est.value - exact) / est.stderr if est.stderr > tiny else None
             rows.append(row)
     if REFERENCE in dense:
-        op, exact = _dense_op(dense[REFERENCE], ref_op), float(torch.trace(dense[REFERENCE]))
+        op = _dense_op(dense[REFERENCE], ref_op, factors.get(REFERENCE))
+        exact = float(torch.trace(dense[REFERENCE]))
         for method in ("hutchinson", "hutch++", "xtrace"):
             for n in (8, 16, 32, 64, 128):
                 for s in range(5):
@@ -1125,9 +1214,11 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
         if tracker is not None and tracker.records:
             results["tracking"] = tracker.records
     model.eval()  # the analysis uses running statistics (BatchNorm) and no dropout
-    ops, dense, ref_op, g = {}, {}, None, None
+    ops, dense, roots, ref_op, g = {}, {}, {}, None, None
     with run.phase("operators"):
-        ops, dense, _ = _build_operators(run, names, model, loss_func, data, seed, dense_mode)
+        ops, dense, roots, _ = _build_operators(
+            run, names, model, loss_func, data, seed, dense_mode
+        )
         ref_op = ops.get(REFERENCE)
         blocks_of = ref_op or next(iter(ops.values()), None)
         if blocks_of is not None:
@@ -1141,7 +1232,9 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
         results["problem"]["gradient_norm"] = float(g.norm())
     state.update(ops=ops, dense=dense, ref_op=ref_op, g=g)
     eigs, top, lam_max = {}, {}, {}
-    tridiagonal: dict = {}  # Householder reductions of the dense matrices, spectra -> compare
+    # factorisations of the dense matrices (thin square roots, Householder reductions),
+    # spectra -> compare -> traces
+    tridiagonal: dict = _low_rank(roots, dense, k) if dense_mode else {}
     with run.phase("spectra"):
         if dense_mode:
             if dense:
@@ -1192,7 +1285,7 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
     with run.phase("traces"):
         budget = 99 if dense_mode else 18
         results["traces"], results["trace_estimator_error"] = _traces(
-            run, ops, dense, ref_op, seed, budget
+            run, ops, dense, ref_op, seed, budget, tridiagonal
         )
         state["error_rows"] = results["trace_estimator_error"]
     with run.phase("landscape"):
