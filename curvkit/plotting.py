@@ -54,7 +54,7 @@ from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from curvkit.data import as_batches
+from curvkit.diagnostics.landscape import loss_along_directions
 from curvkit.errors import ConfigError, ShapeError
 
 __all__ = [
@@ -1435,66 +1435,6 @@ def preconditioning_quality(
 
 
 # -- loss landscape ----------------------------------------------------------------------
-def loss_along_directions(
-    model: torch.nn.Module,
-    loss_func,
-    data,
-    directions: Mapping[str, torch.Tensor],
-    alphas,
-    params: Sequence[torch.Tensor] | None = None,
-    normalize: bool = True,
-) -> pd.DataFrame:
-    r"""The loss :math:`L(\theta + \alpha d)` along flat directions ``d``.
-
-    Computed with :func:`torch.func.functional_call` on perturbed copies: the
-    model's parameters are never modified. Batches are combined as the
-    curvature operators do (the loss of the concatenated data).
-
-    Args:
-        model: The model.
-        loss_func: Its loss (``reduction`` ``"mean"`` or ``"sum"``).
-        data: ``(X, y)`` or an iterable of batches.
-        directions: Name -> flat ``[D]`` direction (flat parameter order).
-        alphas: Step lengths :math:`\alpha`.
-        params: Parameters the directions refer to (default: trainable ones).
-        normalize: Scale each direction to unit norm first.
-
-    Returns:
-        A DataFrame with columns ``direction``, ``alpha``, ``loss``.
-
-    Raises:
-        ShapeError: If a direction has the wrong size.
-    """
-    named = dict(model.named_parameters())
-    params = [p for p in named.values() if p.requires_grad] if params is None else list(params)
-    ids = {id(p): n for n, p in named.items()}
-    names = [ids[id(p)] for p in params]
-    D = sum(p.numel() for p in params)
-    batches = as_batches(data)
-    N = sum(X.shape[0] for X, _ in batches)
-    mean = getattr(loss_func, "reduction", "mean") == "mean"
-    rows = []
-    with torch.no_grad():
-        for label, d in directions.items():
-            d = torch.as_tensor(d).reshape(-1).to(params[0])
-            if d.numel() != D:
-                raise ShapeError(
-                    f"loss_along_directions: {label!r} has {d.numel()} entries, D={D}."
-                )
-            if normalize:
-                d = d / d.norm().clamp_min(torch.finfo(d.dtype).tiny)
-            parts = d.split([p.numel() for p in params])
-            for a in _numpy(alphas).ravel().tolist():
-                moved = {n: p + a * v.view_as(p) for n, p, v in zip(names, params, parts)}
-                total = 0.0
-                for X, y in batches:
-                    out = torch.func.functional_call(model, moved, (X,))
-                    weight = X.shape[0] / N if mean else 1.0
-                    total += weight * float(loss_func(out, y))
-                rows.append({"direction": label, "alpha": a, "loss": total})
-    return pd.DataFrame(rows, columns=["direction", "alpha", "loss"])
-
-
 def loss_landscape(
     model: torch.nn.Module,
     loss_func,
@@ -1506,6 +1446,7 @@ def loss_landscape(
     title: str | None = None,
     path=None,
     formats: Sequence[str] = ("png", "pdf"),
+    table: pd.DataFrame | None = None,
 ) -> Figure:
     """Loss along directions (e.g. top eigenvectors against random ones), one line each.
 
@@ -1522,12 +1463,15 @@ def loss_landscape(
         title: Figure title.
         path: Where to save (see :func:`save`).
         formats: File formats when ``path`` is given.
+        table: A :func:`loss_along_directions` table computed before; drawn as
+            it is (the model, data, directions and steps are then not used).
 
     Returns:
         The figure (one axes); its ``curvkit_data`` attribute holds the
         :func:`loss_along_directions` table.
     """
-    table = loss_along_directions(model, loss_func, data, directions, alphas, params, normalize)
+    if table is None:
+        table = loss_along_directions(model, loss_func, data, directions, alphas, params, normalize)
     with mpl.rc_context(STYLE):
         fig, axes = _figure(1, 1, (5.0, 3.4))
         ax = axes[0, 0]

@@ -318,6 +318,11 @@ def test_python_entry_point_escapes_names_and_matches_references(tmp_path):
     results = json.loads((page.parent / "results.json").read_text())
     assert results["failures"] == [] and results["settings"]["mode"] == "dense"
     assert not model.training  # analysed (and left) in evaluation mode
+    # without figures the landscape and the damped inverses are still computed (and timed)
+    assert {"landscape", "inverses"} <= set(results["timings_s"])
+    assert len(results["loss_landscape"]) == 41 * len({r["direction"] for r in
+                                                       results["loss_landscape"]})  # fmt: skip
+    assert "figures" not in results
     refs = {
         "GGN": dense_ggn(model, loss_func, X, y),
         "Hessian": _row_hessian(model, loss_func, X, y),

@@ -1154,6 +1154,26 @@ def _directions(top, lam_max, dim, g, seed):
     return dirs, span
 
 
+def _damped_inverses(G: torch.Tensor, ops: dict, damping: float) -> dict:
+    """``(GGN + λI)⁻¹`` and the damped inverses of KFLR (factored, M&G §6.3) and tri-diag KFLR."""
+    from curvkit.app.report_html import EXACT_INVERSE
+
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    out = {
+        EXACT_INVERSE: torch.cholesky_inverse(torch.linalg.cholesky((G + G.T) / 2 + damping * eye))
+    }
+    for name, label, kwargs in (
+        ("KFLR", "KFLR inverse", {"damping_mode": "factored"}),
+        ("tri-diag KFLR", "tri-diag KFLR inverse", {}),
+    ):
+        if name in ops:
+            try:
+                out[label] = ops[name].inverse(damping=damping, **kwargs).to_dense().to(G)
+            except (NotImplementedError, CurvkitError):
+                pass
+    return out
+
+
 def _memory(model):
     import curvkit as ck
 
@@ -1289,16 +1309,26 @@ def _analyse(run, *, name, description, model, loss_func, X_all, y_all, n_sample
         )
         state["error_rows"] = results["trace_estimator_error"]
     with run.phase("landscape"):
+        from curvkit.diagnostics.landscape import loss_along_directions
+
         dim = ref_op.dim if ref_op is not None else D
         state["directions"], state["span"] = _directions(top, lam_max, dim, g, seed)
+        alphas = torch.linspace(-state["span"], state["span"], 41, dtype=torch.float64)
+        state["landscape"] = loss_along_directions(
+            model, loss_func, data, state["directions"], alphas
+        )
+        results["loss_landscape"] = state["landscape"].to_dict(orient="records")
+    lam = lam_max.get(REFERENCE)
+    state["damping"] = 1e-3 * lam if lam and lam > 0 else 1e-3
+    results["settings"]["damping_inverse"] = state["damping"]
+    if dense_mode and REFERENCE in dense:
+        with run.phase("inverses"):
+            state["inverses"] = _damped_inverses(dense[REFERENCE], ops, state["damping"])
     memory_wide = None
     with run.phase("memory"):
         memory_long, memory_wide = _memory(model)
         results["memory"] = memory_long.to_dict(orient="records")
     with run.phase("figures"):
-        lam = lam_max.get(REFERENCE)
-        state["damping"] = 1e-3 * lam if lam and lam > 0 else 1e-3
-        results["settings"]["damping_inverse"] = state["damping"]
         labels = {b["name"]: _html.layer_label(b) for b in results["problem"].get("blocks", [])}
         state["labels"] = labels
         if figures:

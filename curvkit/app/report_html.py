@@ -8,9 +8,6 @@ import html
 import math
 
 import numpy as np
-import torch
-
-from curvkit.errors import CurvkitError
 
 #: One colour per operator in every figure.
 COLORS = {
@@ -99,13 +96,14 @@ def make_figures(run, folder, state) -> None:
     Each figure lands in ``run.figures`` (``title``, ``caption``, ``png`` as
     base64, ``width``, ``files``) as soon as it is saved; a figure that fails
     is recorded in ``run.results["failures"]`` and the others go on. Block
-    errors go to ``run.results["block_errors"]``, the loss table of the
-    landscape to ``run.results["loss_landscape"]`` and the bin counts of the
-    eigenvalue histogram to ``run.results["eigenvalue_histogram"]``.
+    errors go to ``run.results["block_errors"]`` and the bin counts of the
+    eigenvalue histogram to ``run.results["eigenvalue_histogram"]``. Nothing
+    here computes curvature: the damped inverses and the landscape come in
+    ``state`` from their phases.
     """
     from curvkit import plotting as P
 
-    dense, ops, ref_op = state.get("dense", {}), state.get("ops", {}), state.get("ref_op")
+    dense, ref_op = state.get("dense", {}), state.get("ref_op")
     table, eigs = state.get("table"), state.get("eigs", {})
     labels = state.get("labels", {})
     blocks = ref_op.block_slices() if ref_op is not None else []
@@ -131,21 +129,8 @@ def make_figures(run, folder, state) -> None:
         )  # fmt: skip
 
         def draw_inverses():
-            eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-            inverses["(GGN + λI)⁻¹"] = torch.cholesky_inverse(
-                torch.linalg.cholesky((G + G.T) / 2 + damping * eye)
-            )
-            for name, label, kwargs in (
-                ("KFLR", "KFLR inverse", {"damping_mode": "factored"}),
-                ("tri-diag KFLR", "tri-diag KFLR inverse", {}),
-            ):
-                if name in ops:
-                    try:
-                        inv = ops[name].inverse(damping=damping, **kwargs)
-                        inverses[label] = inv.to_dense().to(G)
-                    except (NotImplementedError, CurvkitError):
-                        pass
-            return P.heatmaps(inverses, shown_blocks)
+            inverses.update(state.get("inverses") or {})
+            return P.heatmaps(inverses, shown_blocks) if inverses else None
 
         add(
             "inverses", f"Damped inverses (λ = {damping:.3g})",
@@ -168,9 +153,11 @@ def make_figures(run, folder, state) -> None:
             )  # fmt: skip
 
         def draw_inverse_errors():
-            exact_inv = inverses["(GGN + λI)⁻¹"]
+            if EXACT_INVERSE not in inverses:
+                return None
+            exact_inv = inverses[EXACT_INVERSE]
             errors = {k: P.block_norms(v, blocks, exact_inv) for k, v in inverses.items()
-                      if k != "(GGN + λI)⁻¹"}  # fmt: skip
+                      if k != EXACT_INVERSE}  # fmt: skip
             block_errors["inverse"] = errors
             if not errors:
                 return None
@@ -270,17 +257,13 @@ def make_figures(run, folder, state) -> None:
             "of matrix-vector products.",
             lambda: P.estimator_error(state["error_rows"]),
         )  # fmt: skip
-    if state.get("directions"):
-        span = state["span"]
-        alphas = np.linspace(-span, span, 41)
+    if state.get("landscape") is not None:
         add(
             "landscape", "Loss along top eigenvectors, the gradient and random directions",
-            f"L(θ + αd) for unit directions d, |α| ≤ {span:.3g} (= 2/√λ<sub>max</sub>, where the "
-            "quadratic model along the top eigenvector rises by 2): top Hessian eigenvectors, "
-            "the normalised gradient and random Gaussian directions (grey, dashed).",
-            lambda: P.loss_landscape(
-                state["model"], state["loss_func"], state["data"], state["directions"], alphas
-            ),
+            f"L(θ + αd) for unit directions d, |α| ≤ {state['span']:.3g} (= 2/√λ<sub>max</sub>, "
+            "where the quadratic model along the top eigenvector rises by 2): top Hessian "
+            "eigenvectors, the normalised gradient and random Gaussian directions (grey, dashed).",
+            lambda: P.loss_landscape(None, None, None, None, None, table=state["landscape"]),
         )  # fmt: skip
     if run.results.get("tracking"):
         add(
@@ -295,8 +278,6 @@ def make_figures(run, folder, state) -> None:
             fig = draw()
             if fig is None:
                 continue
-            if key == "landscape":
-                run.results["loss_landscape"] = fig.curvkit_data.to_dict(orient="records")
             if key == "histogram":
                 run.results["eigenvalue_histogram"] = fig.curvkit_data.to_dict(orient="records")
             files = P.save(fig, folder / key, ("png", "pdf"))
@@ -417,6 +398,8 @@ def _section(anchor, title, lead, *parts) -> str:
 # -- sections -----------------------------------------------------------------------------
 #: Exact matrices: compared with the GGN, never ranked as its approximations.
 EXACT = ("GGN", "Hessian", "Fisher (MC)", "EF")
+#: Name of the exact damped inverse among ``state["inverses"]``.
+EXACT_INVERSE = "(GGN + λI)⁻¹"
 
 
 def _operators(results) -> str:
