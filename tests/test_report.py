@@ -662,6 +662,14 @@ def test_householder_reduction_gives_the_dense_spectrum_solves_and_density():
     torch.testing.assert_close(red.solve(g, lambdas), expected, rtol=1e-11, atol=1e-12)
     Q = red.q(torch.eye(D, dtype=M.dtype))
     torch.testing.assert_close(Q @ red.matmat(Q.T), B, rtol=0, atol=1e-12)
+    # a diagonal block is its own reduction (no reflectors)
+    B[31:, 31:] = torch.diag(torch.linspace(-1.0, 2.0, D - 31, dtype=M.dtype))
+    red = report._Tridiagonal(B, blocks)
+    assert len(red.reflectors) == 1  # the 30 x 30 block only (1 x 1 has none)
+    torch.testing.assert_close(red.eigenvalues(), torch.linalg.eigvalsh(B), rtol=0, atol=1e-13)
+    torch.testing.assert_close(red.solve(g, lambdas), torch.stack(
+        [torch.linalg.solve(B + c * torch.eye(D, dtype=M.dtype), g) for c in lambdas], dim=1),
+        rtol=1e-11, atol=1e-12)  # fmt: skip
     ref = ck.DenseOperator(M)
     for log in (False, True):
         A = (U * lam.abs()) @ U.T if log else M

@@ -476,6 +476,9 @@ class _Tridiagonal:
         d, e, self.reflectors = np.zeros(D), np.zeros(max(D - 1, 0)), []
         for s in blocks:
             n = s.stop - s.start
+            if not np.count_nonzero(A[s, s] - np.diag(np.diag(A[s, s]))):  # diagonal: T = M, Q = I
+                d[s] = np.diag(A[s, s])
+                continue
             a = np.array(A[s, s], order="F")
             lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
             c, d_s, e_s, tau, info = lapack.dsytrd(a, lower=1, lwork=max(lwork, 1), overwrite_a=1)
