@@ -51,7 +51,8 @@ def run_once(checkout: Path, problem: str, figures: bool, threads: int) -> dict:
     return row
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[tuple[str, int, dict]]:
+    """Run the reports and print their timings; returns ``(checkout label, run, row)`` rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problem", default="digits_cnn")
     parser.add_argument("--runs", type=int, default=3)
@@ -74,6 +75,7 @@ def main(argv=None) -> None:
         compute = sorted(r["compute"] for lab, _, r in rows if lab == label)
         print(f"{label}: compute median {compute[len(compute) // 2]:.2f} s, "
               f"min {compute[0]:.2f} s, max {compute[-1]:.2f} s")  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

@@ -186,6 +186,18 @@ def test_bench_graph_tiny():
     assert ae["peaks"]["graph grad+batch_grad"] >= 8 * 4 * ae["D"]
 
 
+def test_bench_report_alternates_checkouts():
+    """Phase timings from each run's results.json; compute is every phase but the figures."""
+    script = load("bench_report")
+    rows = script.main(["--problem", "tiny_mlp", "--runs", "1", "--baseline", str(ANALYSIS.parent)])
+    assert [(label, run) for label, run, _ in rows] == [("this", 1), ("baseline", 1)]
+    for _, _, row in rows:
+        phases = {k: v for k, v in row.items() if k not in ("compute", "figures", "wall", "load")}
+        assert {"train", "operators", "spectra", "landscape", "inverses"} <= set(phases)
+        assert row["compute"] == pytest.approx(sum(phases.values()))
+        assert row["figures"] < 0.5 and row["wall"] > row["compute"] > 0  # nothing drawn
+
+
 def test_train_architectures_quick(tmp_path):
     script = load("train_architectures")
     docs = tmp_path / "docs"
