@@ -476,7 +476,8 @@ class _Tridiagonal:
         d, e, self.reflectors = np.zeros(D), np.zeros(max(D - 1, 0)), []
         for s in blocks:
             n = s.stop - s.start
-            if not np.count_nonzero(A[s, s] - np.diag(np.diag(A[s, s]))):  # diagonal: T = M, Q = I
+            # diagonal (NaN/Inf on it counts as off-diagonal, for sytrd's check): T = M, Q = I
+            if not np.count_nonzero(A[s, s] - np.diag(np.diag(A[s, s]))):
                 d[s] = np.diag(A[s, s])
                 continue
             a = np.array(A[s, s], order="F")
