@@ -522,7 +522,7 @@ def test_curvature_tracker_rejects_unreduced_loss_and_mismatched_batch():
     assert tracker.records == [] and model.training
     rows = tracker.record(0, X, y)  # a good batch still works; the loss row is the loss
     assert rows[0]["quantity"] == "loss"
-    assert rows[0]["value"] == pytest.approx(float(loss), rel=1e-12)
+    assert rows[0]["value"] == pytest.approx(loss.item(), rel=1e-12)
 
 
 # -- the K-FAC optimiser's arguments ------------------------------------------------------
