@@ -224,6 +224,29 @@ def joint_block(
     return M[rows][:, cols]
 
 
+def curvlinops_kron_blocks(model, loss_func, X, y, records, fisher_type, approx, **kw):
+    """curvlinops' ``KFACLinearOperator`` on the Linear layers of ``records``, densely.
+
+    One block per record (weight and bias), in joint ``[W | b]`` order (that of
+    :func:`kron_block`); ``kw`` goes to the operator.
+    """
+    from curvlinops import KFACLinearOperator
+
+    params = [p for r in records for p in r.params]
+    K = KFACLinearOperator(
+        model, loss_func, params, [(X, y)], fisher_type=fisher_type, kfac_approx=approx,
+        separate_weight_and_bias=False, check_deterministic=False, **kw,
+    )  # fmt: skip
+    dense = K @ torch.eye(K.shape[0], dtype=params[0].dtype)
+    off, out = 0, []
+    for r in records:
+        n_out, n_in = r.module.weight.shape
+        idx = off + joint_permutation(n_out, n_in, True)
+        out.append(dense[idx][:, idx])
+        off += r.numel
+    return out
+
+
 # -- dense matrices ---------------------------------------------------------------------
 
 

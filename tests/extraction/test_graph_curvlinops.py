@@ -15,7 +15,12 @@ from curvlinops import KFACLinearOperator
 from torch import nn
 
 from curvkit.extraction import extract
-from tests.reference import assert_allclose_report, kron_block
+from tests.reference import (
+    assert_allclose_report,
+    curvlinops_kron_blocks,
+    joint_permutation,
+    kron_block,
+)
 
 DT = torch.float64
 N, T, C = 4, 3, 5
@@ -66,12 +71,7 @@ def _joint_blocks(model, dense, separate):
     for m in (model.l1, model.l2, model.l3):
         n_out, K = m.weight.shape
         has_bias = m.bias is not None
-        idx = []
-        for o in range(n_out):
-            idx += [off + o * K + k for k in range(K)]
-            if has_bias and not separate:
-                idx.append(off + n_out * K + o)
-        idx = torch.tensor(idx)
+        idx = off + joint_permutation(n_out, K, has_bias and not separate)
         blocks.append(dense[idx][:, idx])
         off += n_out * K + (n_out if has_bias else 0)
     return blocks
@@ -135,21 +135,8 @@ def test_transformer_linear_layers_match_curvlinops(approx):
     rec = extract(model, loss_func, X, y, ("kflr", "empirical"), kfac_approx=approx)
     linear = [r for r in rec if isinstance(r.module, nn.Linear)]
     assert [r.name for r in linear] == ["q", "k", "v", "proj", "mlp", "head"]
-    params = [p for r in linear for p in r.params]
     for fisher_type, kind in (("type-2", "kflr"), ("empirical", "empirical")):
-        K = KFACLinearOperator(
-            model, loss_func, params, [(X, y)], fisher_type=fisher_type, kfac_approx=approx,
-            separate_weight_and_bias=False, check_deterministic=False,
-        )  # fmt: skip
-        dense = K @ torch.eye(K.shape[0], dtype=DT)
-        off = 0
-        for r in linear:
-            n_out, n_in = r.module.weight.shape
-            idx = []
-            for o in range(n_out):
-                idx += [off + o * n_in + i for i in range(n_in)] + [off + n_out * n_in + o]
-            idx = torch.tensor(idx)
-            block = dense[idx][:, idx]
+        blocks = curvlinops_kron_blocks(model, loss_func, X, y, linear, fisher_type, approx)
+        for r, block in zip(linear, blocks):
             ours = kron_block(r.G[kind], r.A)
             assert_allclose_report(ours, block, 1e-10, 1e-13, f"{r.name} {kind} {approx}")
-            off += r.numel

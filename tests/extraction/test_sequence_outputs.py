@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from curvlinops import KFACLinearOperator
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
@@ -20,7 +19,7 @@ from curvkit.errors import ConfigError, ShapeError
 from curvkit.extraction import extract
 from curvkit.extraction.losses import make_loss_handler
 from tests.extraction.graph_models import TinyGPT
-from tests.reference import assert_allclose_report, kron_block
+from tests.reference import assert_allclose_report, curvlinops_kron_blocks, kron_block
 
 DT = torch.float64
 N, T, V = 3, 4, 5
@@ -305,25 +304,6 @@ def test_unflattened_equals_flattened_for_kronecker_factors():
         assert_allclose_report(g, p.grad, 1e-10, 1e-14)
 
 
-def _curvlinops_blocks(model, lf, X, y, fisher_type, approx, linear, **kw):
-    params = [p for r in linear for p in r.params]
-    K = KFACLinearOperator(
-        model, lf, params, [(X, y)], fisher_type=fisher_type, kfac_approx=approx,
-        separate_weight_and_bias=False, check_deterministic=False, **kw,
-    )  # fmt: skip
-    dense = K @ torch.eye(K.shape[0], dtype=DT)
-    off, out = 0, []
-    for r in linear:
-        n_out, n_in = r.module.weight.shape
-        idx = []
-        for o in range(n_out):
-            idx += [off + o * n_in + i for i in range(n_in)] + [off + n_out * n_in + o]
-        idx = torch.tensor(idx)
-        out.append(dense[idx][:, idx])
-        off += r.numel
-    return out
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_language_model_kronecker_factors_match_curvlinops(approx, reduction):
@@ -333,7 +313,7 @@ def test_language_model_kronecker_factors_match_curvlinops(approx, reduction):
     linear = [r for r in rec if isinstance(r.module, nn.Linear)]
     assert len(linear) == 6
     for fisher_type, kind in (("type-2", "kflr"), ("empirical", "empirical")):
-        blocks = _curvlinops_blocks(model, lf, X, y, fisher_type, approx, linear)
+        blocks = curvlinops_kron_blocks(model, lf, X, y, linear, fisher_type, approx)
         # curvlinops' empirical gradients are of the loss averaged over the batch only
         scale = T if (kind == "empirical" and reduction == "mean") else 1.0
         for r, block in zip(linear, blocks):
@@ -349,7 +329,7 @@ def test_token_regression_kronecker_factors_match_curvlinops(loss):
     rec = extract(model, lf, X, y, ("kflr", "empirical"))
     linear = list(rec)
     for fisher_type, kind in (("type-2", "kflr"), ("empirical", "empirical")):
-        blocks = _curvlinops_blocks(model, lf, X, y, fisher_type, "expand", linear)
+        blocks = curvlinops_kron_blocks(model, lf, X, y, linear, fisher_type, "expand")
         scale = T * 3 if kind == "empirical" else 1.0
         for r, block in zip(linear, blocks):
             ours = kron_block(r.G[kind], r.A) * scale
@@ -362,7 +342,7 @@ def test_monte_carlo_factors_agree_with_curvlinops_mc():
     rec = extract(model, lf, X, y, ("kfac",), mc_samples=M,
                   generator=torch.Generator().manual_seed(0))  # fmt: skip
     linear = [r for r in rec if isinstance(r.module, nn.Linear)]
-    blocks = _curvlinops_blocks(model, lf, X, y, "mc", "expand", linear, mc_samples=M)
+    blocks = curvlinops_kron_blocks(model, lf, X, y, linear, "mc", "expand", mc_samples=M)
     for r, block in zip(linear, blocks):
         ours = kron_block(r.G["kfac"], r.A)
         rel = float((ours - block).norm() / block.norm())
