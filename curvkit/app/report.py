@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from curvkit.errors import ConfigError, CurvkitError, ShapeError
+from curvkit.operators.base import CurvatureOperator, DenseOperator
 from curvkit.timing import Clock
 
 __all__ = [
@@ -436,17 +437,10 @@ def _dense_matrix(op, cache: dict | None = None) -> tuple[torch.Tensor, str, tor
 
 def _dense_op(M, ref, factor=None):
     """``M`` as an operator with ``ref``'s blocks (products through a ``factor``, if given)."""
-    from curvkit.operators.base import CurvatureOperator, DenseOperator
-
     blocks = {"block_sizes": ref.block_sizes, "block_names": ref.block_names}
-    if not isinstance(factor, _LowRank):
-        return DenseOperator(M, ref.param_shapes, **blocks)
-
-    class _Factored(CurvatureOperator):
-        def _matmat(self, X):
-            return factor.matmat(X)
-
-    return _Factored(ref.param_shapes, M.dtype, M.device, **blocks)
+    if isinstance(factor, _LowRank):
+        return _FactorOperator(factor, ref.param_shapes, M.dtype, M.device, **blocks)
+    return DenseOperator(M, ref.param_shapes, **blocks)
 
 
 class _Tridiagonal:
@@ -610,6 +604,20 @@ class _LowRank:
         return X
 
 
+class _FactorOperator(CurvatureOperator):
+    """A factorisation's products as an operator.
+
+    ``M X`` of a :class:`_LowRank`, ``T X`` of a :class:`_Tridiagonal`.
+    """
+
+    def __init__(self, factor, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.factor = factor
+
+    def _matmat(self, X):
+        return self.factor.matmat(X)
+
+
 def _low_rank(roots: dict, dense: dict, k: int) -> dict:
     """Name -> :class:`_LowRank` of the matrices whose root has ``k`` to ``D/2`` columns."""
     out = {}
@@ -628,13 +636,8 @@ def _tridiagonal_density(tri: _Tridiagonal, ref, log: bool, seed: int, steps: in
     those of the runs on ``M`` up to rounding, and so is the density.
     """
     from curvkit.diagnostics.spectral import _probe_quadrature, _smoothed
-    from curvkit.operators.base import CurvatureOperator
 
-    class _T(CurvatureOperator):
-        def _matmat(self, X):
-            return tri.matmat(X)
-
-    op = _T(ref.param_shapes, tri.like.dtype, tri.like.device)
+    op = _FactorOperator(tri, ref.param_shapes, tri.like.dtype, tri.like.device)
     m = min(steps, tri.dim)
     nodes, weights = _probe_quadrature(op, 10, m, seed, rotate=tri.qt)
     return _smoothed(nodes, weights, 10, op.matvecs, 1024, None, log, None)
